@@ -1,0 +1,41 @@
+# make run   -> set up a virtual environment and start everything (uns up)
+# make test  -> set up the virtual environment and run the test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PACKAGES := $(wildcard libs/*/pyproject.toml services/*/pyproject.toml)
+
+.PHONY: install run test test-fast lint typecheck schema check clean
+
+$(STAMP): requirements-dev.txt $(PACKAGES)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/uns up
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration"
+
+lint: $(STAMP)
+	$(BIN)/ruff check libs services tests
+	$(BIN)/ruff format --check libs services tests
+
+typecheck: $(STAMP)
+	$(BIN)/mypy libs/uns/uns services/broker/uns_broker services/demo/uns_demo
+
+schema: $(STAMP)
+	$(BIN)/uns schema export
+
+check: lint typecheck test
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+from uns.cli import main
+
+main()

@@ -1,0 +1,477 @@
+"""The ``uns`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+import typer
+
+from uns import payloads as p
+from uns import schema as schema_files
+from uns.bus import Bus, Message, connect
+from uns.config import BrokerSettings, LoadedConfig, load, parse_broker_url
+from uns.errors import BusError, ConfigError, PayloadError, TopicError, UnsError
+from uns.runtime import Node, Service
+from uns.topics import validate_filter
+from uns.tree import NamespaceView
+
+log = logging.getLogger("uns")
+
+app = typer.Typer(
+    name="uns",
+    help="An edge Unified Namespace: OPC UA and Modbus into one ISA-95 MQTT namespace.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+schema_app = typer.Typer(help="The payload contract in uns-schema/.", no_args_is_help=True)
+app.add_typer(schema_app, name="schema")
+
+BrokerOpt = Annotated[
+    str | None,
+    typer.Option("--broker", envvar="UNS_BROKER_URL", show_default=False,
+                 help="Broker URL, mqtt://host:port or mqtts://host:port"
+                      " [default: broker.url of the config, mqtt://127.0.0.1:1883]"),
+]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", envvar="UNS_CONFIG", show_default=False,
+                 help="Config file [default: the example plant, uns-schema/plant.yaml]"),
+]
+LogOpt = Annotated[
+    str, typer.Option("--log-level", envvar="UNS_LOG_LEVEL", help="DEBUG, INFO, WARNING, ERROR")
+]
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("amqtt").setLevel(max(logging.WARNING, logging.getLogger().level))
+    logging.getLogger("transitions").setLevel(logging.WARNING)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _load(config: Path | None) -> LoadedConfig:
+    try:
+        return load(config)
+    except ConfigError as exc:
+        raise _fail(f"config: {exc}") from None
+
+
+def _broker(loaded: LoadedConfig, url: str | None) -> tuple[str, BrokerSettings]:
+    if url is None:
+        return loaded.config.broker.url, loaded.config.broker
+    try:
+        parse_broker_url(url, "--broker")
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    return url, loaded.config.broker
+
+
+def _run(main: Callable[[asyncio.Event], Any]) -> Any:
+    """Run a coroutine with SIGINT/SIGTERM setting its stop event."""
+
+    async def runner() -> Any:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        return await main(stop)
+
+    try:
+        return asyncio.run(runner())
+    except ConfigError as exc:
+        raise _fail(f"config: {exc}") from None
+
+
+def service_classes() -> dict[str, Any]:
+    """Installed services (entry point group ``uns.services``), by name."""
+    return {ep.name: ep for ep in entry_points(group="uns.services")}
+
+
+def _service_class(name: str) -> type[Service[Any]]:
+    found = service_classes()
+    if name not in found:
+        known = ", ".join(sorted([*found, "broker"]))
+        raise _fail(f"no service named {name!r}; installed: {known}")
+    cls: type[Service[Any]] = found[name].load()
+    return cls
+
+
+# ---- services ------------------------------------------------------------------------
+
+
+@app.command()
+def run(
+    service: Annotated[str, typer.Argument(help="Service name (see `uns up --help`)")],
+    broker: BrokerOpt = None,
+    config: ConfigOpt = None,
+    metrics_port: Annotated[int | None, typer.Option(
+        help="Port of /metrics [default: the service's, or services.NAME.metrics_port]")] = None,
+    log_level: LogOpt = "INFO",
+) -> None:
+    """Run one service in the foreground (what a container runs)."""
+    _logging(log_level)
+    loaded = _load(config)
+    if service == "broker":
+        _broker_main(loaded, None, None)
+        return
+    cls = _service_class(service)
+    try:
+        settings = loaded.service(service, cls.Settings)
+        if metrics_port is not None:
+            settings = msgspec.structs.replace(settings, metrics_port=metrics_port)
+    except (ConfigError, msgspec.ValidationError) as exc:
+        raise _fail(f"config: {exc}") from None
+    url, _ = _broker(loaded, broker)
+
+    async def main(stop: asyncio.Event) -> None:
+        node = Node(service, settings, loaded.config, broker_url=url, version=cls.version)
+        await node.serve(cls(node), stop)
+
+    _run(main)
+
+
+broker_app = typer.Typer(help="The embedded MQTT broker (amqtt).", invoke_without_command=True)
+app.add_typer(broker_app, name="broker")
+
+
+def _broker_main(loaded: LoadedConfig, host: str | None, port: int | None) -> None:
+    try:
+        from uns_broker import BrokerServerSettings, serve
+    except ImportError:
+        raise _fail("the embedded broker is not installed (pip install -e services/broker)") from None
+    settings = loaded.service("broker", BrokerServerSettings)
+    changes: dict[str, Any] = {}
+    if host is not None:
+        changes["host"] = host
+    if port is not None:
+        changes["port"] = port
+    settings = msgspec.structs.replace(settings, **changes)
+    _run(lambda stop: serve(settings, stop))
+
+
+@broker_app.callback()
+def broker_cmd(
+    ctx: typer.Context,
+    host: Annotated[str | None, typer.Option(help="Listen address [default: 127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port [default: 1883]")] = None,
+    config: ConfigOpt = None,
+    log_level: LogOpt = "INFO",
+) -> None:
+    """Run the embedded broker: anonymous by default, users and ACLs when configured."""
+    if ctx.invoked_subcommand is not None:
+        return
+    _logging(log_level)
+    _broker_main(_load(config), host, port)
+
+
+@broker_app.command("passwd")
+def broker_passwd(
+    file: Annotated[Path, typer.Argument(help="Password file to create or update")],
+    username: Annotated[str, typer.Argument()],
+) -> None:
+    """Add or change a user in a password file (argon2 hash); the password is read from stdin."""
+    try:
+        from pwdlib import PasswordHash
+        from pwdlib.hashers.argon2 import Argon2Hasher
+    except ImportError:
+        raise _fail("the embedded broker is not installed (pip install -e services/broker)") from None
+    if ":" in username or not username:
+        raise _fail("username: must be non-empty and without ':'")
+    password = sys.stdin.readline().rstrip("\n")
+    if not password:
+        raise _fail("password: empty (give it on stdin)")
+    hashed = PasswordHash((Argon2Hasher(),)).hash(password)
+    lines = file.read_text(encoding="utf-8").splitlines() if file.exists() else []
+    lines = [ln for ln in lines if not ln.startswith(f"{username}:")] + [f"{username}:{hashed}"]
+    file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.chmod(file, 0o600)
+    typer.echo(f"{username} written to {file}")
+
+
+@app.command()
+def up(
+    port: Annotated[int, typer.Option(help="Port of the embedded broker")] = 1883,
+    host: Annotated[str, typer.Option(help="Listen address of the embedded broker")] = "127.0.0.1",
+    broker: Annotated[str | None, typer.Option(
+        "--broker", envvar="UNS_BROKER_URL", show_default=False,
+        help="Use the broker at this URL and start none")] = None,
+    metrics_port: Annotated[int, typer.Option(
+        help="First /metrics port; service i gets this + i (0: any free port)")] = 9400,
+    config: ConfigOpt = None,
+    log_level: LogOpt = "INFO",
+) -> None:
+    """Start the broker and every installed service; restart crashed ones; Ctrl-C stops all."""
+    from uns.supervisor import Child, supervise, uns_argv
+
+    _logging(log_level)
+    loaded = _load(config)
+    config_args = ["--config", str(loaded.path)] if loaded.path else []
+    common = [*config_args, "--log-level", log_level]
+    broker_child = None
+    if broker is None:
+        url = f"mqtt://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        broker_child = Child("broker", uns_argv("broker", "--host", host, "--port", str(port),
+                                                *common))
+    else:
+        url, _ = _broker(loaded, broker)
+    children = []
+    for i, name in enumerate(sorted(service_classes())):
+        cls = _service_class(name)
+        try:
+            settings = loaded.service(name, cls.Settings)
+        except ConfigError as exc:
+            raise _fail(f"config: {exc}") from None
+        if not settings.enabled:
+            log.info("%s is disabled in the config; not starting it", name)
+            continue
+        mport = str(metrics_port + i if metrics_port else 0)
+        children.append(Child(name, uns_argv("run", name, "--broker", url,
+                                             "--metrics-port", mport, *common)))
+    log.info("namespace on %s; services: %s", url, ", ".join(c.name for c in children) or "none")
+    log.info("watch it with: uns sub '#' --json --broker %s", url)
+    target = parse_broker_url(url)
+    asyncio.run(supervise(broker_child, children,
+                          broker_address=(target.host, target.port) if broker_child else None))
+
+
+# ---- looking at the namespace ---------------------------------------------------------
+
+
+@asynccontextmanager
+async def _client(url: str, settings: BrokerSettings, stop: asyncio.Event) -> AsyncIterator[Bus]:
+    """Connect, retrying with a message (never a traceback) while the broker is unreachable."""
+    delay = 0.5
+    while True:
+        try:
+            async with connect(url, settings=settings,
+                               client_id=f"uns-cli-{uuid.uuid4().hex[:8]}") as bus:
+                yield bus
+                return
+        except BusError as exc:
+            if stop.is_set():
+                raise
+            typer.echo(f"{exc}; retrying in {delay:.1f} s", err=True)
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except TimeoutError:
+                pass
+            if stop.is_set():
+                raise
+            delay = min(delay * 2, 5.0)
+
+
+def _describe(message: Message) -> dict[str, Any]:
+    out: dict[str, Any] = {"topic": message.topic, "retained": message.retain}
+    if not message.payload:
+        out["payload"] = None
+        return out
+    try:
+        out["payload"] = p.decode(message.payload)
+    except PayloadError as exc:
+        out["payload"] = message.payload.decode("utf-8", errors="replace")
+        out["error"] = str(exc)
+    return out
+
+
+_json = msgspec.json.Encoder()
+
+
+@app.command()
+def sub(
+    topic_filter: Annotated[str, typer.Argument(metavar="FILTER", help="MQTT topic filter")],
+    count: Annotated[int | None, typer.Option(help="Exit after N messages")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Exit after S seconds")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line")] = False,
+    broker: BrokerOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Print decoded messages. Exits 1 if --count was not reached before --timeout."""
+    try:
+        validate_filter(topic_filter)
+    except TopicError as exc:
+        raise _fail(str(exc)) from None
+    loaded = _load(config)
+    url, settings = _broker(loaded, broker)
+
+    seen = 0
+
+    async def receive(stop: asyncio.Event) -> None:
+        nonlocal seen
+        while True:
+            try:
+                async with _client(url, settings, stop) as bus:
+                    await bus.subscribe(topic_filter, qos=1)
+                    async for message in bus.messages():
+                        line = _describe(message)
+                        if as_json:
+                            sys.stdout.write(_json.encode(line).decode() + "\n")
+                        else:
+                            flag = " (retained)" if message.retain else ""
+                            body = _json.encode(line.get("payload")).decode()
+                            sys.stdout.write(f"{message.topic}{flag} {body}\n")
+                        sys.stdout.flush()
+                        seen += 1
+                        if count is not None and seen >= count:
+                            return
+            except BusError as exc:
+                typer.echo(f"{exc}; reconnecting", err=True)
+
+    async def main(stop: asyncio.Event) -> int:
+        try:
+            async with asyncio.timeout(timeout):
+                await _until_stopped(receive(stop), stop)
+        except TimeoutError:
+            pass
+        if count is not None and seen < count:
+            typer.echo(f"received {seen} of {count} messages", err=True)
+            return 1
+        return 0
+
+    code = _run(main)
+    raise typer.Exit(code)
+
+
+async def _until_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> None:
+    """Run ``work`` until it returns or ``stop`` is set (Ctrl-C), whichever comes first."""
+    task = asyncio.create_task(work)
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (task, stopper):
+            t.cancel()
+        await asyncio.gather(task, stopper, return_exceptions=True)
+    if task.done() and not task.cancelled() and task.exception() is not None:
+        raise task.exception()  # type: ignore[misc]
+
+
+@app.command()
+def tree(
+    topic_filter: Annotated[str, typer.Argument(metavar="[FILTER]", help="e.g. acme/pune/#")] = "#",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for retained births")] = 3.0,
+    broker: BrokerOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """The namespace as a tree: nodes, devices, streams, metrics with units, online state."""
+    try:
+        validate_filter(topic_filter)
+    except TopicError as exc:
+        raise _fail(str(exc)) from None
+    loaded = _load(config)
+    url, settings = _broker(loaded, broker)
+    view = NamespaceView()
+
+    async def main(stop: asyncio.Event) -> None:
+        from uns.topics import matches
+
+        sentinel = f"uns-cli/tree/{uuid.uuid4().hex}"
+
+        async def collect(bus: Bus) -> None:
+            async for message in bus.messages():
+                if message.topic == sentinel:
+                    return
+                if message.retain and matches(topic_filter, message.topic):
+                    view.add(message.topic, message.payload)
+
+        async with _client(url, settings, stop) as bus:
+            for f in ("+/+/+/+/+/+/+/birth", "+/+/+/+/+/+/+/death",
+                      "+/+/_node/+/birth", "+/+/_node/+/death"):
+                await bus.subscribe(f, qos=1)
+            await bus.subscribe(sentinel, qos=1)
+            await bus.publish(sentinel, b"end", qos=1)
+            try:
+                async with asyncio.timeout(timeout):
+                    await _until_stopped(collect(bus), stop)
+            except TimeoutError:
+                pass
+
+    _run(main)
+    from rich.console import Console
+
+    if not view.nodes and not view.devices:
+        typer.echo(f"nothing under {topic_filter!r} on {url} (no retained births)", err=True)
+        raise typer.Exit(1)
+    Console().print(view.render())
+
+
+@app.command()
+def pub(
+    topic: Annotated[str, typer.Argument()],
+    payload: Annotated[str, typer.Argument(help="Payload text (JSON for typed messages)")],
+    retain: Annotated[bool, typer.Option(help="Retain the message")] = False,
+    qos: Annotated[int, typer.Option(min=0, max=2)] = 1,
+    check: Annotated[bool, typer.Option(help="Refuse a payload that does not decode")] = True,
+    broker: BrokerOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Publish one message (e.g. a command); the payload is checked against the contract."""
+    data = payload.encode()
+    if check and data:
+        try:
+            p.decode(data)
+        except PayloadError as exc:
+            raise _fail(f"payload: {exc} (use --no-check to send it anyway)") from None
+    loaded = _load(config)
+    url, settings = _broker(loaded, broker)
+
+    async def main(stop: asyncio.Event) -> None:
+        async with _client(url, settings, stop) as bus:
+            await bus.publish(topic, data, qos=qos, retain=retain)
+
+    _run(main)
+
+
+# ---- the contract ----------------------------------------------------------------------
+
+
+@schema_app.command("export")
+def schema_export(
+    directory: Annotated[Path, typer.Option("--dir", help="Target directory")] = schema_files.SCHEMA_DIR,
+) -> None:
+    """Write the JSON Schemas generated from the code into uns-schema/."""
+    for path in schema_files.export(directory):
+        typer.echo(f"wrote {path}")
+
+
+@schema_app.command("check")
+def schema_check(
+    directory: Annotated[Path, typer.Option("--dir", help="Directory to check")] = schema_files.SCHEMA_DIR,
+) -> None:
+    """Exit 1 if the JSON Schemas in uns-schema/ are stale (run `uns schema export`)."""
+    stale = schema_files.stale(directory)
+    if stale:
+        typer.echo(f"stale: {', '.join(stale)} in {directory}; run `uns schema export`", err=True)
+        raise typer.Exit(1)
+    typer.echo("uns-schema is up to date")
+
+
+def main() -> None:
+    try:
+        app()
+    except UnsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

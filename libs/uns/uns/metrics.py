@@ -1,0 +1,94 @@
+"""The standard metric set every service exposes, one registry per service node.
+
+Names carry the ``uns_`` prefix and a unit suffix; labels are low-cardinality
+(service, stream, reason), never a full topic.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from uns.topics import NODE_LEVEL, STREAMS
+
+log = logging.getLogger(__name__)
+
+_STREAMS: Final = frozenset(STREAMS)
+
+
+def stream_label(topic: str) -> str:
+    """``raw``/``features``/... for device topics, ``node`` for nodes, else ``other``."""
+    levels = topic.split("/")
+    if len(levels) == 8 and levels[6] in _STREAMS:
+        return levels[6]
+    if len(levels) == 5 and levels[2] == NODE_LEVEL:
+        return "node"
+    return "other"
+
+
+class ServiceMetrics:
+    """Counters, gauges and histograms of one service process."""
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.received = Counter(
+            "uns_messages_received_total", "Messages received from the broker",
+            ["service", "stream"], registry=r,
+        )
+        self.published = Counter(
+            "uns_messages_published_total", "Messages published to the broker",
+            ["service", "stream"], registry=r,
+        )
+        self.dropped = Counter(
+            "uns_messages_dropped_total",
+            "Messages dropped, by reason (decode, overflow, offline, rejected, ...)",
+            ["service", "reason"], registry=r,
+        )
+        self.handler_seconds = Histogram(
+            "uns_handler_duration_seconds", "Time spent in message handlers",
+            ["service"], registry=r,
+            buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+        )
+        self.reconnects = Counter(
+            "uns_reconnects_total", "Connection attempts to the broker after the first",
+            ["service"], registry=r,
+        )
+        self.connected = Gauge(
+            "uns_connected", "1 while connected to the broker", ["service"], registry=r
+        )
+        self.queue_depth = Gauge(
+            "uns_queue_depth_messages", "Messages waiting in a bounded queue",
+            ["service", "queue"], registry=r,
+        )
+        self.births = Counter(
+            "uns_births_published_total", "Node and device births published (incl. rebirths)",
+            ["service"], registry=r,
+        )
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        self.dropped.labels(self.service, reason).inc(n)
+
+    def dropped_count(self, reason: str) -> float:
+        """Current value of the dropped counter for ``reason`` (for health checks and tests)."""
+        value = self.registry.get_sample_value(
+            "uns_messages_dropped_total", {"service": self.service, "reason": reason}
+        )
+        return value or 0.0
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve ``/metrics`` over HTTP on a thread; return the bound port."""
+        self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        bound: int = self._server.server_port
+        log.info("metrics on http://%s:%d/metrics", host, bound)
+        return bound
+
+    def close(self) -> None:
+        server = getattr(self, "_server", None)
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+            self._server = None

@@ -1,0 +1,35 @@
+"""Settings -> amqtt broker configuration: pure, so it is tested without a network."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from uns_broker.settings import BrokerServerSettings
+
+
+def amqtt_config(settings: BrokerServerSettings) -> dict[str, Any]:
+    anonymous = settings.allow_anonymous
+    if anonymous is None:
+        anonymous = settings.password_file is None
+    plugins: dict[str, Any] = {
+        "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": anonymous},
+    }
+    if settings.password_file:
+        plugins["amqtt.plugins.authentication.FileAuthPlugin"] = {
+            "password_file": settings.password_file
+        }
+    if settings.acl is not None:
+        plugins["amqtt.plugins.topic_checking.TopicAccessControlListPlugin"] = {
+            "publish_acl": {user: list(e.publish) for user, e in settings.acl.items()},
+            "acl": {user: list(e.subscribe) for user, e in settings.acl.items()},
+        }
+    return {
+        "listeners": {
+            "default": {
+                "type": "tcp",
+                "bind": f"{settings.host}:{settings.port}",
+                "max_connections": settings.max_connections,
+            }
+        },
+        "plugins": plugins,
+    }

@@ -1,0 +1,26 @@
+from typing import Annotated
+
+import msgspec
+from uns import ServiceSettings
+from uns.config import Port, Strict
+
+
+class AclEntry(Strict):
+    """Topic filters one user may publish to and subscribe to (``+``/``#`` allowed)."""
+
+    publish: list[str] = []
+    subscribe: list[str] = []
+
+
+class BrokerServerSettings(ServiceSettings):
+    host: str = "127.0.0.1"
+    """Address to listen on; 0.0.0.0 to accept other machines."""
+    port: Port = 1883
+    password_file: str | None = None
+    """``user:argon2-hash`` lines (``uns broker passwd``); users must log in when set."""
+    allow_anonymous: bool | None = None
+    """Default: true without a password file, false with one."""
+    acl: dict[str, AclEntry] | None = None
+    """Per-user ACLs; ``anonymous`` names clients without a username. No ACL: all allowed."""
+    max_connections: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """0 = unlimited."""

@@ -1,0 +1,13 @@
+"""``uns run demo``: one synthetic device, the smallest service built on the runtime.
+
+Publishes ``{enterprise}/{site}/demo/line-0/cell-0/demo-01/raw/{birth,data}``
+(temperature, running, counter) every ``interval_s`` and obeys ``cmd/set``
+commands (``{"type": "cmd", "ts": 0, "name": "set", "args": {"running": false}}``).
+It is the service the foundation's tests and ``uns up`` use until the simulator
+and adapters exist; set ``services.demo.enabled: false`` once a plant is attached.
+"""
+
+from uns_demo.service import DemoService
+from uns_demo.settings import DemoSettings
+
+__all__ = ["DemoService", "DemoSettings"]
