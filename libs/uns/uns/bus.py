@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Protocol
@@ -19,6 +20,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from uns.config import BrokerSettings, parse_broker_url
 from uns.errors import BusError, ConfigError
+from uns.topics import matches
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class _MqttBus:
     def __init__(self, client: aiomqtt.Client, url: str) -> None:
         self._client = client
         self._url = url
+        self._filters: set[str] = set()
 
     async def publish(
         self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False
@@ -78,25 +81,38 @@ class _MqttBus:
             raise BusError(f"publish to {self._url} failed: {exc}") from None
 
     async def subscribe(self, topic_filter: str, *, qos: int = 0) -> None:
+        known = topic_filter in self._filters
+        self._filters.add(topic_filter)  # before: retained messages may beat the SUBACK
         try:
             granted = await self._client.subscribe(topic_filter, qos=qos)
         except aiomqtt.MqttError as exc:
+            if not known:
+                self._filters.discard(topic_filter)
             raise BusError(f"subscribe to {topic_filter!r} failed: {exc}") from None
         code = granted[0] if granted else 0
         if code.is_failure if isinstance(code, ReasonCode) else code >= 0x80:
+            if not known:
+                self._filters.discard(topic_filter)
             raise BusError(f"the broker refused the subscription to {topic_filter!r}")
 
     async def unsubscribe(self, topic_filter: str) -> None:
         try:
             await self._client.unsubscribe(topic_filter)
+            self._filters.discard(topic_filter)
         except aiomqtt.MqttError as exc:
             raise BusError(f"unsubscribe from {topic_filter!r} failed: {exc}") from None
 
     async def messages(self) -> AsyncIterator[Message]:
         try:
             async for m in self._client.messages:
+                topic = m.topic.value
+                # amqtt 0.12 sends a new client the retained messages of *every* client's
+                # subscriptions; deliver only what we subscribed to, as MQTT says.
+                if not any(matches(f, topic) for f in self._filters):
+                    log.debug("ignored %s: not subscribed to it", topic)
+                    continue
                 payload = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
-                yield Message(m.topic.value, payload, qos=m.qos, retain=m.retain)
+                yield Message(topic, payload, qos=m.qos, retain=m.retain)
         except aiomqtt.MqttError as exc:
             raise BusError(f"connection to {self._url} lost: {exc}") from None
 
@@ -138,7 +154,8 @@ async def connect(
     client = aiomqtt.Client(
         target.host,
         target.port,
-        identifier=client_id,
+        # an explicit id: amqtt would hand an anonymous client another one's leftover session
+        identifier=client_id or f"uns-{uuid.uuid4().hex[:12]}",
         username=username,
         password=password,
         will=aiomqtt.Will(will.topic, will.payload, qos=will.qos, retain=will.retain)
