@@ -93,13 +93,21 @@ def _run(main: Callable[[asyncio.Event], Any]) -> Any:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, _stopper(stop, sig))
         return await main(stop)
 
     try:
         return asyncio.run(runner())
     except ConfigError as exc:
         raise _fail(f"config: {exc}") from None
+
+
+def _stopper(stop: asyncio.Event, sig: signal.Signals) -> Callable[[], None]:
+    def handler() -> None:
+        log.info("%s received: stopping", sig.name)
+        stop.set()
+
+    return handler
 
 
 def service_classes() -> dict[str, Any]:
@@ -305,7 +313,8 @@ def sub(
     broker: BrokerOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Print decoded messages. Exits 1 if --count was not reached before --timeout."""
+    """Print decoded messages. Exits 1 if the broker was never reached or --count was not
+    reached before --timeout."""
     try:
         validate_filter(topic_filter)
     except TopicError as exc:
@@ -314,13 +323,15 @@ def sub(
     url, settings = _broker(loaded, broker)
 
     seen = 0
+    connected = False
 
     async def receive(stop: asyncio.Event) -> None:
-        nonlocal seen
+        nonlocal seen, connected
         while True:
             try:
                 async with _client(url, settings, stop) as bus:
                     await bus.subscribe(topic_filter, qos=1)
+                    connected = True
                     async for message in bus.messages():
                         line = _describe(message)
                         if as_json:
@@ -342,6 +353,9 @@ def sub(
                 await _until_stopped(receive(stop), stop)
         except TimeoutError:
             pass
+        if not connected:
+            typer.echo(f"never reached the broker at {url}", err=True)
+            return 1
         if count is not None and seen < count:
             typer.echo(f"received {seen} of {count} messages", err=True)
             return 1

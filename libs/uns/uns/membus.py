@@ -108,17 +108,17 @@ class MemoryBroker:
             self._lose(previous)
         client = _Client(self, client_id, will)
         self.clients[client_id] = client
-        clean = False
         try:
             yield client
-            clean = True
-        finally:
+        finally:  # like aiomqtt: leaving the block, even by an exception, disconnects cleanly
             if self.clients.get(client_id) is client:
                 del self.clients[client_id]
-                if clean:
-                    client.drop()
-                else:
-                    self._lose(client)
+                client.drop()
+
+    def sever(self, client_id: str) -> None:
+        """The client's process died or its network went: the broker fires its will."""
+        client = self.clients.pop(client_id)
+        self._lose(client)
 
     def _lose(self, client: _Client) -> None:
         was_open = client.open

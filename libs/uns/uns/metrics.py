@@ -69,6 +69,12 @@ class ServiceMetrics:
             ["service"], registry=r,
         )
 
+        # Export zeros from the start, so rates and alerts work before the first event.
+        for metric in (self.reconnects, self.connected, self.handler_seconds, self.births):
+            metric.labels(service)
+        for reason in ("decode", "overflow", "offline"):
+            self.dropped.labels(service, reason)
+
     def drop(self, reason: str, n: int = 1) -> None:
         self.dropped.labels(self.service, reason).inc(n)
 

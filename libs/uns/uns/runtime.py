@@ -109,14 +109,14 @@ class _Outbox:
         self.not_full.set()
         self.depth = metrics.queue_depth.labels(metrics.service, "outbound")
 
-    async def put(self, item: tuple[str, Any, int, bool], *, online: bool) -> None:
-        if len(self.items) >= self.size:
-            if online:
-                self.not_full.clear()
-                await self.not_full.wait()
-            else:
+    async def put(self, item: tuple[str, Any, int, bool], online: asyncio.Event) -> None:
+        while len(self.items) >= self.size:
+            if not online.is_set():
                 self.items.popleft()
                 self.metrics.drop("offline")
+                break
+            self.not_full.clear()
+            await self.not_full.wait()  # also woken when the connection drops
         self.items.append(item)
         self.not_empty.set()
         self.depth.set(len(self.items))
@@ -185,6 +185,7 @@ class Node(Generic[S]):
         self._seq = 0
         self._bdseq = 0
         self._send_lock = asyncio.Lock()
+        self._closing = False
         self._throttled = _Throttled()
 
     # ---- what services call -------------------------------------------------------
@@ -200,7 +201,7 @@ class Node(Generic[S]):
         self, topic: str, payload: p.Payload | bytes, *, qos: int = 0, retain: bool = False
     ) -> None:
         """Queue a message; device messages get the node's next sequence number when sent."""
-        await self._outbox.put((topic, payload, qos, retain), online=self.connected.is_set())
+        await self._outbox.put((topic, payload, qos, retain), self.connected)
 
     async def device_birth(
         self, path: DevicePath, stream: Stream, metrics: list[p.MetricDef]
@@ -281,6 +282,7 @@ class Node(Generic[S]):
             finally:
                 self._bus = None
                 self.connected.clear()
+                self._outbox.not_full.set()  # blocked publishers: offline now, drop oldest
                 self.metrics.connected.labels(self.service).set(0)
                 self._bdseq = p.next_seq(self._bdseq)
 
@@ -294,27 +296,32 @@ class Node(Generic[S]):
         self.connected.set()
         self.metrics.connected.labels(self.service).set(1)
         log.info("%s: connected to %s, births published", self.id, self.broker_url)
-        tasks = [
-            asyncio.create_task(self._receive(bus), name=f"{self.id}-receive"),
-            asyncio.create_task(self._send(bus), name=f"{self.id}-send"),
-            asyncio.create_task(stop.wait(), name=f"{self.id}-stop"),
-        ]
+        self._closing = False
+        receiver = asyncio.create_task(self._receive(bus), name=f"{self.id}-receive")
+        sender = asyncio.create_task(self._send(bus), name=f"{self.id}-send")
+        stopper = asyncio.create_task(stop.wait(), name=f"{self.id}-stop")
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:
+            done, _ = await asyncio.wait({receiver, sender, stopper},
+                                         return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled: the service crashed elsewhere
+            for t in (receiver, sender, stopper):
+                t.cancel()
             await self._die(bus, "error")
             raise
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        for t in done:
-            if t.exception() is not None:
+        receiver.cancel()
+        stopper.cancel()
+        for t in (receiver, sender):
+            if t in done and t.exception() is not None:
+                sender.cancel()
                 raise t.exception()  # type: ignore[misc]
-        # A clean stop: send what is queued (briefly), then say goodbye.
-        try:
-            await asyncio.wait_for(self._flush(bus), 2.0)
-        except TimeoutError:
+        # A clean stop. The sender is not cancelled mid-publish (on Python 3.11 a
+        # cancellation racing aiomqtt's wait_for can be lost): it sends what is
+        # queued and returns by itself.
+        self._closing = True
+        self._outbox.not_empty.set()
+        finished, _ = await asyncio.wait({sender}, timeout=2.0)
+        if sender not in finished:
+            sender.cancel()
             log.warning("%s: %d queued messages not sent at shutdown", self.id,
                         len(self._outbox.items))
         await self._die(bus, "shutdown")
@@ -322,10 +329,13 @@ class Node(Generic[S]):
     async def _die(self, bus: Bus, reason: str) -> None:
         self.connected.clear()
         death = p.NodeDeath(ts=p.now_ms(), node=self.id, bdseq=self._bdseq, reason=reason)
-        try:
-            await bus.publish(node_topic(self.enterprise, self.site, self.id, "death"),
-                              p.encode(death), qos=1, retain=True)
-        except BusError:
+        publish = asyncio.create_task(bus.publish(
+            node_topic(self.enterprise, self.site, self.id, "death"), p.encode(death),
+            qos=1, retain=True))
+        done, _ = await asyncio.wait({publish}, timeout=2.0)
+        if publish not in done:
+            publish.cancel()
+        elif publish.exception() is not None:
             pass  # the broker is gone too; our will tells the story
 
     async def _births(self, bus: Bus) -> None:
@@ -362,10 +372,12 @@ class Node(Generic[S]):
         outbox = self._outbox
         published = self.metrics.published
         while True:
-            await outbox.not_empty.wait()
             item = outbox.peek()
             if item is None:
+                if self._closing:
+                    return
                 outbox.not_empty.clear()
+                await outbox.not_empty.wait()
                 continue
             async with self._send_lock:
                 await self._send_one(bus, item)
@@ -380,12 +392,6 @@ class Node(Generic[S]):
             payload = msgspec.structs.replace(payload, seq=self._next_seq(), bdseq=self._bdseq)
         data = payload if isinstance(payload, bytes) else p.encode(payload)
         await bus.publish(topic, data, qos=qos, retain=retain)
-
-    async def _flush(self, bus: Bus) -> None:
-        """Send what is still queued (the sender task is gone by now)."""
-        while (item := self._outbox.peek()) is not None:
-            await self._send_one(bus, item)
-            self._outbox.pop()
 
     async def _receive(self, bus: Bus) -> None:
         received = self.metrics.received

@@ -1,0 +1,62 @@
+"""Run a service on the runtime in-process, and watch what it publishes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from uns import Message, Node, connect, decode
+from uns.bus import Bus
+from uns.config import Namespace, UnsConfig
+
+
+@asynccontextmanager
+async def running(service_cls: Any, url: str, enterprise: str, **settings: Any
+                  ) -> AsyncIterator[Node[Any]]:
+    """Start ``service_cls`` against ``url`` under ``enterprise``; stop it cleanly after."""
+    config = UnsConfig(namespace=Namespace(enterprise=enterprise, site="pune"))
+    s = service_cls.Settings(metrics_port=0, **settings)
+    node = Node(service_cls.name, s, config, broker_url=url, version="test")
+    stop = asyncio.Event()
+    task = asyncio.create_task(node.serve(service_cls(node), stop))
+    connected = asyncio.create_task(node.connected.wait())
+    await asyncio.wait({task, connected}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        connected.cancel()
+        task.result()
+    try:
+        yield node
+    finally:
+        stop.set()
+        await task
+
+
+class Watcher:
+    """A subscriber that waits for specific messages (events, not sleeps)."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.seen: list[Message] = []
+
+    async def wait_for(self, predicate: Any, timeout: float = 10.0) -> Message:
+        async with asyncio.timeout(timeout):
+            async for message in self.bus.messages():
+                self.seen.append(message)
+                if predicate(message):
+                    return message
+        raise AssertionError("unreachable")
+
+    async def wait_topic(self, suffix: str, timeout: float = 10.0, *, nonempty: bool = True
+                         ) -> Any:
+        m = await self.wait_for(
+            lambda m: m.topic.endswith(suffix) and (bool(m.payload) or not nonempty), timeout)
+        return decode(m.payload) if m.payload else None
+
+
+@asynccontextmanager
+async def watching(url: str, topic_filter: str) -> AsyncIterator[Watcher]:
+    async with connect(url) as bus:
+        await bus.subscribe(topic_filter, qos=1)
+        yield Watcher(bus)

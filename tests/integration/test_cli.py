@@ -1,0 +1,285 @@
+"""The foundation as a user meets it: real processes, a real broker, the `uns` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+DEMO = "acme/pune/demo/line-0/cell-0/demo-01"
+
+
+def uns(*args: str, timeout: float = 60, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "uns", *args], capture_output=True, text=True,
+                          timeout=timeout, **kw)  # type: ignore[call-overload]
+
+
+class Proc:
+    """A background `uns ...` process whose stderr lines can be awaited."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self.p = subprocess.Popen([sys.executable, "-m", "uns", *args], stderr=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True,
+                                  env={**os.environ, **(env or {})})
+        self.lines: list[str] = []
+
+    def wait_line(self, text: str) -> str:
+        assert self.p.stderr is not None
+        for line in self.p.stderr:
+            self.lines.append(line)
+            if text in line:
+                return line
+        raise AssertionError(f"{self.args} ended without saying {text!r}:\n{''.join(self.lines)}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.p.poll() is None:
+            self.p.send_signal(sig)
+        return self.p.wait(timeout=30)
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for p in reversed(started):
+        p.stop(signal.SIGKILL)
+
+
+def start(procs: list[Proc], *args: str, ready: str | None = None, **kw: object) -> Proc:
+    p = Proc(*args, **kw)  # type: ignore[arg-type]
+    procs.append(p)
+    if ready:
+        p.wait_line(ready)
+    return p
+
+
+def sub_json(url: str, topic_filter: str, count: int, timeout: float = 10) -> list[dict]:
+    r = uns("sub", topic_filter, "--json", "--count", str(count), "--timeout", str(timeout),
+            "--broker", url)
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines()]
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name}{{{want}}} not in /metrics")
+
+
+@pytest.fixture
+def embedded(procs: list[Proc]) -> tuple[str, int]:
+    port = free_port()
+    start(procs, "broker", "--port", str(port), ready="broker listening")
+    return f"mqtt://127.0.0.1:{port}", port
+
+
+def test_sub_shows_the_typed_births_and_data_of_a_service(embedded, procs):
+    url, _ = embedded
+    start(procs, "run", "demo", "--broker", url, "--metrics-port", "0", ready="births published")
+    lines = sub_json(url, "#", count=4)
+    types = [(line["topic"], line["payload"]["type"]) for line in lines]
+    assert types[:2] == [("acme/pune/_node/demo/birth", "nbirth"), (f"{DEMO}/raw/birth", "dbirth")]
+    assert all(t == (f"{DEMO}/raw/data", "ddata") for t in types[2:])
+    assert lines[0]["retained"] is True and lines[2]["retained"] is False
+    birth = lines[1]["payload"]
+    assert {m["name"]: m.get("unit") for m in birth["metrics"]}["temperature"] == "degC"
+
+
+def test_tree_shows_nodes_devices_and_metrics_with_units(embedded, procs):
+    url, _ = embedded
+    start(procs, "run", "demo", "--broker", url, "--metrics-port", "0", ready="births published")
+    r = uns("tree", "--broker", url)
+    assert r.returncode == 0, r.stderr
+    for text in ("acme", "_node", "demo 0.1.0", "online", "demo-01", "raw", "temperature",
+                 "[degC]"):
+        assert text in r.stdout
+
+
+def test_a_killed_broker_comes_back_and_every_birth_reappears_within_5_seconds(embedded, procs):
+    url, port = embedded
+    demo = start(procs, "run", "demo", "--broker", url, "--metrics-port", "0",
+                 ready="births published")
+    procs[0].stop(signal.SIGKILL)
+    demo.wait_line("retrying")
+    start(procs, "broker", "--port", str(port), ready="broker listening")
+    lines = sub_json(url, "+/+/+/+/+/+/+/birth", count=1, timeout=5)
+    assert lines[0]["payload"]["type"] == "dbirth"
+    lines = sub_json(url, "+/+/_node/+/birth", count=1, timeout=5)
+    assert lines[0]["payload"]["node"] == "demo"
+    assert demo.p.poll() is None, "the service must not crash"
+    assert "Traceback" not in "".join(demo.lines)
+
+
+def test_garbage_on_a_service_input_is_dropped_counted_and_the_service_keeps_working(
+        embedded, procs):
+    url, _ = embedded
+    start(procs, "run", "demo", "--broker", url, "--metrics-port", "0", ready="births published")
+    birth = sub_json(url, "acme/pune/_node/demo/birth", count=1)[0]["payload"]
+    metrics_url = birth["metrics_url"]
+    assert metric(metrics_url, "uns_messages_dropped_total", reason="decode") == 0
+    r = uns("pub", f"{DEMO}/cmd/set", "this is not json", "--no-check", "--broker", url)
+    assert r.returncode == 0, r.stderr
+    r = uns("pub", f"{DEMO}/cmd/set", '{"type":"cmd","ts":1,"name":"set","args":{"running":false}}',
+            "--broker", url)
+    assert r.returncode == 0, r.stderr
+    # the valid command after the garbage is still obeyed
+    lines = sub_json(url, f"{DEMO}/raw/data", count=3)
+    assert any(m["value"] is False for line in lines for m in line["payload"]["metrics"]
+               if m["name"] == "running")
+    assert metric(metrics_url, "uns_messages_dropped_total", reason="decode") == 1
+    assert metric(metrics_url, "uns_messages_received_total", stream="cmd") == 2
+
+
+def test_the_standard_metrics_are_served(embedded, procs):
+    url, _ = embedded
+    start(procs, "run", "demo", "--broker", url, "--metrics-port", "0", ready="births published")
+    metrics_url = sub_json(url, "acme/pune/_node/demo/birth", count=1)[0]["payload"]["metrics_url"]
+    assert metric(metrics_url, "uns_connected", service="demo") == 1
+    assert metric(metrics_url, "uns_messages_published_total", stream="raw") >= 1
+    assert metric(metrics_url, "uns_reconnects_total", service="demo") == 0
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    for name in ("uns_messages_received_total", "uns_messages_dropped_total",
+                 "uns_handler_duration_seconds_bucket", "uns_queue_depth_messages"):
+        assert name in text
+
+
+def test_sigterm_stops_a_service_with_exit_0_and_a_retained_death(embedded, procs):
+    url, _ = embedded
+    demo = start(procs, "run", "demo", "--broker", url, "--metrics-port", "0",
+                 ready="births published")
+    assert demo.stop(signal.SIGTERM) == 0
+    death = sub_json(url, "acme/pune/_node/demo/death", count=1)[0]
+    assert death["retained"] and death["payload"]["reason"] == "shutdown"
+
+
+def test_an_unreachable_broker_gets_a_retry_message_not_a_traceback():
+    url = f"mqtt://127.0.0.1:{free_port()}"
+    r = uns("sub", "#", "--timeout", "2", "--broker", url)
+    assert r.returncode == 1
+    assert "unreachable" in r.stderr and "retrying" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_service_waits_for_a_broker_that_is_not_there_yet(procs):
+    port = free_port()
+    url = f"mqtt://127.0.0.1:{port}"
+    demo = start(procs, "run", "demo", "--broker", url, "--metrics-port", "0", ready="retrying")
+    start(procs, "broker", "--port", str(port), ready="broker listening")
+    demo.wait_line("births published")
+    assert "Traceback" not in "".join(demo.lines)
+
+
+def test_an_invalid_filter_or_broker_url_is_a_clear_error():
+    r = uns("sub", "a/#/b")
+    assert r.returncode == 2 and "'#' must be the last level" in r.stderr
+    r = uns("sub", "#", "--broker", "http://x")
+    assert r.returncode == 2 and "--broker" in r.stderr
+
+
+def test_pub_refuses_a_payload_that_breaks_the_contract():
+    r = uns("pub", "a/b", '{"type":"cmd","ts":"now","name":"x"}', "--broker", "mqtt://127.0.0.1:1")
+    assert r.returncode == 2 and "$.ts" in r.stderr
+
+
+def test_uns_up_runs_the_broker_and_the_services_and_stops_them_all(procs):
+    port = free_port()
+    up = start(procs, "up", "--port", str(port), "--metrics-port", "0", ready="births published")
+    url = f"mqtt://127.0.0.1:{port}"
+    lines = sub_json(url, "acme/pune/_node/+/birth", count=1)
+    assert lines[0]["payload"]["service"] == "demo"
+    assert up.stop(signal.SIGTERM) == 0
+    r = uns("sub", "#", "--timeout", "1", "--broker", url)
+    assert r.returncode == 1, "the broker must be gone"
+
+
+def test_uns_up_with_an_external_broker_starts_no_broker(mosquitto, procs):
+    up = start(procs, "up", "--broker", mosquitto.url, "--metrics-port", "0",
+               ready="births published")
+    lines = sub_json(mosquitto.url, "acme/pune/_node/demo/birth", count=1)
+    assert lines[0]["payload"]["type"] == "nbirth"
+    assert not any("broker listening" in line for line in up.lines)
+    assert up.stop() == 0
+
+
+def test_uns_up_restarts_a_crashed_service(procs):
+    port = free_port()
+    up = start(procs, "up", "--port", str(port), "--metrics-port", "0", ready="births published")
+    pid_line = next(line for line in up.lines if "started demo" in line)
+    pid = int(pid_line.rsplit("pid ", 1)[1].rstrip(")\n"))
+    os.kill(pid, signal.SIGKILL)
+    up.wait_line("restarting")
+    up.wait_line("births published")
+    death = sub_json(f"mqtt://127.0.0.1:{port}", "acme/pune/_node/demo/birth", count=1)
+    assert death[0]["payload"]["bdseq"] == 0  # a new process, a new birth
+    assert up.stop() == 0
+
+
+def test_the_embedded_broker_enforces_users_and_acls(tmp_path, procs):
+    pwfile = tmp_path / "passwd"
+    for user, pw in (("featurizer", "f-secret"), ("viewer", "v-secret")):
+        r = uns("broker", "passwd", str(pwfile), user, input=pw + "\n")
+        assert r.returncode == 0, r.stderr
+    config = tmp_path / "plant.yaml"
+    config.write_text(
+        f"services:\n  broker:\n    password_file: {pwfile}\n    acl:\n"
+        "      featurizer: {publish: ['acme/+/+/+/+/+/features/#'], subscribe: ['#']}\n"
+        "      viewer: {publish: [], subscribe: ['acme/#']}\n")
+    port = free_port()
+    start(procs, "broker", "--port", str(port), "--config", str(config), ready="users required")
+
+    def url(user: str, pw: str) -> str:
+        return f"mqtt://{user}:{pw}@127.0.0.1:{port}"
+
+    r = uns("sub", "#", "--timeout", "1", "--broker", f"mqtt://127.0.0.1:{port}")
+    assert r.returncode == 1, "anonymous clients are refused"
+    r = uns("sub", "#", "--timeout", "1", "--broker", url("viewer", "wrong"))
+    assert r.returncode == 1, "a wrong password is refused"
+    viewer = Proc("sub", "acme/#", "--json", "--count", "1", "--timeout", "10",
+                  "--broker", url("viewer", "v-secret"))
+    procs.append(viewer)
+    topic = "acme/pune/stamping/line-3/cell-a/press-01/features/data"
+    body = '{"type":"ddata","ts":1,"node":"f","seq":0,"metrics":[]}'
+    # the featurizer may not publish raw data; it may publish features
+    for t in (topic.replace("features", "raw"), topic):
+        r = uns("pub", t, body, "--broker", url("featurizer", "f-secret"))
+        assert r.returncode == 0, r.stderr
+    assert viewer.p.wait(timeout=20) == 0
+    out = viewer.p.stdout.read() if viewer.p.stdout else ""
+    assert [json.loads(line)["topic"] for line in out.splitlines()] == [topic]
+
+
+def test_schema_check_passes_on_the_checked_in_schema(tmp_path):
+    assert uns("schema", "check").returncode == 0
+    r = uns("schema", "check", "--dir", str(tmp_path))
+    assert r.returncode == 1 and "stale" in r.stderr
+
+
+def test_demo_interop_with_mosquitto(mosquitto, procs):
+    start(procs, "run", "demo", "--broker", mosquitto.url, "--metrics-port", "0",
+          ready="births published")
+    lines = sub_json(mosquitto.url, "acme/#", count=3)
+    assert [line["payload"]["type"] for line in lines][:2] == ["nbirth", "dbirth"] or \
+        {line["payload"]["type"] for line in lines} >= {"nbirth", "dbirth"}
+
+
+def test_the_example_plant_config_is_valid_for_every_installed_service():
+    from uns import load
+    from uns.cli import service_classes
+
+    loaded = load(Path(__file__).parents[2] / "uns-schema" / "plant.yaml", environ={})
+    for name, ep in service_classes().items():
+        loaded.service(name, ep.load().Settings)
