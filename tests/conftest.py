@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+
 from uns.membus import MemoryBroker
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

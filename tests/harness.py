@@ -13,8 +13,9 @@ from uns.config import Namespace, UnsConfig
 
 
 @asynccontextmanager
-async def running(service_cls: Any, url: str, enterprise: str, **settings: Any
-                  ) -> AsyncIterator[Node[Any]]:
+async def running(
+    service_cls: Any, url: str, enterprise: str, **settings: Any
+) -> AsyncIterator[Node[Any]]:
     """Start ``service_cls`` against ``url`` under ``enterprise``; stop it cleanly after."""
     config = UnsConfig(namespace=Namespace(enterprise=enterprise, site="pune"))
     s = service_cls.Settings(metrics_port=0, **settings)
@@ -48,10 +49,10 @@ class Watcher:
                     return message
         raise AssertionError("unreachable")
 
-    async def wait_topic(self, suffix: str, timeout: float = 10.0, *, nonempty: bool = True
-                         ) -> Any:
+    async def wait_topic(self, suffix: str, timeout: float = 10.0, *, nonempty: bool = True) -> Any:
         m = await self.wait_for(
-            lambda m: m.topic.endswith(suffix) and (bool(m.payload) or not nonempty), timeout)
+            lambda m: m.topic.endswith(suffix) and (bool(m.payload) or not nonempty), timeout
+        )
         return decode(m.payload) if m.payload else None
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import sys
 import textwrap
 
 import pytest
+
 from topic_cases import FILTERS, TOPICS
 from uns import BusError, Will, connect, matches
 from uns.bus import Bus, Message
@@ -97,13 +97,13 @@ async def crash_with_will(url: str, topic: str) -> None:
         async with broker.connect(client_id="doomed", will=Will(topic, b"lost")):
             broker.sever("doomed")
         return
-    proc = subprocess.Popen([sys.executable, "-c", CRASHER, url, topic],
-                            stdout=subprocess.PIPE, text=True)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CRASHER, url, topic, stdout=asyncio.subprocess.PIPE
+    )
     assert proc.stdout is not None
-    line = await asyncio.to_thread(proc.stdout.readline)
-    assert line.strip() == "connected"
+    assert (await proc.stdout.readline()).strip() == b"connected"
     proc.kill()
-    proc.wait()
+    await proc.wait()
 
 
 async def test_the_last_will_is_published_when_a_client_dies(any_broker, prefix):

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -20,8 +21,9 @@ DEMO = "acme/pune/demo/line-0/cell-0/demo-01"
 
 
 def uns(*args: str, timeout: float = 60, **kw: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "uns", *args], capture_output=True, text=True,
-                          timeout=timeout, **kw)  # type: ignore[call-overload]
+    return subprocess.run(
+        [sys.executable, "-m", "uns", *args], capture_output=True, text=True, timeout=timeout, **kw
+    )  # type: ignore[call-overload]
 
 
 class Proc:
@@ -29,9 +31,13 @@ class Proc:
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.args = args
-        self.p = subprocess.Popen([sys.executable, "-m", "uns", *args], stderr=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True,
-                                  env={**os.environ, **(env or {})})
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "uns", *args],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
         self.lines: list[str] = []
 
     def wait_line(self, text: str) -> str:
@@ -65,8 +71,17 @@ def start(procs: list[Proc], *args: str, ready: str | None = None, **kw: object)
 
 
 def sub_json(url: str, topic_filter: str, count: int, timeout: float = 10) -> list[dict]:
-    r = uns("sub", topic_filter, "--json", "--count", str(count), "--timeout", str(timeout),
-            "--broker", url)
+    r = uns(
+        "sub",
+        topic_filter,
+        "--json",
+        "--count",
+        str(count),
+        "--timeout",
+        str(timeout),
+        "--broker",
+        url,
+    )
     assert r.returncode == 0, r.stderr
     return [json.loads(line) for line in r.stdout.splitlines()]
 
@@ -104,15 +119,24 @@ def test_tree_shows_nodes_devices_and_metrics_with_units(embedded, procs):
     start(procs, "run", "demo", "--broker", url, "--metrics-port", "0", ready="births published")
     r = uns("tree", "--broker", url)
     assert r.returncode == 0, r.stderr
-    for text in ("acme", "_node", "demo 0.1.0", "online", "demo-01", "raw", "temperature",
-                 "[degC]"):
+    for text in (
+        "acme",
+        "_node",
+        "demo 0.1.0",
+        "online",
+        "demo-01",
+        "raw",
+        "temperature",
+        "[degC]",
+    ):
         assert text in r.stdout
 
 
 def test_a_killed_broker_comes_back_and_every_birth_reappears_within_5_seconds(embedded, procs):
     url, port = embedded
-    demo = start(procs, "run", "demo", "--broker", url, "--metrics-port", "0",
-                 ready="births published")
+    demo = start(
+        procs, "run", "demo", "--broker", url, "--metrics-port", "0", ready="births published"
+    )
     procs[0].stop(signal.SIGKILL)
     demo.wait_line("retrying")
     start(procs, "broker", "--port", str(port), ready="broker listening")
@@ -125,7 +149,8 @@ def test_a_killed_broker_comes_back_and_every_birth_reappears_within_5_seconds(e
 
 
 def test_garbage_on_a_service_input_is_dropped_counted_and_the_service_keeps_working(
-        embedded, procs):
+    embedded, procs
+):
     url, _ = embedded
     start(procs, "run", "demo", "--broker", url, "--metrics-port", "0", ready="births published")
     birth = sub_json(url, "acme/pune/_node/demo/birth", count=1)[0]["payload"]
@@ -133,13 +158,22 @@ def test_garbage_on_a_service_input_is_dropped_counted_and_the_service_keeps_wor
     assert metric(metrics_url, "uns_messages_dropped_total", reason="decode") == 0
     r = uns("pub", f"{DEMO}/cmd/set", "this is not json", "--no-check", "--broker", url)
     assert r.returncode == 0, r.stderr
-    r = uns("pub", f"{DEMO}/cmd/set", '{"type":"cmd","ts":1,"name":"set","args":{"running":false}}',
-            "--broker", url)
+    r = uns(
+        "pub",
+        f"{DEMO}/cmd/set",
+        '{"type":"cmd","ts":1,"name":"set","args":{"running":false}}',
+        "--broker",
+        url,
+    )
     assert r.returncode == 0, r.stderr
     # the valid command after the garbage is still obeyed
     lines = sub_json(url, f"{DEMO}/raw/data", count=3)
-    assert any(m["value"] is False for line in lines for m in line["payload"]["metrics"]
-               if m["name"] == "running")
+    assert any(
+        m["value"] is False
+        for line in lines
+        for m in line["payload"]["metrics"]
+        if m["name"] == "running"
+    )
     assert metric(metrics_url, "uns_messages_dropped_total", reason="decode") == 1
     assert metric(metrics_url, "uns_messages_received_total", stream="cmd") == 2
 
@@ -152,15 +186,20 @@ def test_the_standard_metrics_are_served(embedded, procs):
     assert metric(metrics_url, "uns_messages_published_total", stream="raw") >= 1
     assert metric(metrics_url, "uns_reconnects_total", service="demo") == 0
     text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
-    for name in ("uns_messages_received_total", "uns_messages_dropped_total",
-                 "uns_handler_duration_seconds_bucket", "uns_queue_depth_messages"):
+    for name in (
+        "uns_messages_received_total",
+        "uns_messages_dropped_total",
+        "uns_handler_duration_seconds_bucket",
+        "uns_queue_depth_messages",
+    ):
         assert name in text
 
 
 def test_sigterm_stops_a_service_with_exit_0_and_a_retained_death(embedded, procs):
     url, _ = embedded
-    demo = start(procs, "run", "demo", "--broker", url, "--metrics-port", "0",
-                 ready="births published")
+    demo = start(
+        procs, "run", "demo", "--broker", url, "--metrics-port", "0", ready="births published"
+    )
     assert demo.stop(signal.SIGTERM) == 0
     death = sub_json(url, "acme/pune/_node/demo/death", count=1)[0]
     assert death["retained"] and death["payload"]["reason"] == "shutdown"
@@ -207,8 +246,9 @@ def test_uns_up_runs_the_broker_and_the_services_and_stops_them_all(procs):
 
 
 def test_uns_up_with_an_external_broker_starts_no_broker(mosquitto, procs):
-    up = start(procs, "up", "--broker", mosquitto.url, "--metrics-port", "0",
-               ready="births published")
+    up = start(
+        procs, "up", "--broker", mosquitto.url, "--metrics-port", "0", ready="births published"
+    )
     lines = sub_json(mosquitto.url, "acme/pune/_node/demo/birth", count=1)
     assert lines[0]["payload"]["type"] == "nbirth"
     assert not any("broker listening" in line for line in up.lines)
@@ -237,7 +277,8 @@ def test_the_embedded_broker_enforces_users_and_acls(tmp_path, procs):
     config.write_text(
         f"services:\n  broker:\n    password_file: {pwfile}\n    acl:\n"
         "      featurizer: {publish: ['acme/+/+/+/+/+/features/#'], subscribe: ['#']}\n"
-        "      viewer: {publish: [], subscribe: ['acme/#']}\n")
+        "      viewer: {publish: [], subscribe: ['acme/#']}\n"
+    )
     port = free_port()
     start(procs, "broker", "--port", str(port), "--config", str(config), ready="users required")
 
@@ -248,8 +289,17 @@ def test_the_embedded_broker_enforces_users_and_acls(tmp_path, procs):
     assert r.returncode == 1, "anonymous clients are refused"
     r = uns("sub", "#", "--timeout", "1", "--broker", url("viewer", "wrong"))
     assert r.returncode == 1, "a wrong password is refused"
-    viewer = Proc("sub", "acme/#", "--json", "--count", "1", "--timeout", "10",
-                  "--broker", url("viewer", "v-secret"))
+    viewer = Proc(
+        "sub",
+        "acme/#",
+        "--json",
+        "--count",
+        "1",
+        "--timeout",
+        "10",
+        "--broker",
+        url("viewer", "v-secret"),
+    )
     procs.append(viewer)
     topic = "acme/pune/stamping/line-3/cell-a/press-01/features/data"
     body = '{"type":"ddata","ts":1,"node":"f","seq":0,"metrics":[]}'
@@ -269,11 +319,20 @@ def test_schema_check_passes_on_the_checked_in_schema(tmp_path):
 
 
 def test_demo_interop_with_mosquitto(mosquitto, procs):
-    start(procs, "run", "demo", "--broker", mosquitto.url, "--metrics-port", "0",
-          ready="births published")
+    start(
+        procs,
+        "run",
+        "demo",
+        "--broker",
+        mosquitto.url,
+        "--metrics-port",
+        "0",
+        ready="births published",
+    )
     lines = sub_json(mosquitto.url, "acme/#", count=3)
-    assert [line["payload"]["type"] for line in lines][:2] == ["nbirth", "dbirth"] or \
-        {line["payload"]["type"] for line in lines} >= {"nbirth", "dbirth"}
+    assert [line["payload"]["type"] for line in lines][:2] == ["nbirth", "dbirth"] or {
+        line["payload"]["type"] for line in lines
+    } >= {"nbirth", "dbirth"}
 
 
 def test_the_example_plant_config_is_valid_for_every_installed_service():

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+
 from uns import (
     Command,
     DeviceBirth,
@@ -15,9 +16,9 @@ from uns import (
     Waveform,
     decode,
     encode,
+    schema,
 )
 from uns import payloads as p
-from uns import schema
 
 EXAMPLES = sorted((Path(__file__).parents[2] / "uns-schema" / "examples").glob("*.json"))
 
@@ -54,22 +55,32 @@ def test_a_waveform_block_of_a_thousand_samples_is_one_small_message():
 
 def test_int16_waveforms_keep_their_scale():
     block = Waveform.from_values([100, -200, 300], t0_us=0, rate_hz=1.0, dtype="i16", scale=0.01)
-    assert decode(encode(DeviceData(ts=1, node="n", seq=0, metrics=[
-        Metric(name="w", value=block)])), DeviceData).metrics[0].value.values() == pytest.approx(
-        [1.0, -2.0, 3.0])
+    assert decode(
+        encode(DeviceData(ts=1, node="n", seq=0, metrics=[Metric(name="w", value=block)])),
+        DeviceData,
+    ).metrics[0].value.values() == pytest.approx([1.0, -2.0, 3.0])
 
 
 def test_a_type_error_says_where_it_is():
-    bad = b'{"type":"ddata","ts":1,"node":"n","seq":1,"metrics":[{"name":"a","value":1},' \
-          b'{"name":"b","value":[1,2]}]}'
+    bad = (
+        b'{"type":"ddata","ts":1,"node":"n","seq":1,"metrics":[{"name":"a","value":1},'
+        b'{"name":"b","value":[1,2]}]}'
+    )
     with pytest.raises(PayloadError, match=r"at `\$\.metrics\[1\]\.value`"):
         decode(bad)
 
 
 @pytest.mark.parametrize(
     "garbage",
-    [b"", b"not json", b"{}", b'{"type":"nope","ts":1}', b"\xff\xfe", b"[1,2,3]",
-     b'{"type":"ddata","ts":"yesterday","node":"n","seq":1,"metrics":[]}'],
+    [
+        b"",
+        b"not json",
+        b"{}",
+        b'{"type":"nope","ts":1}',
+        b"\xff\xfe",
+        b"[1,2,3]",
+        b'{"type":"ddata","ts":"yesterday","node":"n","seq":1,"metrics":[]}',
+    ],
 )
 def test_garbage_is_a_payload_error_never_a_crash(garbage):
     with pytest.raises(PayloadError):
@@ -78,13 +89,17 @@ def test_garbage_is_a_payload_error_never_a_crash(garbage):
 
 def test_a_quality_outside_good_uncertain_bad_is_refused():
     with pytest.raises(PayloadError, match="quality"):
-        decode(b'{"type":"ddata","ts":1,"node":"n","seq":1,"metrics":'
-               b'[{"name":"a","value":1,"quality":"meh"}]}')
+        decode(
+            b'{"type":"ddata","ts":1,"node":"n","seq":1,"metrics":'
+            b'[{"name":"a","value":1,"quality":"meh"}]}'
+        )
 
 
 def test_a_message_from_a_newer_producer_with_extra_fields_still_decodes():
-    newer = b'{"type":"ddata","v":2,"ts":1,"node":"n","seq":1,"window":{"start":0},' \
-            b'"metrics":[{"name":"a","value":1,"confidence":0.9}]}'
+    newer = (
+        b'{"type":"ddata","v":2,"ts":1,"node":"n","seq":1,"window":{"start":0},'
+        b'"metrics":[{"name":"a","value":1,"confidence":0.9}]}'
+    )
     data = decode(newer, DeviceData)
     assert data.v == 2 and data.metrics[0].value == 1
 
@@ -110,8 +125,16 @@ def test_payloads_are_immutable():
 
 
 def test_metric_definitions_omit_what_is_not_set():
-    text = encode(DeviceBirth(ts=1, node="n", device="a/b/c/d/e/f", bdseq=0, seq=1,
-                              metrics=[MetricDef(name="t", datatype="float", unit="degC")]))
+    text = encode(
+        DeviceBirth(
+            ts=1,
+            node="n",
+            device="a/b/c/d/e/f",
+            bdseq=0,
+            seq=1,
+            metrics=[MetricDef(name="t", datatype="float", unit="degC")],
+        )
+    )
     assert json.loads(text)["metrics"] == [{"name": "t", "datatype": "float", "unit": "degC"}]
 
 
@@ -147,4 +170,6 @@ def test_stale_schema_files_are_detected(tmp_path):
 
 def test_builtins_of_a_payload_are_plain_json():
     data = DeviceData(ts=1, node="n", seq=0, metrics=[Metric(name="a", value=1.5)])
-    assert msgspec.json.decode(msgspec.json.encode(p.to_builtins(data)))["metrics"][0]["value"] == 1.5
+    assert (
+        msgspec.json.decode(msgspec.json.encode(p.to_builtins(data)))["metrics"][0]["value"] == 1.5
+    )

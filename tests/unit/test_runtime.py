@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
+import itertools
 
 import pytest
+
 from harness import running, watching
 from uns import (
     Command,
@@ -56,7 +57,9 @@ def cmd_topic(prefix: str) -> str:
     return f"{prefix}/pune/area/line/cell/echo-01/cmd/echo"
 
 
-async def test_a_service_is_born_before_its_data_with_consecutive_sequence_numbers(memory_url, prefix):
+async def test_a_service_is_born_before_its_data_with_consecutive_sequence_numbers(
+    memory_url, prefix
+):
     async with watching(memory_url, f"{prefix}/#") as w, running(Echo, memory_url, prefix) as node:
         nbirth = await w.wait_topic("/_node/echo/birth")
         dbirth = await w.wait_topic("/raw/birth")
@@ -69,28 +72,42 @@ async def test_a_service_is_born_before_its_data_with_consecutive_sequence_numbe
     assert [d.seq for d in datas] == [2, 3, 4]
     assert [d.metrics[0].value for d in datas] == [1, 2, 3]
     order = [m.topic.rsplit("/", 2)[-2:] for m in w.seen if m.payload]
-    assert order.index(["echo", "birth"]) < order.index(["raw", "birth"]) < order.index(["raw", "data"])
+    assert (
+        order.index(["echo", "birth"])
+        < order.index(["raw", "birth"])
+        < order.index(["raw", "data"])
+    )
 
 
 async def test_sequence_numbers_wrap_from_255_to_0(memory_url, prefix):
-    async with watching(memory_url, f"{prefix}/+/+/+/+/+/raw/data") as w, \
-            running(Echo, memory_url, prefix):
+    async with (
+        watching(memory_url, f"{prefix}/+/+/+/+/+/raw/data") as w,
+        running(Echo, memory_url, prefix),
+    ):
         async with connect(memory_url) as pub:
             for _ in range(300):
                 await pub.publish(cmd_topic(prefix), echo_cmd())
         seqs = [(await w.wait_topic("/raw/data")).seq for _ in range(300)]
     assert seqs[:3] == [2, 3, 4]
-    assert all(b == (a + 1) % 256 for a, b in zip(seqs, seqs[1:]))
+    assert all(b == (a + 1) % 256 for a, b in itertools.pairwise(seqs))
     assert 0 in seqs and max(seqs) == 255
 
 
 async def test_garbage_on_the_input_topic_is_dropped_and_counted_and_the_service_goes_on(
-        memory_url, prefix):
-    async with watching(memory_url, f"{prefix}/+/+/+/+/+/raw/data") as w, \
-            running(Echo, memory_url, prefix) as node:
+    memory_url, prefix
+):
+    async with (
+        watching(memory_url, f"{prefix}/+/+/+/+/+/raw/data") as w,
+        running(Echo, memory_url, prefix) as node,
+    ):
         async with connect(memory_url) as pub:
-            for garbage in (b"\x00\xffgarbage", b"{}", b'{"type":"cmd"}', b"[1,2]",
-                            encode(DeviceData(ts=1, node="x", seq=0, metrics=[]))):
+            for garbage in (
+                b"\x00\xffgarbage",
+                b"{}",
+                b'{"type":"cmd"}',
+                b"[1,2]",
+                encode(DeviceData(ts=1, node="x", seq=0, metrics=[])),
+            ):
                 await pub.publish(cmd_topic(prefix), garbage)
             await pub.publish(cmd_topic(prefix), echo_cmd())
         data = await w.wait_topic("/raw/data")
@@ -99,8 +116,10 @@ async def test_garbage_on_the_input_topic_is_dropped_and_counted_and_the_service
 
 
 async def test_a_handler_can_reject_a_message_which_is_counted_under_its_reason(memory_url, prefix):
-    async with watching(memory_url, f"{prefix}/+/+/+/+/+/raw/data") as w, \
-            running(Echo, memory_url, prefix) as node:
+    async with (
+        watching(memory_url, f"{prefix}/+/+/+/+/+/raw/data") as w,
+        running(Echo, memory_url, prefix) as node,
+    ):
         async with connect(memory_url) as pub:
             await pub.publish(cmd_topic(prefix), echo_cmd(bad=True))
             await pub.publish(cmd_topic(prefix), echo_cmd())
@@ -108,9 +127,10 @@ async def test_a_handler_can_reject_a_message_which_is_counted_under_its_reason(
         assert node.metrics.dropped_count("bad_command") == 1
 
 
-async def test_a_rebirth_command_republishes_every_birth_with_the_sequence_reset(memory_url, prefix):
-    async with running(Echo, memory_url, prefix) as node, \
-            watching(memory_url, f"{prefix}/#") as w:
+async def test_a_rebirth_command_republishes_every_birth_with_the_sequence_reset(
+    memory_url, prefix
+):
+    async with running(Echo, memory_url, prefix) as node, watching(memory_url, f"{prefix}/#") as w:
         await w.wait_topic("/raw/birth")  # retained, from the first birth
         async with connect(memory_url) as pub:
             await pub.publish(node.cmd_topic, encode(Command(ts=1, name="rebirth", sender="test")))
@@ -125,8 +145,9 @@ async def test_a_rebirth_command_republishes_every_birth_with_the_sequence_reset
 async def test_after_a_broker_restart_the_births_come_back_and_data_flows(memory_url, prefix):
     broker = MemoryBroker.named(memory_url.removeprefix("memory://"))
     async with running(Echo, memory_url, prefix) as node:
-        assert node.metrics.registry.get_sample_value(
-            "uns_reconnects_total", {"service": "echo"}) == 0
+        assert (
+            node.metrics.registry.get_sample_value("uns_reconnects_total", {"service": "echo"}) == 0
+        )
         broker.stop()
         assert not broker.retained
         broker.start()
@@ -136,8 +157,9 @@ async def test_after_a_broker_restart_the_births_come_back_and_data_flows(memory
             async with connect(memory_url) as pub:
                 await pub.publish(cmd_topic(prefix), echo_cmd())
             await w.wait_topic("/raw/data")
-        assert node.metrics.registry.get_sample_value(
-            "uns_reconnects_total", {"service": "echo"}) >= 1
+        assert (
+            node.metrics.registry.get_sample_value("uns_reconnects_total", {"service": "echo"}) >= 1
+        )
     assert nbirth.bdseq == 1  # a new birth/death sequence for the new session
 
 
@@ -168,7 +190,8 @@ class Crashes(Echo):
 
 
 async def test_a_bug_in_a_handler_crashes_the_service_loudly_after_publishing_its_death(
-        memory_url, prefix):
+    memory_url, prefix
+):
     async with watching(memory_url, f"{prefix}/pune/_node/+/death") as w:
         with pytest.raises(ExceptionGroup) as info:  # noqa: PT012
             async with running(Crashes, memory_url, prefix):
@@ -180,7 +203,8 @@ async def test_a_bug_in_a_handler_crashes_the_service_loudly_after_publishing_it
 
 
 async def test_data_published_while_offline_is_kept_up_to_the_bound_then_oldest_dropped(
-        memory_url, prefix):
+    memory_url, prefix
+):
     broker = MemoryBroker.named(memory_url.removeprefix("memory://"))
     path = DevicePath(prefix, "pune", "a", "l", "c", "d")
     async with running(Echo, memory_url, prefix, queue_size=5) as node:
@@ -195,15 +219,20 @@ async def test_data_published_while_offline_is_kept_up_to_the_bound_then_oldest_
 
 
 async def test_the_demo_service_publishes_its_device_and_obeys_set(memory_url, prefix):
-    async with watching(memory_url, f"{prefix}/#") as w, \
-            running(DemoService, memory_url, prefix, interval_s=0.01):
+    async with (
+        watching(memory_url, f"{prefix}/#") as w,
+        running(DemoService, memory_url, prefix, interval_s=0.01),
+    ):
         birth = await w.wait_topic("/raw/birth")
         assert {m.name: m.unit for m in birth.metrics}["temperature"] == "degC"
         async with connect(memory_url) as pub:
-            await pub.publish(f"{prefix}/pune/demo/line-0/cell-0/demo-01/cmd/set",
-                              encode(Command(ts=1, name="set", args={"running": False})))
+            await pub.publish(
+                f"{prefix}/pune/demo/line-0/cell-0/demo-01/cmd/set",
+                encode(Command(ts=1, name="set", args={"running": False})),
+            )
         stopped = await w.wait_for(
-            lambda m: m.topic.endswith("/raw/data") and b'"running","value":false' in m.payload)
+            lambda m: m.topic.endswith("/raw/data") and b'"running","value":false' in m.payload
+        )
     assert stopped
 
 

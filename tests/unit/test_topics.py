@@ -1,6 +1,7 @@
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from topic_cases import FILTERS, TOPICS
 from uns import DevicePath, DeviceTopic, NodeTopic, TopicError, matches, node_topic, parse
 from uns.topics import device_filter, validate_filter

@@ -6,8 +6,8 @@ Services import from here only::
 """
 
 from uns.bus import Bus, Message, Will, connect
-from uns.config import BrokerSettings, ConfigError, LoadedConfig, UnsConfig, load
-from uns.errors import BusError, PayloadError, Reject, TopicError, UnsError
+from uns.config import BrokerSettings, LoadedConfig, UnsConfig, load
+from uns.errors import BusError, ConfigError, PayloadError, Reject, TopicError, UnsError
 from uns.payloads import (
     SCHEMA_VERSION,
     Command,

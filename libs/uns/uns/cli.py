@@ -40,14 +40,22 @@ app.add_typer(schema_app, name="schema")
 
 BrokerOpt = Annotated[
     str | None,
-    typer.Option("--broker", envvar="UNS_BROKER_URL", show_default=False,
-                 help="Broker URL, mqtt://host:port or mqtts://host:port"
-                      " [default: broker.url of the config, mqtt://127.0.0.1:1883]"),
+    typer.Option(
+        "--broker",
+        envvar="UNS_BROKER_URL",
+        show_default=False,
+        help="Broker URL, mqtt://host:port or mqtts://host:port"
+        " [default: broker.url of the config, mqtt://127.0.0.1:1883]",
+    ),
 ]
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", envvar="UNS_CONFIG", show_default=False,
-                 help="Config file [default: the example plant, uns-schema/plant.yaml]"),
+    typer.Option(
+        "--config",
+        envvar="UNS_CONFIG",
+        show_default=False,
+        help="Config file [default: the example plant, uns-schema/plant.yaml]",
+    ),
 ]
 LogOpt = Annotated[
     str, typer.Option("--log-level", envvar="UNS_LOG_LEVEL", help="DEBUG, INFO, WARNING, ERROR")
@@ -132,8 +140,12 @@ def run(
     service: Annotated[str, typer.Argument(help="Service name (see `uns up --help`)")],
     broker: BrokerOpt = None,
     config: ConfigOpt = None,
-    metrics_port: Annotated[int | None, typer.Option(
-        help="Port of /metrics [default: the service's, or services.NAME.metrics_port]")] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Port of /metrics [default: the service's, or services.NAME.metrics_port]"
+        ),
+    ] = None,
     log_level: LogOpt = "INFO",
 ) -> None:
     """Run one service in the foreground (what a container runs)."""
@@ -166,7 +178,9 @@ def _broker_main(loaded: LoadedConfig, host: str | None, port: int | None) -> No
     try:
         from uns_broker import BrokerServerSettings, serve
     except ImportError:
-        raise _fail("the embedded broker is not installed (pip install -e services/broker)") from None
+        raise _fail(
+            "the embedded broker is not installed (pip install -e services/broker)"
+        ) from None
     settings = loaded.service("broker", BrokerServerSettings)
     changes: dict[str, Any] = {}
     if host is not None:
@@ -202,7 +216,9 @@ def broker_passwd(
         from pwdlib import PasswordHash
         from pwdlib.hashers.argon2 import Argon2Hasher
     except ImportError:
-        raise _fail("the embedded broker is not installed (pip install -e services/broker)") from None
+        raise _fail(
+            "the embedded broker is not installed (pip install -e services/broker)"
+        ) from None
     if ":" in username or not username:
         raise _fail("username: must be non-empty and without ':'")
     password = sys.stdin.readline().rstrip("\n")
@@ -220,11 +236,18 @@ def broker_passwd(
 def up(
     port: Annotated[int, typer.Option(help="Port of the embedded broker")] = 1883,
     host: Annotated[str, typer.Option(help="Listen address of the embedded broker")] = "127.0.0.1",
-    broker: Annotated[str | None, typer.Option(
-        "--broker", envvar="UNS_BROKER_URL", show_default=False,
-        help="Use the broker at this URL and start none")] = None,
-    metrics_port: Annotated[int, typer.Option(
-        help="First /metrics port; service i gets this + i (0: any free port)")] = 9400,
+    broker: Annotated[
+        str | None,
+        typer.Option(
+            "--broker",
+            envvar="UNS_BROKER_URL",
+            show_default=False,
+            help="Use the broker at this URL and start none",
+        ),
+    ] = None,
+    metrics_port: Annotated[
+        int, typer.Option(help="First /metrics port; service i gets this + i (0: any free port)")
+    ] = 9400,
     config: ConfigOpt = None,
     log_level: LogOpt = "INFO",
 ) -> None:
@@ -238,8 +261,9 @@ def up(
     broker_child = None
     if broker is None:
         url = f"mqtt://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-        broker_child = Child("broker", uns_argv("broker", "--host", host, "--port", str(port),
-                                                *common))
+        broker_child = Child(
+            "broker", uns_argv("broker", "--host", host, "--port", str(port), *common)
+        )
     else:
         url, _ = _broker(loaded, broker)
     children = []
@@ -253,13 +277,19 @@ def up(
             log.info("%s is disabled in the config; not starting it", name)
             continue
         mport = str(metrics_port + i if metrics_port else 0)
-        children.append(Child(name, uns_argv("run", name, "--broker", url,
-                                             "--metrics-port", mport, *common)))
+        children.append(
+            Child(name, uns_argv("run", name, "--broker", url, "--metrics-port", mport, *common))
+        )
     log.info("namespace on %s; services: %s", url, ", ".join(c.name for c in children) or "none")
     log.info("watch it with: uns sub '#' --json --broker %s", url)
     target = parse_broker_url(url)
-    asyncio.run(supervise(broker_child, children,
-                          broker_address=(target.host, target.port) if broker_child else None))
+    asyncio.run(
+        supervise(
+            broker_child,
+            children,
+            broker_address=(target.host, target.port) if broker_child else None,
+        )
+    )
 
 
 # ---- looking at the namespace ---------------------------------------------------------
@@ -271,8 +301,9 @@ async def _client(url: str, settings: BrokerSettings, stop: asyncio.Event) -> As
     delay = 0.5
     while True:
         try:
-            async with connect(url, settings=settings,
-                               client_id=f"uns-cli-{uuid.uuid4().hex[:8]}") as bus:
+            async with connect(
+                url, settings=settings, client_id=f"uns-cli-{uuid.uuid4().hex[:8]}"
+            ) as bus:
                 yield bus
                 return
         except BusError as exc:
@@ -408,8 +439,12 @@ def tree(
                     view.add(message.topic, message.payload)
 
         async with _client(url, settings, stop) as bus:
-            for f in ("+/+/+/+/+/+/+/birth", "+/+/+/+/+/+/+/death",
-                      "+/+/_node/+/birth", "+/+/_node/+/death"):
+            for f in (
+                "+/+/+/+/+/+/+/birth",
+                "+/+/+/+/+/+/+/death",
+                "+/+/_node/+/birth",
+                "+/+/_node/+/death",
+            ):
                 await bus.subscribe(f, qos=1)
             await bus.subscribe(sentinel, qos=1)
             await bus.publish(sentinel, b"end", qos=1)
@@ -460,7 +495,9 @@ def pub(
 
 @schema_app.command("export")
 def schema_export(
-    directory: Annotated[Path, typer.Option("--dir", help="Target directory")] = schema_files.SCHEMA_DIR,
+    directory: Annotated[
+        Path, typer.Option("--dir", help="Target directory")
+    ] = schema_files.SCHEMA_DIR,
 ) -> None:
     """Write the JSON Schemas generated from the code into uns-schema/."""
     for path in schema_files.export(directory):
@@ -469,7 +506,9 @@ def schema_export(
 
 @schema_app.command("check")
 def schema_check(
-    directory: Annotated[Path, typer.Option("--dir", help="Directory to check")] = schema_files.SCHEMA_DIR,
+    directory: Annotated[
+        Path, typer.Option("--dir", help="Directory to check")
+    ] = schema_files.SCHEMA_DIR,
 ) -> None:
     """Exit 1 if the JSON Schemas in uns-schema/ are stale (run `uns schema export`)."""
     stale = schema_files.stale(directory)

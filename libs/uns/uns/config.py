@@ -89,7 +89,7 @@ def parse_broker_url(url: str, field: str = "broker.url") -> BrokerUrl:
     )
 
 
-class BrokerSettings(Strict):
+class BrokerSettings(Strict, frozen=True):
     """How every service and CLI command reaches the local broker."""
 
     url: str = DEFAULT_BROKER_URL
@@ -121,14 +121,14 @@ class BrokerSettings(Strict):
         return username, password
 
 
-class Namespace(Strict):
+class Namespace(Strict, frozen=True):
     """The top two ISA-95 levels this edge box publishes under."""
 
     enterprise: Slug = "acme"
     site: Slug = "pune"
 
 
-class Device(Strict):
+class Device(Strict, frozen=True):
     """One machine of the plant."""
 
     path: DevicePathText
@@ -137,11 +137,11 @@ class Device(Strict):
     description: str = ""
 
 
-class Plant(Strict):
+class Plant(Strict, frozen=True):
     devices: list[Device] = []
 
 
-class UnsConfig(Strict):
+class UnsConfig(Strict, frozen=True):
     """The whole file."""
 
     namespace: Namespace = Namespace()

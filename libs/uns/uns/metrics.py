@@ -7,7 +7,7 @@ Names carry the ``uns_`` prefix and a unit suffix; labels are low-cardinality
 from __future__ import annotations
 
 import logging
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -36,37 +36,50 @@ class ServiceMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.received = Counter(
-            "uns_messages_received_total", "Messages received from the broker",
-            ["service", "stream"], registry=r,
+            "uns_messages_received_total",
+            "Messages received from the broker",
+            ["service", "stream"],
+            registry=r,
         )
         self.published = Counter(
-            "uns_messages_published_total", "Messages published to the broker",
-            ["service", "stream"], registry=r,
+            "uns_messages_published_total",
+            "Messages published to the broker",
+            ["service", "stream"],
+            registry=r,
         )
         self.dropped = Counter(
             "uns_messages_dropped_total",
             "Messages dropped, by reason (decode, overflow, offline, rejected, ...)",
-            ["service", "reason"], registry=r,
+            ["service", "reason"],
+            registry=r,
         )
         self.handler_seconds = Histogram(
-            "uns_handler_duration_seconds", "Time spent in message handlers",
-            ["service"], registry=r,
+            "uns_handler_duration_seconds",
+            "Time spent in message handlers",
+            ["service"],
+            registry=r,
             buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
         )
         self.reconnects = Counter(
-            "uns_reconnects_total", "Connection attempts to the broker after the first",
-            ["service"], registry=r,
+            "uns_reconnects_total",
+            "Connection attempts to the broker after the first",
+            ["service"],
+            registry=r,
         )
         self.connected = Gauge(
             "uns_connected", "1 while connected to the broker", ["service"], registry=r
         )
         self.queue_depth = Gauge(
-            "uns_queue_depth_messages", "Messages waiting in a bounded queue",
-            ["service", "queue"], registry=r,
+            "uns_queue_depth_messages",
+            "Messages waiting in a bounded queue",
+            ["service", "queue"],
+            registry=r,
         )
         self.births = Counter(
-            "uns_births_published_total", "Node and device births published (incl. rebirths)",
-            ["service"], registry=r,
+            "uns_births_published_total",
+            "Node and device births published (incl. rebirths)",
+            ["service"],
+            registry=r,
         )
 
         # Export zeros from the start, so rates and alerts work before the first event.
@@ -87,6 +100,7 @@ class ServiceMetrics:
 
     def serve(self, host: str, port: int) -> int:
         """Serve ``/metrics`` over HTTP on a thread; return the bound port."""
+        self._server: Any
         self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
         bound: int = self._server.server_port
         log.info("metrics on http://%s:%d/metrics", host, bound)

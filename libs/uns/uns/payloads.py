@@ -154,7 +154,7 @@ class _Envelope(
     """When the message was created (ms since epoch)."""
 
 
-class NodeBirth(_Envelope, tag="nbirth", kw_only=True):
+class NodeBirth(_Envelope, tag="nbirth", kw_only=True, frozen=True):
     """A service instance (edge node) is online; retained at ``{ent}/{site}/_node/{node}/birth``."""
 
     node: str
@@ -169,7 +169,7 @@ class NodeBirth(_Envelope, tag="nbirth", kw_only=True):
     metrics: list[MetricDef] = []
 
 
-class NodeDeath(_Envelope, tag="ndeath", kw_only=True):
+class NodeDeath(_Envelope, tag="ndeath", kw_only=True, frozen=True):
     """The node went away: its MQTT Last Will (``reason="lost"``) or a clean stop."""
 
     node: str
@@ -177,7 +177,7 @@ class NodeDeath(_Envelope, tag="ndeath", kw_only=True):
     reason: str = "lost"
 
 
-class DeviceBirth(_Envelope, tag="dbirth", kw_only=True):
+class DeviceBirth(_Envelope, tag="dbirth", kw_only=True, frozen=True):
     """Everything about a device's metrics on one stream; retained, sent before any data."""
 
     node: str
@@ -187,7 +187,7 @@ class DeviceBirth(_Envelope, tag="dbirth", kw_only=True):
     metrics: list[MetricDef]
 
 
-class DeviceData(_Envelope, tag="ddata", kw_only=True):
+class DeviceData(_Envelope, tag="ddata", kw_only=True, frozen=True):
     """Values of the metrics that changed (report by exception) or a waveform block."""
 
     node: str
@@ -195,7 +195,7 @@ class DeviceData(_Envelope, tag="ddata", kw_only=True):
     metrics: list[Metric]
 
 
-class DeviceDeath(_Envelope, tag="ddeath", kw_only=True):
+class DeviceDeath(_Envelope, tag="ddeath", kw_only=True, frozen=True):
     """The device is gone (the adapter lost it); its last values are stale."""
 
     node: str
@@ -209,7 +209,7 @@ EventState = Literal["raised", "updated", "cleared"]
 Severity = Literal["info", "warning", "critical"]
 
 
-class Event(_Envelope, tag="event", kw_only=True):
+class Event(_Envelope, tag="event", kw_only=True, frozen=True):
     """Something a person should know, once per occurrence (e.g. an anomaly raised/cleared)."""
 
     id: str
@@ -227,7 +227,7 @@ class Event(_Envelope, tag="event", kw_only=True):
     details: dict[str, float | str] = {}
 
 
-class Command(_Envelope, tag="cmd", kw_only=True):
+class Command(_Envelope, tag="cmd", kw_only=True, frozen=True):
     """A request to a node or device, e.g. ``rebirth`` or ``fault``."""
 
     name: str
@@ -256,7 +256,7 @@ def _decoder(kind: Any) -> msgspec.json.Decoder[Any]:
 def decode(data: bytes | str, kind: type[T] | Any = Payload) -> T:
     """Decode and type-check a payload; raise `PayloadError` naming where it is wrong."""
     try:
-        return _decoder(kind).decode(data)  # type: ignore[no-any-return]
+        return _decoder(kind).decode(data)  # type: ignore[no-any-return,arg-type]
     except msgspec.DecodeError as exc:  # ValidationError is a subclass
         raise PayloadError(str(exc)) from None
 

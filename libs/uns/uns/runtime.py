@@ -32,7 +32,7 @@ import msgspec
 
 from uns import payloads as p
 from uns.bus import Bus, Message, Will, connect
-from uns.config import BrokerSettings, PositiveFloat, Port, Slug, Strict, UnsConfig
+from uns.config import BrokerSettings, Port, PositiveFloat, Slug, Strict, UnsConfig
 from uns.errors import BusError, PayloadError, Reject
 from uns.metrics import ServiceMetrics, stream_label
 from uns.topics import DevicePath, Stream, matches, node_topic, validate_filter
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 P = TypeVar("P")
 
 
-class ServiceSettings(Strict):
+class ServiceSettings(Strict, frozen=True):
     """Settings every service has; a service's own settings subclass this."""
 
     enabled: bool = True
@@ -178,7 +178,7 @@ class Node(Generic[S]):
         self.connected = asyncio.Event()
         self.cmd_topic = node_topic(self.enterprise, self.site, self.id, "cmd")
         self._subs: list[_Subscription] = []
-        self._devices: dict[tuple[DevicePath, str], list[p.MetricDef]] = {}
+        self._devices: dict[tuple[DevicePath, Stream], list[p.MetricDef]] = {}
         self._outbox = _Outbox(settings.queue_size, self.metrics)
         self._inbound: asyncio.Queue[Message] = asyncio.Queue(settings.queue_size)
         self._bus: Bus | None = None
@@ -191,8 +191,12 @@ class Node(Generic[S]):
     # ---- what services call -------------------------------------------------------
 
     def subscribe(
-        self, topic_filter: str, kind: type[P] | Any, handler: Callable[[Inbound[P]], Awaitable[None]],
-        *, qos: int = 0,
+        self,
+        topic_filter: str,
+        kind: type[P] | Any,
+        handler: Callable[[Inbound[P]], Awaitable[None]],
+        *,
+        qos: int = 0,
     ) -> None:
         """Deliver messages matching ``topic_filter``, decoded as ``kind``, to ``handler``."""
         self._subs.append(_Subscription(validate_filter(topic_filter), kind, handler, qos))  # type: ignore[arg-type]
@@ -212,8 +216,12 @@ class Node(Generic[S]):
             online = self.connected.is_set()
         if online:  # else the (re)connect publishes it with the node birth
             await self.publish(path.topic(stream, "death"), b"", qos=1, retain=True)
-            await self.publish(path.topic(stream, "birth"), self._device_birth(path, metrics, 0),
-                               qos=1, retain=True)
+            await self.publish(
+                path.topic(stream, "birth"),
+                self._device_birth(path, metrics, 0),
+                qos=1,
+                retain=True,
+            )
 
     async def device_data(
         self, path: DevicePath, stream: Stream, metrics: list[p.Metric], *, ts: int | None = None
@@ -224,8 +232,9 @@ class Node(Generic[S]):
     async def device_death(self, path: DevicePath, stream: Stream, reason: str = "") -> None:
         """The device is gone: consumers must treat its last values as stale."""
         self._devices.pop((path, stream), None)
-        death = p.DeviceDeath(ts=p.now_ms(), node=self.id, device=str(path), bdseq=self._bdseq,
-                              seq=0, reason=reason)
+        death = p.DeviceDeath(
+            ts=p.now_ms(), node=self.id, device=str(path), bdseq=self._bdseq, seq=0, reason=reason
+        )
         await self.publish(path.topic(stream, "death"), death, qos=1, retain=True)
 
     async def rebirth(self) -> None:
@@ -264,14 +273,17 @@ class Node(Generic[S]):
                 p.encode(p.NodeDeath(ts=p.now_ms(), node=self.id, bdseq=self._bdseq)),
             )
             try:
-                async with connect(self.broker_url, client_id=self.id, will=will,
-                                   settings=self.broker) as bus:
+                async with connect(
+                    self.broker_url, client_id=self.id, will=will, settings=self.broker
+                ) as bus:
                     attempt = 0
                     await self._session(bus, stop)
                 return
             except BusError as exc:
-                delay = min(self.settings.reconnect_max_s,
-                            self.settings.reconnect_min_s * 2 ** min(attempt, 16))
+                delay = min(
+                    self.settings.reconnect_max_s,
+                    self.settings.reconnect_min_s * 2 ** min(attempt, 16),
+                )
                 delay *= random.uniform(0.8, 1.2)
                 attempt += 1
                 log.warning("%s: %s; retrying in %.1f s", self.id, exc, delay)
@@ -301,8 +313,9 @@ class Node(Generic[S]):
         sender = asyncio.create_task(self._send(bus), name=f"{self.id}-send")
         stopper = asyncio.create_task(stop.wait(), name=f"{self.id}-stop")
         try:
-            done, _ = await asyncio.wait({receiver, sender, stopper},
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {receiver, sender, stopper}, return_when=asyncio.FIRST_COMPLETED
+            )
         except BaseException:  # cancelled: the service crashed elsewhere
             for t in (receiver, sender, stopper):
                 t.cancel()
@@ -322,16 +335,22 @@ class Node(Generic[S]):
         finished, _ = await asyncio.wait({sender}, timeout=2.0)
         if sender not in finished:
             sender.cancel()
-            log.warning("%s: %d queued messages not sent at shutdown", self.id,
-                        len(self._outbox.items))
+            log.warning(
+                "%s: %d queued messages not sent at shutdown", self.id, len(self._outbox.items)
+            )
         await self._die(bus, "shutdown")
 
     async def _die(self, bus: Bus, reason: str) -> None:
         self.connected.clear()
         death = p.NodeDeath(ts=p.now_ms(), node=self.id, bdseq=self._bdseq, reason=reason)
-        publish = asyncio.create_task(bus.publish(
-            node_topic(self.enterprise, self.site, self.id, "death"), p.encode(death),
-            qos=1, retain=True))
+        publish = asyncio.create_task(
+            bus.publish(
+                node_topic(self.enterprise, self.site, self.id, "death"),
+                p.encode(death),
+                qos=1,
+                retain=True,
+            )
+        )
         done, _ = await asyncio.wait({publish}, timeout=2.0)
         if publish not in done:
             publish.cancel()
@@ -341,19 +360,25 @@ class Node(Generic[S]):
     async def _births(self, bus: Bus) -> None:
         self._seq = 0
         birth = p.NodeBirth(
-            ts=p.now_ms(), node=self.id, service=self.service, version=self.version,
-            bdseq=self._bdseq, seq=0, host=socket.gethostname(), metrics_url=self.metrics_url,
+            ts=p.now_ms(),
+            node=self.id,
+            service=self.service,
+            version=self.version,
+            bdseq=self._bdseq,
+            seq=0,
+            host=socket.gethostname(),
+            metrics_url=self.metrics_url,
         )
         base = node_topic(self.enterprise, self.site, self.id, "birth")
-        await bus.publish(node_topic(self.enterprise, self.site, self.id, "death"), b"",
-                          qos=1, retain=True)
+        await bus.publish(
+            node_topic(self.enterprise, self.site, self.id, "death"), b"", qos=1, retain=True
+        )
         await bus.publish(base, p.encode(birth), qos=1, retain=True)
         births = 1
         for (path, stream), metrics in list(self._devices.items()):
-            await bus.publish(path.topic(stream, "death"), b"", qos=1, retain=True)  # type: ignore[arg-type]
-            birth = self._device_birth(path, metrics, self._next_seq())
-            await bus.publish(path.topic(stream, "birth"), p.encode(birth),  # type: ignore[arg-type]
-                              qos=1, retain=True)
+            await bus.publish(path.topic(stream, "death"), b"", qos=1, retain=True)
+            dbirth = self._device_birth(path, metrics, self._next_seq())
+            await bus.publish(path.topic(stream, "birth"), p.encode(dbirth), qos=1, retain=True)
             births += 1
         self.metrics.births.labels(self.service).inc(births)
         self.metrics.published.labels(self.service, "node").inc()
@@ -361,8 +386,14 @@ class Node(Generic[S]):
     def _device_birth(
         self, path: DevicePath, metrics: list[p.MetricDef], seq: int
     ) -> p.DeviceBirth:
-        return p.DeviceBirth(ts=p.now_ms(), node=self.id, device=str(path), bdseq=self._bdseq,
-                             seq=seq, metrics=metrics)
+        return p.DeviceBirth(
+            ts=p.now_ms(),
+            node=self.id,
+            device=str(path),
+            bdseq=self._bdseq,
+            seq=seq,
+            metrics=metrics,
+        )
 
     def _next_seq(self) -> int:
         self._seq = p.next_seq(self._seq)
@@ -403,8 +434,13 @@ class Node(Generic[S]):
                 inbound.put_nowait(message)
             except asyncio.QueueFull:
                 self.metrics.drop("overflow")
-                self._throttled.warning("overflow", "%s: inbound queue full (%d); dropping %s",
-                                        self.id, inbound.maxsize, message.topic)
+                self._throttled.warning(
+                    "overflow",
+                    "%s: inbound queue full (%d); dropping %s",
+                    self.id,
+                    inbound.maxsize,
+                    message.topic,
+                )
             depth.set(inbound.qsize())
 
     async def _work(self) -> None:
@@ -425,23 +461,34 @@ class Node(Generic[S]):
                 payload = p.decode(message.payload, sub.kind)
             except PayloadError as exc:
                 self.metrics.drop("decode")
-                self._throttled.warning("decode", "%s: dropped undecodable message on %s: %s",
-                                        self.id, message.topic, exc)
+                self._throttled.warning(
+                    "decode",
+                    "%s: dropped undecodable message on %s: %s",
+                    self.id,
+                    message.topic,
+                    exc,
+                )
                 continue
             started = time.perf_counter()
             try:
                 await sub.handler(Inbound(message.topic, payload, message.retain))
             except Reject as exc:
                 self.metrics.drop(exc.reason)
-                self._throttled.warning(f"reject-{exc.reason}", "%s: dropped message on %s: %s",
-                                        self.id, message.topic, exc)
+                self._throttled.warning(
+                    f"reject-{exc.reason}",
+                    "%s: dropped message on %s: %s",
+                    self.id,
+                    message.topic,
+                    exc,
+                )
             finally:
                 self.metrics.handler_seconds.labels(self.service).observe(
-                    time.perf_counter() - started)
+                    time.perf_counter() - started
+                )
 
     async def _node_command(self, message: Message) -> None:
         try:
-            command = p.decode(message.payload, p.Command)
+            command: p.Command = p.decode(message.payload, p.Command)
         except PayloadError as exc:
             self.metrics.drop("decode")
             self._throttled.warning("decode", "%s: dropped undecodable command: %s", self.id, exc)

@@ -49,8 +49,13 @@ async def _keep_running(child: Child, stop: asyncio.Event) -> None:
         if time.monotonic() - started > 60:
             delay = 0.5
         child.restarts += 1
-        log.warning("%s exited with code %d; restarting in %.1f s (restart %d)",
-                    child.name, code, delay, child.restarts)
+        log.warning(
+            "%s exited with code %d; restarting in %.1f s (restart %d)",
+            child.name,
+            code,
+            delay,
+            child.restarts,
+        )
         try:
             await asyncio.wait_for(stop.wait(), delay)
         except TimeoutError:

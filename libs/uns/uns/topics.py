@@ -189,9 +189,7 @@ def validate_filter(topic_filter: str) -> str:
             if i != len(levels) - 1:
                 raise TopicError(f"invalid filter {topic_filter!r}: '#' must be the last level")
         elif level != "+" and ("#" in level or "+" in level):
-            raise TopicError(
-                f"invalid filter {topic_filter!r}: a wildcard must fill a whole level"
-            )
+            raise TopicError(f"invalid filter {topic_filter!r}: a wildcard must fill a whole level")
     return topic_filter
 
 

@@ -103,23 +103,26 @@ class NamespaceView:
             label = Text(info.node_id)
             if info.birth:
                 label.append(f"  {info.birth.service} {info.birth.version}".rstrip(), style="dim")
-            label.append("  online" if info.online else "  offline",
-                         style="green" if info.online else "red")
+            label.append(
+                "  online" if info.online else "  offline", style="green" if info.online else "red"
+            )
             branch((key[0], key[1], "_node")).add(label)
         for path in sorted(self.devices):
             streams = self.devices[path]
             device = branch(path.levels)
             for name in sorted(streams):
-                info = streams[name]
-                online = self.stream_online(path, info)
+                sinfo = streams[name]
+                online = self.stream_online(path, sinfo)
                 label = Text(name, style="bold")
-                if info.birth:
-                    label.append(f"  from {info.birth.node}", style="dim")
-                label.append("  online" if online else "  offline", style="green" if online else "red")
-                if info.death and info.death.reason:
-                    label.append(f" ({info.death.reason})", style="red")
+                if sinfo.birth:
+                    label.append(f"  from {sinfo.birth.node}", style="dim")
+                label.append(
+                    "  online" if online else "  offline", style="green" if online else "red"
+                )
+                if sinfo.death and sinfo.death.reason:
+                    label.append(f" ({sinfo.death.reason})", style="red")
                 stream_branch = device.add(label)
-                for metric in info.birth.metrics if info.birth else []:
+                for metric in sinfo.birth.metrics if sinfo.birth else []:
                     stream_branch.add(_metric_label(metric))
         return root
 

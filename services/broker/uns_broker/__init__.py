@@ -11,7 +11,7 @@ What amqtt 0.12 gives, and what it does not (use Mosquitto for the latter):
   namespace heals by itself), no TLS listener configured here.
 """
 
-from uns_broker.settings import AclEntry, BrokerServerSettings
 from uns_broker.server import serve
+from uns_broker.settings import AclEntry, BrokerServerSettings
 
 __all__ = ["AclEntry", "BrokerServerSettings", "serve"]

@@ -7,16 +7,17 @@ import warnings
 from amqtt.broker import Broker
 from amqtt.errors import BrokerError, PluginError
 from amqtt.plugins.authentication import PasswordFileError
-from uns import ConfigError
 
+from uns import ConfigError
 from uns_broker.logic import amqtt_config
 from uns_broker.settings import BrokerServerSettings
 
 log = logging.getLogger(__name__)
 
 
-async def serve(settings: BrokerServerSettings, stop: asyncio.Event,
-                started: asyncio.Event | None = None) -> None:
+async def serve(
+    settings: BrokerServerSettings, stop: asyncio.Event, started: asyncio.Event | None = None
+) -> None:
     """Run the embedded broker until ``stop`` is set."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # amqtt's own 'acl' naming
@@ -31,8 +32,12 @@ async def serve(settings: BrokerServerSettings, stop: asyncio.Event,
             raise ConfigError(
                 f"services.broker: cannot listen on {settings.host}:{settings.port}: {cause}"
             ) from None
-    log.info("broker listening on mqtt://%s:%d (%s)", settings.host, settings.port,
-             "users required" if settings.password_file else "anonymous allowed")
+    log.info(
+        "broker listening on mqtt://%s:%d (%s)",
+        settings.host,
+        settings.port,
+        "users required" if settings.password_file else "anonymous allowed",
+    )
     if started is not None:
         started.set()
     try:

@@ -1,18 +1,19 @@
 from typing import Annotated
 
 import msgspec
+
 from uns import ServiceSettings
 from uns.config import Port, Strict
 
 
-class AclEntry(Strict):
+class AclEntry(Strict, frozen=True):
     """Topic filters one user may publish to and subscribe to (``+``/``#`` allowed)."""
 
     publish: list[str] = []
     subscribe: list[str] = []
 
 
-class BrokerServerSettings(ServiceSettings):
+class BrokerServerSettings(ServiceSettings, frozen=True):
     host: str = "127.0.0.1"
     """Address to listen on; 0.0.0.0 to accept other machines."""
     port: Port = 1883

@@ -8,11 +8,25 @@ import random
 from uns import Metric, MetricDef
 
 METRICS = [
-    MetricDef(name="temperature", datatype="double", unit="degC", low=0.0, high=120.0,
-              description="Housing temperature", source="demo:sine"),
+    MetricDef(
+        name="temperature",
+        datatype="double",
+        unit="degC",
+        low=0.0,
+        high=120.0,
+        description="Housing temperature",
+        source="demo:sine",
+    ),
     MetricDef(name="running", datatype="bool", description="Run state", source="demo:state"),
-    MetricDef(name="counter", datatype="uint32", unit="1", low=0, high=2**32 - 1,
-              description="Cycles completed", source="demo:counter"),
+    MetricDef(
+        name="counter",
+        datatype="uint32",
+        unit="1",
+        low=0,
+        high=2**32 - 1,
+        description="Cycles completed",
+        source="demo:counter",
+    ),
 ]
 
 

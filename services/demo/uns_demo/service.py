@@ -4,7 +4,6 @@ import asyncio
 import logging
 
 from uns import Command, DevicePath, Inbound, Node, Reject, Service
-
 from uns_demo.logic import METRICS, DemoDevice
 from uns_demo.settings import DemoSettings
 
