@@ -1,0 +1,12 @@
+# One image for every service; the container's command picks one: `uns run SERVICE`.
+FROM python:3.11-slim
+WORKDIR /opt/uns
+COPY libs/ libs/
+COPY services/ services/
+COPY uns-schema/ uns-schema/
+RUN pip install --no-cache-dir ./libs/uns ./services/broker ./services/demo \
+ && useradd --system --uid 10001 uns
+ENV UNS_CONFIG=/opt/uns/uns-schema/plant.yaml
+USER uns
+ENTRYPOINT ["uns"]
+CMD ["--help"]
