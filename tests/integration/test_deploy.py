@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import IN_CI, Mosquitto
 
 pytestmark = pytest.mark.integration
@@ -24,13 +25,18 @@ def need(program: str) -> str:
 
 
 def test_the_compose_file_is_valid():
-    result = subprocess.run([need("docker-compose"), "-f", str(ROOT / "docker-compose.yml"),
-                             "config", "-q"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [need("docker-compose"), "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
 
 
 def test_every_compose_service_runs_a_service_that_exists():
     import yaml
+
     from uns.cli import service_classes
 
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -48,8 +54,12 @@ def test_the_compose_mosquitto_config_starts_a_working_broker(tmp_path):
     broker = Mosquitto(tmp_path, extra=conf.replace("allow_anonymous true", ""))
     broker.start()
     try:
-        r = subprocess.run([sys.executable, "-m", "uns", "sub", "#", "--timeout", "0.5", "--broker", broker.url],
-                           capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            [sys.executable, "-m", "uns", "sub", "#", "--timeout", "0.5", "--broker", broker.url],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert "never reached" not in r.stderr
     finally:
         broker.kill()
