@@ -195,12 +195,13 @@ def test_the_standard_metrics_are_served(embedded, procs):
         assert name in text
 
 
-def test_sigterm_stops_a_service_with_exit_0_and_a_retained_death(embedded, procs):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_ends_a_service_with_exit_0_and_a_retained_death(embedded, procs, sig):
     url, _ = embedded
     demo = start(
         procs, "run", "demo", "--broker", url, "--metrics-port", "0", ready="births published"
     )
-    assert demo.stop(signal.SIGTERM) == 0
+    assert demo.stop(sig) == 0
     death = sub_json(url, "acme/pune/_node/demo/death", count=1)[0]
     assert death["retained"] and death["payload"]["reason"] == "shutdown"
 
@@ -243,6 +244,18 @@ def test_uns_up_runs_the_broker_and_the_services_and_stops_them_all(procs):
     assert up.stop(signal.SIGTERM) == 0
     r = uns("sub", "#", "--timeout", "1", "--broker", url)
     assert r.returncode == 1, "the broker must be gone"
+
+
+def test_two_uns_up_run_side_by_side_on_their_own_ports(procs):
+    ports = [free_port(), free_port()]
+    ups = [
+        start(procs, "up", "--port", str(p), "--metrics-port", "0", ready="births published")
+        for p in ports
+    ]
+    for p in ports:
+        lines = sub_json(f"mqtt://127.0.0.1:{p}", "acme/pune/_node/demo/birth", count=1)
+        assert lines[0]["payload"]["service"] == "demo"
+    assert [up.stop() for up in ups] == [0, 0]
 
 
 def test_uns_up_with_an_external_broker_starts_no_broker(mosquitto, procs):
@@ -342,3 +355,49 @@ def test_the_example_plant_config_is_valid_for_every_installed_service():
     loaded = load(Path(__file__).parents[2] / "uns-schema" / "plant.yaml", environ={})
     for name, ep in service_classes().items():
         loaded.service(name, ep.load().Settings)
+
+
+def test_mqtts_verifies_the_broker_certificate_and_hostname(tmp_path, procs):
+    from certs import TestPKI
+    from conftest import Mosquitto, _mosquitto_available
+
+    if not _mosquitto_available():
+        pytest.skip("mosquitto is not installed")
+    pki = TestPKI(tmp_path)
+    cert, key = pki.issue("broker", server=True)
+    broker = Mosquitto(tmp_path, extra=f"cafile {pki.ca}\ncertfile {cert}\nkeyfile {key}\n")
+    broker.start()
+    try:
+        url = f"mqtts://localhost:{broker.port}"
+        trusted = {**os.environ, "UNS_BROKER__CA_FILE": str(pki.ca)}
+        start(
+            procs,
+            "run",
+            "demo",
+            "--broker",
+            url,
+            "--metrics-port",
+            "0",
+            ready="births published",
+            env={"UNS_BROKER__CA_FILE": str(pki.ca)},
+        )
+        r = uns(
+            "sub",
+            "acme/#",
+            "--json",
+            "--count",
+            "2",
+            "--timeout",
+            "10",
+            "--broker",
+            url,
+            env=trusted,
+        )
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout.splitlines()[0])["payload"]["type"] == "nbirth"
+        # without the plant's CA the broker is not trusted: a clear error, no traceback
+        r = uns("sub", "#", "--timeout", "2", "--broker", url)
+        assert r.returncode == 1
+        assert "certificate verify failed" in r.stderr and "Traceback" not in r.stderr
+    finally:
+        broker.kill()

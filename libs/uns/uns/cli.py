@@ -213,22 +213,13 @@ def broker_passwd(
 ) -> None:
     """Add or change a user in a password file (argon2 hash); the password is read from stdin."""
     try:
-        from pwdlib import PasswordHash
-        from pwdlib.hashers.argon2 import Argon2Hasher
+        from uns_broker import set_password
     except ImportError:
-        raise _fail(
-            "the embedded broker is not installed (pip install -e services/broker)"
-        ) from None
-    if ":" in username or not username:
-        raise _fail("username: must be non-empty and without ':'")
-    password = sys.stdin.readline().rstrip("\n")
-    if not password:
-        raise _fail("password: empty (give it on stdin)")
-    hashed = PasswordHash((Argon2Hasher(),)).hash(password)
-    lines = file.read_text(encoding="utf-8").splitlines() if file.exists() else []
-    lines = [ln for ln in lines if not ln.startswith(f"{username}:")] + [f"{username}:{hashed}"]
-    file.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.chmod(file, 0o600)
+        raise _fail("the embedded broker is not installed (pip install -e services/broker)") from None
+    try:
+        set_password(file, username, sys.stdin.readline().rstrip("\n"))
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
     typer.echo(f"{username} written to {file}")
 
 

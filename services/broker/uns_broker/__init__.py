@@ -13,5 +13,6 @@ What amqtt 0.12 gives, and what it does not (use Mosquitto for the latter):
 
 from uns_broker.server import serve
 from uns_broker.settings import AclEntry, BrokerServerSettings
+from uns_broker.users import set_password
 
-__all__ = ["AclEntry", "BrokerServerSettings", "serve"]
+__all__ = ["AclEntry", "BrokerServerSettings", "serve", "set_password"]
