@@ -94,6 +94,17 @@ def _broker(loaded: LoadedConfig, url: str | None) -> tuple[str, BrokerSettings]
     return url, loaded.config.broker
 
 
+def _watch_target(
+    topic_filter: str, config: Path | None, broker: str | None
+) -> tuple[str, BrokerSettings]:
+    """Validate a filter, then the config and broker URL of a command that watches."""
+    try:
+        validate_filter(topic_filter)
+    except TopicError as exc:
+        raise _fail(str(exc)) from None
+    return _broker(_load(config), broker)
+
+
 def _run(main: Callable[[asyncio.Event], Any]) -> Any:
     """Run a coroutine with SIGINT/SIGTERM setting its stop event."""
 
@@ -337,12 +348,7 @@ def sub(
 ) -> None:
     """Print decoded messages. Exits 1 if the broker was never reached or --count was not
     reached before --timeout."""
-    try:
-        validate_filter(topic_filter)
-    except TopicError as exc:
-        raise _fail(str(exc)) from None
-    loaded = _load(config)
-    url, settings = _broker(loaded, broker)
+    url, settings = _watch_target(topic_filter, config, broker)
 
     seen = 0
     connected = False
@@ -409,12 +415,7 @@ def tree(
     config: ConfigOpt = None,
 ) -> None:
     """The namespace as a tree: nodes, devices, streams, metrics with units, online state."""
-    try:
-        validate_filter(topic_filter)
-    except TopicError as exc:
-        raise _fail(str(exc)) from None
-    loaded = _load(config)
-    url, settings = _broker(loaded, broker)
+    url, settings = _watch_target(topic_filter, config, broker)
     view = NamespaceView()
 
     async def main(stop: asyncio.Event) -> None:
