@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import sys
 import uuid
@@ -226,7 +225,9 @@ def broker_passwd(
     try:
         from uns_broker import set_password
     except ImportError:
-        raise _fail("the embedded broker is not installed (pip install -e services/broker)") from None
+        raise _fail(
+            "the embedded broker is not installed (pip install -e services/broker)"
+        ) from None
     try:
         set_password(file, username, sys.stdin.readline().rstrip("\n"))
     except ConfigError as exc:
