@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
+
 from uns import ConfigError
 
 
