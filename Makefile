@@ -30,7 +30,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check libs services tests
 
 typecheck: $(STAMP)
-	$(BIN)/mypy libs/uns/uns services/broker/uns_broker services/demo/uns_demo
+	$(BIN)/mypy libs/uns/uns services/broker/uns_broker services/demo/uns_demo \
+	  services/simulator/uns_simulator
 
 schema: $(STAMP)
 	$(BIN)/uns schema export

@@ -7,18 +7,32 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import msgspec
+
 from uns import Message, Node, connect, decode
 from uns.bus import Bus
-from uns.config import Namespace, UnsConfig
+from uns.config import Device, Namespace, Plant, UnsConfig
 
 
 @asynccontextmanager
 async def running(
-    service_cls: Any, url: str, enterprise: str, **settings: Any
+    service_cls: Any,
+    url: str,
+    enterprise: str,
+    *,
+    plant: list[tuple[str, str]] | None = None,
+    **settings: Any,
 ) -> AsyncIterator[Node[Any]]:
-    """Start ``service_cls`` against ``url`` under ``enterprise``; stop it cleanly after."""
-    config = UnsConfig(namespace=Namespace(enterprise=enterprise, site="pune"))
-    s = service_cls.Settings(metrics_port=0, **settings)
+    """Start ``service_cls`` against ``url`` under ``enterprise``; stop it cleanly after.
+
+    ``settings`` are decoded like a config section (nested dicts allowed); ``plant`` gives
+    the config's ``plant.devices`` as (path, asset type) pairs.
+    """
+    config = UnsConfig(
+        namespace=Namespace(enterprise=enterprise, site="pune"),
+        plant=Plant(devices=[Device(path=p, asset=a) for p, a in plant or []]),
+    )
+    s = msgspec.convert({"metrics_port": 0, **settings}, service_cls.Settings, from_attributes=True)
     node = Node(service_cls.name, s, config, broker_url=url, version="test")
     stop = asyncio.Event()
     task = asyncio.create_task(node.serve(service_cls(node), stop))

@@ -18,6 +18,9 @@ from conftest import free_port
 pytestmark = pytest.mark.integration
 
 DEMO = "acme/pune/demo/line-0/cell-0/demo-01"
+# `uns up` of the foundation's tests: the broker and the demo device only
+DEMO_ONLY_CONFIG = Path(__file__).with_name("demo-only.yaml")
+DEMO_ONLY = ("--config", str(DEMO_ONLY_CONFIG))
 
 
 def uns(*args: str, timeout: float = 60, **kw: object) -> subprocess.CompletedProcess[str]:
@@ -237,7 +240,16 @@ def test_pub_refuses_a_payload_that_breaks_the_contract():
 
 def test_uns_up_runs_the_broker_and_the_services_and_stops_them_all(procs):
     port = free_port()
-    up = start(procs, "up", "--port", str(port), "--metrics-port", "0", ready="births published")
+    up = start(
+        procs,
+        "up",
+        "--port",
+        str(port),
+        "--metrics-port",
+        "0",
+        *DEMO_ONLY,
+        ready="births published",
+    )
     url = f"mqtt://127.0.0.1:{port}"
     lines = sub_json(url, "acme/pune/_node/+/birth", count=1)
     assert lines[0]["payload"]["service"] == "demo"
@@ -249,7 +261,16 @@ def test_uns_up_runs_the_broker_and_the_services_and_stops_them_all(procs):
 def test_two_uns_up_run_side_by_side_on_their_own_ports(procs):
     ports = [free_port(), free_port()]
     ups = [
-        start(procs, "up", "--port", str(p), "--metrics-port", "0", ready="births published")
+        start(
+            procs,
+            "up",
+            "--port",
+            str(p),
+            "--metrics-port",
+            "0",
+            *DEMO_ONLY,
+            ready="births published",
+        )
         for p in ports
     ]
     for p in ports:
@@ -260,7 +281,14 @@ def test_two_uns_up_run_side_by_side_on_their_own_ports(procs):
 
 def test_uns_up_with_an_external_broker_starts_no_broker(mosquitto, procs):
     up = start(
-        procs, "up", "--broker", mosquitto.url, "--metrics-port", "0", ready="births published"
+        procs,
+        "up",
+        "--broker",
+        mosquitto.url,
+        "--metrics-port",
+        "0",
+        *DEMO_ONLY,
+        ready="births published",
     )
     lines = sub_json(mosquitto.url, "acme/pune/_node/demo/birth", count=1)
     assert lines[0]["payload"]["type"] == "nbirth"
@@ -270,7 +298,16 @@ def test_uns_up_with_an_external_broker_starts_no_broker(mosquitto, procs):
 
 def test_uns_up_restarts_a_crashed_service(procs):
     port = free_port()
-    up = start(procs, "up", "--port", str(port), "--metrics-port", "0", ready="births published")
+    up = start(
+        procs,
+        "up",
+        "--port",
+        str(port),
+        "--metrics-port",
+        "0",
+        *DEMO_ONLY,
+        ready="births published",
+    )
     pid_line = next(line for line in up.lines if "started demo" in line)
     pid = int(pid_line.rsplit("pid ", 1)[1].rstrip(")\n"))
     os.kill(pid, signal.SIGKILL)

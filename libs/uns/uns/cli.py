@@ -22,7 +22,7 @@ from uns.bus import Bus, Message, connect
 from uns.config import BrokerSettings, LoadedConfig, load, parse_broker_url
 from uns.errors import BusError, ConfigError, PayloadError, TopicError, UnsError
 from uns.runtime import Node, Service
-from uns.topics import validate_filter
+from uns.topics import DevicePath, node_topic, validate_filter
 from uns.tree import NamespaceView
 
 log = logging.getLogger("uns")
@@ -67,8 +67,9 @@ def _logging(level: str) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("amqtt").setLevel(max(logging.WARNING, logging.getLogger().level))
-    logging.getLogger("transitions").setLevel(logging.WARNING)
+    # chatty third-party libraries: their warnings and errors only
+    for name in ("amqtt", "transitions", "asyncua", "pymodbus"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -251,6 +252,14 @@ def up(
     metrics_port: Annotated[
         int, typer.Option(help="First /metrics port; service i gets this + i (0: any free port)")
     ] = 9400,
+    opcua_port: Annotated[
+        int | None,
+        typer.Option(help="OPC UA port of the simulator (and the adapter's URL) [default: config]"),
+    ] = None,
+    modbus_port: Annotated[
+        int | None,
+        typer.Option(help="Modbus TCP port of the simulator (and the adapter's) [default: config]"),
+    ] = None,
     config: ConfigOpt = None,
     log_level: LogOpt = "INFO",
 ) -> None:
@@ -269,6 +278,13 @@ def up(
         )
     else:
         url, _ = _broker(loaded, broker)
+    env: dict[str, str] = {}  # the simulator's ports, and the adapters that read them
+    if opcua_port is not None:
+        env["UNS_SERVICES__SIMULATOR__OPCUA__PORT"] = str(opcua_port)
+        env["UNS_SERVICES__OPCUA_ADAPTER__URL"] = f"opc.tcp://127.0.0.1:{opcua_port}"
+    if modbus_port is not None:
+        env["UNS_SERVICES__SIMULATOR__MODBUS__PORT"] = str(modbus_port)
+        env["UNS_SERVICES__MODBUS_ADAPTER__PORT"] = str(modbus_port)
     children = []
     for i, name in enumerate(sorted(service_classes())):
         cls = _service_class(name)
@@ -281,7 +297,11 @@ def up(
             continue
         mport = str(metrics_port + i if metrics_port else 0)
         children.append(
-            Child(name, uns_argv("run", name, "--broker", url, "--metrics-port", mport, *common))
+            Child(
+                name,
+                uns_argv("run", name, "--broker", url, "--metrics-port", mport, *common),
+                env=env,
+            )
         )
     log.info("namespace on %s; services: %s", url, ", ".join(c.name for c in children) or "none")
     log.info("watch it with: uns sub '#' --json --broker %s", url)
@@ -481,6 +501,219 @@ def pub(
             await bus.publish(topic, data, qos=qos, retain=retain)
 
     _run(main)
+
+
+# ---- the simulator ---------------------------------------------------------------------
+
+sim_app = typer.Typer(
+    help="Drive the simulated plant: inject and clear faults.", no_args_is_help=True
+)
+app.add_typer(sim_app, name="sim")
+FAULT_KINDS = ("bearing_wear", "hydraulic_leak", "sensor_drift", "stuck_sensor", "dropout")
+
+
+def _device(text: str) -> DevicePath:
+    try:
+        return DevicePath.parse(text)
+    except TopicError as exc:
+        raise _fail(str(exc)) from None
+
+
+async def _command_and_wait(
+    url: str,
+    settings: BrokerSettings,
+    stop: asyncio.Event,
+    topic: str,
+    command: p.Command,
+    answer: str,
+    match: Callable[[Any], bool],
+    timeout: float,
+) -> Any:
+    """Publish ``command`` to ``topic`` and return the first payload on ``answer`` that matches."""
+    async with _client(url, settings, stop) as bus:
+        await bus.subscribe(answer, qos=1)
+        await bus.publish(topic, p.encode(command), qos=1)
+        try:
+            async with asyncio.timeout(timeout):
+                async for message in bus.messages():
+                    if not message.payload:
+                        continue
+                    try:
+                        payload: Any = p.decode(message.payload)
+                    except PayloadError:
+                        continue
+                    if match(payload):
+                        return payload
+        except TimeoutError:
+            return None
+    return None
+
+
+@sim_app.command("fault")
+def sim_fault(
+    device: Annotated[
+        str,
+        typer.Argument(
+            metavar="DEVICE_PATH", help="e.g. acme/pune/stamping/line-3/cell-a/press-01"
+        ),
+    ],
+    kind: Annotated[str, typer.Argument(help=", ".join(FAULT_KINDS))],
+    severity: Annotated[float, typer.Option(min=0.0, max=1.0, help="Final severity")] = 1.0,
+    ramp: Annotated[float, typer.Option(min=0.0, help="Seconds (simulated) to reach it")] = 0.0,
+    tag: Annotated[str, typer.Option(help="Sensor of sensor_drift/stuck_sensor")] = "bearing_temp",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the simulator")] = 5.0,
+    broker: BrokerOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Inject a fault into a simulated machine; waits until the simulator confirms it."""
+    if kind not in FAULT_KINDS:
+        raise _fail(f"kind: {kind!r} is not one of {', '.join(FAULT_KINDS)}")
+    path = _device(device)
+    url, settings = _broker(_load(config), broker)
+    command = p.Command(
+        ts=p.now_ms(),
+        name="fault",
+        sender="uns-cli",
+        id=uuid.uuid4().hex,
+        args={"kind": kind, "severity": severity, "ramp_s": ramp, "tag": tag},
+    )
+    event = _run(
+        lambda stop: _command_and_wait(
+            url,
+            settings,
+            stop,
+            path.topic("cmd", "fault"),
+            command,
+            path.topic("events", "sim_fault"),
+            lambda e: (
+                isinstance(e, p.Event) and e.state == "raised" and e.details.get("fault") == kind
+            ),
+            timeout,
+        )
+    )
+    if event is None:
+        raise _fail(f"no simulator confirmed the fault on {path} within {timeout:g} s", code=1)
+    typer.echo(f"{kind} injected on {path}: severity {severity:g}, ramp {ramp:g} s")
+
+
+@sim_app.command("clear")
+def sim_clear(
+    device: Annotated[str, typer.Argument(metavar="DEVICE_PATH")],
+    kind: Annotated[str | None, typer.Argument(help="Only this fault [default: all]")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the simulator")] = 5.0,
+    broker: BrokerOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Clear a machine's faults; waits until the simulator confirms it."""
+    path = _device(device)
+    url, settings = _broker(_load(config), broker)
+    command = p.Command(
+        ts=p.now_ms(),
+        name="clear",
+        sender="uns-cli",
+        id=uuid.uuid4().hex,
+        args={"kind": kind} if kind else {},
+    )
+
+    async def main(stop: asyncio.Event) -> Any:
+        return await _command_and_wait(
+            url,
+            settings,
+            stop,
+            path.topic("cmd", "clear"),
+            command,
+            path.topic("events", "sim_fault"),
+            lambda e: isinstance(e, p.Event) and e.state == "cleared",
+            timeout,
+        )
+
+    if _run(main) is None:
+        raise _fail(
+            f"no fault cleared on {path} within {timeout:g} s (none active, or no simulator)",
+            code=1,
+        )
+    typer.echo(f"faults cleared on {path}")
+
+
+@sim_app.command("status")
+def sim_status(
+    node: Annotated[str, typer.Option(help="The simulator's node id")] = "simulator",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer")] = 5.0,
+    as_json: Annotated[bool, typer.Option("--json", help="The raw answer as JSON")] = False,
+    broker: BrokerOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Machines of the simulator and their active faults."""
+    loaded = _load(config)
+    url, settings = _broker(loaded, broker)
+    ns = loaded.config.namespace
+    reply_to = f"uns-cli/{uuid.uuid4().hex}/reply"
+    command = p.Command(
+        ts=p.now_ms(),
+        name="status",
+        sender="uns-cli",
+        id=uuid.uuid4().hex,
+        args={"reply_to": reply_to},
+    )
+    reply = _run(
+        lambda stop: _command_and_wait(
+            url,
+            settings,
+            stop,
+            node_topic(ns.enterprise, ns.site, node, "cmd"),
+            command,
+            reply_to,
+            lambda r: isinstance(r, p.Reply) and r.id == command.id,
+            timeout,
+        )
+    )
+    if reply is None:
+        raise _fail(f"no simulator node {node!r} answered within {timeout:g} s", code=1)
+    if as_json:
+        typer.echo(_json.encode(reply.result).decode())
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("device", "asset", "unit", "faults (level/severity)")
+    for path, d in sorted(reply.result.get("devices", {}).items()):
+        faults = (
+            ", ".join(f"{k} {f['level']:.2f}/{f['severity']:.2f}" for k, f in d["faults"].items())
+            or "-"
+        )
+        table.add_row(path, d["asset"], str(d["unit_id"]), faults)
+    Console().print(table)
+    typer.echo(
+        f"OPC UA {reply.result.get('opcua')}, Modbus {reply.result.get('modbus')}, "
+        f"time x{reply.result.get('time_scale')}"
+    )
+
+
+@sim_app.command("tagmap")
+def sim_tagmap(
+    config: ConfigOpt = None,
+) -> None:
+    """Print the opcua-adapter and modbus-adapter config sections that read the simulator."""
+    try:
+        from uns_simulator import SimulatorSettings, adapter_config
+    except ImportError:
+        raise _fail("the simulator is not installed (pip install -e services/simulator)") from None
+    loaded = _load(config)
+    s = loaded.service("simulator", SimulatorSettings)
+    devices = [
+        (DevicePath.parse(d.path), d.asset)
+        for d in loaded.config.plant.devices
+        if s.devices is None or d.path in s.devices
+    ]
+    host = "127.0.0.1" if s.opcua.host in ("0.0.0.0", "::") else s.opcua.host
+    sections = adapter_config(
+        devices,
+        opcua_url=f"opc.tcp://{host}:{s.opcua.port}",
+        modbus_host=host,
+        modbus_port=s.modbus.port,
+        rate_hz=s.rate_hz,
+    )
+    typer.echo(msgspec.yaml.encode({"services": sections}).decode())
 
 
 # ---- the contract ----------------------------------------------------------------------

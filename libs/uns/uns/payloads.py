@@ -236,8 +236,27 @@ class Command(_Envelope, tag="cmd", kw_only=True, frozen=True):
     sender: str = ""
 
 
-Payload = NodeBirth | NodeDeath | DeviceBirth | DeviceData | DeviceDeath | Event | Command
-PAYLOAD_TYPES: Final = (NodeBirth, NodeDeath, DeviceBirth, DeviceData, DeviceDeath, Event, Command)
+class Reply(_Envelope, tag="reply", kw_only=True, frozen=True):
+    """The answer to a node command that asked for one (``args.reply_to``: a topic)."""
+
+    id: str = ""
+    """The command's id."""
+    ok: bool = True
+    result: dict[str, Any] = {}
+    error: str = ""
+
+
+Payload = NodeBirth | NodeDeath | DeviceBirth | DeviceData | DeviceDeath | Event | Command | Reply
+PAYLOAD_TYPES: Final = (
+    NodeBirth,
+    NodeDeath,
+    DeviceBirth,
+    DeviceData,
+    DeviceDeath,
+    Event,
+    Command,
+    Reply,
+)
 T = TypeVar("T")
 
 _encoder = msgspec.json.Encoder()

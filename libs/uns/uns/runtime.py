@@ -96,6 +96,13 @@ class Service(Generic[S]):
     async def run(self) -> None:
         """The service's own long-running work (polling, simulating); handlers need none."""
 
+    async def on_node_command(self, command: p.Command) -> dict[str, Any]:
+        """A command to this node other than ``rebirth``; the result goes to ``args.reply_to``.
+
+        Raise `Reject` to refuse it (the reply then carries the reason).
+        """
+        raise Reject("unknown_command", f"{self.name} has no command {command.name!r}")
+
 
 class _Outbox:
     """Bounded FIFO of messages to publish: backpressure while connected, drop-oldest offline."""
@@ -186,6 +193,8 @@ class Node(Generic[S]):
         self._bdseq = 0
         self._send_lock = asyncio.Lock()
         self._closing = False
+        self.running: Service[S] | None = None
+        """The service this node runs, once `serve` has started."""
         self._throttled = _Throttled()
 
     # ---- what services call -------------------------------------------------------
@@ -248,6 +257,7 @@ class Node(Generic[S]):
 
     async def serve(self, service: Service[S], stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then die cleanly. A crash in the service propagates."""
+        self.running = service
         port = self.settings.metrics_port
         if port is None:
             port = type(service).default_metrics_port
@@ -493,9 +503,18 @@ class Node(Generic[S]):
             self.metrics.drop("decode")
             self._throttled.warning("decode", "%s: dropped undecodable command: %s", self.id, exc)
             return
+        reply = p.Reply(ts=p.now_ms(), id=command.id)
         if command.name == "rebirth":
             log.info("%s: rebirth requested by %s", self.id, command.sender or "someone")
             await self.rebirth()
-        else:
-            self.metrics.drop("unknown_command")
-            log.warning("%s: unknown node command %r ignored", self.id, command.name)
+        elif self.running is not None:
+            try:
+                result = await self.running.on_node_command(command)
+                reply = p.Reply(ts=p.now_ms(), id=command.id, result=result)
+            except Reject as exc:
+                self.metrics.drop(exc.reason)
+                log.warning("%s: command %r refused: %s", self.id, command.name, exc)
+                reply = p.Reply(ts=p.now_ms(), id=command.id, ok=False, error=str(exc))
+        reply_to = command.args.get("reply_to")
+        if isinstance(reply_to, str) and reply_to:
+            await self.publish(reply_to, reply, qos=1)

@@ -1,0 +1,25 @@
+"""``uns run simulator``: the plant when no plant is attached.
+
+A real OPC UA server (asyncua) and a real Modbus TCP server (pymodbus) expose
+every machine of ``plant.devices`` whose asset type is simulated (press, robot,
+conveyor): a 10 kHz vibration waveform (OPC UA Float array, one block per write)
+and ten slow tags on both protocols, with physically plausible signals,
+deterministic for a seed. Faults are injected through the namespace
+(``{device}/cmd/fault``, ``{device}/cmd/clear``) or ``uns sim fault``.
+"""
+
+from uns_simulator.catalog import ASSETS, adapter_config, opcua_node_id
+from uns_simulator.physics import FAULT_KINDS, Machine
+from uns_simulator.service import FAULT_EVENT, Simulator
+from uns_simulator.settings import SimulatorSettings
+
+__all__ = [
+    "ASSETS",
+    "FAULT_EVENT",
+    "FAULT_KINDS",
+    "Machine",
+    "Simulator",
+    "SimulatorSettings",
+    "adapter_config",
+    "opcua_node_id",
+]

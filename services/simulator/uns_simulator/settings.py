@@ -1,0 +1,30 @@
+from typing import Annotated
+
+import msgspec
+
+from uns import ServiceSettings
+from uns.config import Port, Strict
+
+
+class Endpoint(Strict, frozen=True):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    """Listen address; 0.0.0.0 to let other machines (a real adapter, a test client) in."""
+    port: Port = 0
+
+
+class SimulatorSettings(ServiceSettings, frozen=True):
+    seed: int = 42
+    """Same seed, same plant: every signal is deterministic for a seed and a step sequence."""
+    time_scale: Annotated[float, msgspec.Meta(gt=0, le=10_000)] = 1.0
+    """Simulated seconds per wall second for slow processes (heating, fault ramps)."""
+    tick_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 0.2
+    """Wall seconds between updates of the slow tags."""
+    rate_hz: Annotated[float, msgspec.Meta(gt=0, le=100_000)] = 10_000.0
+    """Vibration sample rate."""
+    block: Annotated[int, msgspec.Meta(ge=16, le=100_000)] = 1000
+    """Samples per waveform block (10 blocks/s at 10 kHz)."""
+    opcua: Endpoint = Endpoint(port=4840)
+    modbus: Endpoint = Endpoint(port=5020)
+    devices: list[str] | None = None
+    """Which plant devices to simulate (paths); all of `plant.devices` when absent."""
