@@ -161,3 +161,20 @@ async def any_broker(request: pytest.FixtureRequest, memory_url: str) -> AsyncIt
             await broker.stop()
     else:
         yield request.getfixturevalue("mosquitto").url
+
+
+# ---- real machine data (../shared/data, never copied into the repository) -----------------
+
+
+@pytest.fixture
+def datasets() -> Path:
+    """``UNS_DATASETS``: skipped where unset on a user's machine, a failure in CI."""
+    root = os.environ.get("UNS_DATASETS")
+    if not root:
+        if IN_CI:
+            pytest.fail("UNS_DATASETS is not set; .ci/run sets it to ../shared/data")
+        pytest.skip("UNS_DATASETS is not set (the real data sets live outside the repository)")
+    path = Path(root)
+    if not path.is_dir():
+        pytest.fail(f"UNS_DATASETS={root} is not a directory")
+    return path

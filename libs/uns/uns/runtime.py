@@ -114,6 +114,8 @@ class _Outbox:
         self.not_empty = asyncio.Event()
         self.not_full = asyncio.Event()
         self.not_full.set()
+        self.empty = asyncio.Event()
+        self.empty.set()
         self.depth = metrics.queue_depth.labels(metrics.service, "outbound")
 
     async def put(self, item: tuple[str, Any, int, bool], online: asyncio.Event) -> None:
@@ -126,6 +128,7 @@ class _Outbox:
             await self.not_full.wait()  # also woken when the connection drops
         self.items.append(item)
         self.not_empty.set()
+        self.empty.clear()
         self.depth.set(len(self.items))
 
     def peek(self) -> tuple[str, Any, int, bool] | None:
@@ -135,6 +138,7 @@ class _Outbox:
         self.items.popleft()
         if not self.items:
             self.not_empty.clear()
+            self.empty.set()
         if len(self.items) < self.size:
             self.not_full.set()
         self.depth.set(len(self.items))
@@ -233,10 +237,20 @@ class Node(Generic[S]):
             )
 
     async def device_data(
-        self, path: DevicePath, stream: Stream, metrics: list[p.Metric], *, ts: int | None = None
+        self,
+        path: DevicePath,
+        stream: Stream,
+        metrics: list[p.Metric],
+        *,
+        ts: int | None = None,
+        qos: int = 0,
     ) -> None:
         data = p.DeviceData(ts=ts or p.now_ms(), node=self.id, seq=0, metrics=metrics)
-        await self.publish(path.topic(stream, "data"), data)
+        await self.publish(path.topic(stream, "data"), data, qos=qos)
+
+    async def drained(self) -> None:
+        """Wait until everything queued so far has been handed to the broker."""
+        await self._outbox.empty.wait()
 
     async def device_death(self, path: DevicePath, stream: Stream, reason: str = "") -> None:
         """The device is gone: consumers must treat its last values as stale."""

@@ -1,0 +1,10 @@
+"""``uns replay FILE --device PATH``: a recorded file as one device's raw metrics.
+
+How engineers back-test on historian exports and public data sets: the same
+namespace messages an adapter would publish, with the file's own timestamps.
+"""
+
+from uns_replay.frames import Recording, read_csv, read_npz
+from uns_replay.service import ReplaySettings, replay
+
+__all__ = ["Recording", "ReplaySettings", "read_csv", "read_npz", "replay"]
