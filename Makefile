@@ -31,8 +31,7 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy libs/uns/uns services/broker/uns_broker services/demo/uns_demo \
-	  services/simulator/uns_simulator
-	  services/replay/uns_replay
+	  services/simulator/uns_simulator services/replay/uns_replay
 
 schema: $(STAMP)
 	$(BIN)/uns schema export
