@@ -153,4 +153,22 @@ def test_the_adapter_config_reads_every_tag_of_every_device():
     assert names[0] == "vibration" and len(names) == 11
     node = ua["templates"]["press"][1]["node"].replace("{prefix}", ua["devices"][0]["prefix"])
     assert node == opcua_node_id(p, "bearing_temp")
-    assert config["modbus-adapter"]["devices"][0]["unit_id"] == 1
+    assert config["modbus-adapter"]["devices"] == []  # a press is read over OPC UA
+
+
+def test_each_machine_is_read_over_one_protocol_with_the_simulator_unit_ids():
+    devices = [
+        (DevicePath.parse(f"acme/pune/a/l/c/{n}"), a)
+        for n, a in (("press-01", "press"), ("robot-01", "robot"), ("conv-01", "conveyor"))
+    ]
+    config = adapter_config(
+        devices, opcua_url="opc.tcp://h:4840", modbus_host="h", modbus_port=5020, rate_hz=10_000
+    )
+    assert [d["path"].rsplit("/", 1)[1] for d in config["opcua-adapter"]["devices"]] == [
+        "press-01",
+        "conv-01",
+    ]
+    assert config["modbus-adapter"]["devices"] == [
+        {"path": "acme/pune/a/l/c/robot-01", "template": "robot", "unit_id": 2}
+    ]
+    assert list(config["modbus-adapter"]["templates"]) == ["robot"]

@@ -105,6 +105,8 @@ ASSETS: dict[str, list[Tag]] = {
 }
 
 VIBRATION = "vibration"
+MODBUS_ASSETS = ("robot",)
+"""Asset types whose controllers the example plant reads over Modbus TCP (the rest: OPC UA)."""
 
 
 def opcua_object(path: DevicePath) -> str:
@@ -124,14 +126,21 @@ def adapter_config(
     modbus_host: str,
     modbus_port: int,
     rate_hz: float,
+    modbus_assets: tuple[str, ...] = MODBUS_ASSETS,
 ) -> dict[str, Any]:
     """The ``services.opcua-adapter`` and ``services.modbus-adapter`` sections that read this
-    simulator: templates per asset type, one entry per device."""
-    ua_templates: dict[str, list[dict[str, Any]]] = {}
-    mb_templates: dict[str, list[dict[str, Any]]] = {}
-    for asset in sorted({a for _, a in devices}):
-        tags = ASSETS[asset]
-        ua_templates[asset] = [
+    simulator: templates per asset type, one entry per device.
+
+    A device belongs to one edge node (Sparkplug), so each machine is read over one
+    protocol: ``modbus_assets`` over Modbus TCP (slow tags only), the rest over OPC UA
+    (vibration and slow tags). The simulator serves both protocols for every machine;
+    Modbus unit ids follow the order of ``devices`` from 1.
+    """
+    units = {p: i + 1 for i, (p, _) in enumerate(devices)}
+    ua_devices = [(p, a) for p, a in devices if a not in modbus_assets]
+    mb_devices = [(p, a) for p, a in devices if a in modbus_assets]
+    ua_templates = {
+        asset: [
             {
                 "name": VIBRATION,
                 "node": "{prefix}." + VIBRATION,
@@ -151,10 +160,13 @@ def adapter_config(
                     **({"low": t.low, "high": t.high} if t.low is not None else {}),
                     "description": t.description,
                 }
-                for t in tags
+                for t in ASSETS[asset]
             ),
         ]
-        mb_templates[asset] = [
+        for asset in sorted({a for _, a in ua_devices})
+    }
+    mb_templates = {
+        asset: [
             {
                 "name": t.name,
                 "table": t.register.table,
@@ -166,15 +178,17 @@ def adapter_config(
                 "description": t.description,
                 "group": "fast" if t.state in ("running", "overload", "current") else "slow",
             }
-            for t in tags
+            for t in ASSETS[asset]
         ]
+        for asset in sorted({a for _, a in mb_devices})
+    }
     return {
         "opcua-adapter": {
             "url": opcua_url,
             "templates": ua_templates,
             "devices": [
                 {"path": str(p), "template": a, "prefix": f"ns=2;s={opcua_object(p)}"}
-                for p, a in devices
+                for p, a in ua_devices
             ],
         },
         "modbus-adapter": {
@@ -182,8 +196,7 @@ def adapter_config(
             "port": modbus_port,
             "templates": mb_templates,
             "devices": [
-                {"path": str(p), "template": a, "unit_id": i + 1}
-                for i, (p, a) in enumerate(devices)
+                {"path": str(p), "template": a, "unit_id": units[p]} for p, a in mb_devices
             ],
         },
     }
