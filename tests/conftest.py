@@ -11,6 +11,7 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -178,3 +179,17 @@ def datasets() -> Path:
     if not path.is_dir():
         pytest.fail(f"UNS_DATASETS={root} is not a directory")
     return path
+
+
+# ---- `uns` processes ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Any]]:
+    """Background `uns` processes of a test, killed after it."""
+    import signal
+
+    started: list[Any] = []
+    yield started
+    for p in reversed(started):
+        p.stop(signal.SIGKILL)

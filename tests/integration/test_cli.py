@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from clitools import Proc, start, sub_json, uns
 from conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -21,72 +19,6 @@ DEMO = "acme/pune/demo/line-0/cell-0/demo-01"
 # `uns up` of the foundation's tests: the broker and the demo device only
 DEMO_ONLY_CONFIG = Path(__file__).with_name("demo-only.yaml")
 DEMO_ONLY = ("--config", str(DEMO_ONLY_CONFIG))
-
-
-def uns(*args: str, timeout: float = 60, **kw: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "uns", *args], capture_output=True, text=True, timeout=timeout, **kw
-    )  # type: ignore[call-overload]
-
-
-class Proc:
-    """A background `uns ...` process whose stderr lines can be awaited."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.args = args
-        self.p = subprocess.Popen(
-            [sys.executable, "-m", "uns", *args],
-            stderr=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )
-        self.lines: list[str] = []
-
-    def wait_line(self, text: str) -> str:
-        assert self.p.stderr is not None
-        for line in self.p.stderr:
-            self.lines.append(line)
-            if text in line:
-                return line
-        raise AssertionError(f"{self.args} ended without saying {text!r}:\n{''.join(self.lines)}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.p.poll() is None:
-            self.p.send_signal(sig)
-        return self.p.wait(timeout=30)
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in reversed(started):
-        p.stop(signal.SIGKILL)
-
-
-def start(procs: list[Proc], *args: str, ready: str | None = None, **kw: object) -> Proc:
-    p = Proc(*args, **kw)  # type: ignore[arg-type]
-    procs.append(p)
-    if ready:
-        p.wait_line(ready)
-    return p
-
-
-def sub_json(url: str, topic_filter: str, count: int, timeout: float = 10) -> list[dict]:
-    r = uns(
-        "sub",
-        topic_filter,
-        "--json",
-        "--count",
-        str(count),
-        "--timeout",
-        str(timeout),
-        "--broker",
-        url,
-    )
-    assert r.returncode == 0, r.stderr
-    return [json.loads(line) for line in r.stdout.splitlines()]
 
 
 def metric(url: str, name: str, **labels: str) -> float:
