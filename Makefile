@@ -31,7 +31,8 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy libs/uns/uns services/broker/uns_broker services/demo/uns_demo \
-	  services/simulator/uns_simulator services/replay/uns_replay
+	  services/simulator/uns_simulator \
+	  services/modbus-adapter/uns_modbus_adapter services/replay/uns_replay
 
 schema: $(STAMP)
 	$(BIN)/uns schema export

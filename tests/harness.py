@@ -19,6 +19,7 @@ async def running(
     service_cls: Any,
     url: str,
     enterprise: str,
+    /,
     *,
     plant: list[tuple[str, str]] | None = None,
     **settings: Any,

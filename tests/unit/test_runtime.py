@@ -248,3 +248,44 @@ async def test_the_runtime_reconnects_to_a_restarted_amqtt_broker(amqtt_broker, 
                 await pub.publish(cmd_topic(prefix), echo_cmd(), qos=1)
             assert (await w.wait_topic("/raw/data")).metrics[0].value == 1
         assert node.connected.is_set()
+
+
+class Counting(Echo):
+    """Reports by exception: after a (re)birth it must send its current values again."""
+
+    name = "counting"
+
+    def __init__(self, node: Node[ServiceSettings]) -> None:
+        super().__init__(node)
+        self.rebirths = 0
+
+    async def on_rebirth(self) -> None:
+        self.rebirths += 1
+        await self.node.device_data(self.path, "raw", [Metric(name="n", value=self.rebirths)])
+
+
+async def test_values_follow_every_birth_so_a_new_consumer_sees_current_state(memory_url, prefix):
+    async with (
+        running(Counting, memory_url, prefix) as node,
+        watching(memory_url, f"{prefix}/+/+/+/+/+/raw/data") as w,
+    ):
+        async with connect(memory_url) as pub:
+            await pub.publish(node.cmd_topic, encode(Command(ts=1, name="rebirth")))
+        data = await w.wait_topic("/raw/data")
+    assert data.metrics[0].value == 2  # once at connect, once for the rebirth
+
+
+async def test_a_death_queued_while_offline_does_not_outlive_a_newer_birth(memory_url, prefix):
+    broker = MemoryBroker.named(memory_url.removeprefix("memory://"))
+    path = DevicePath(prefix, "pune", "a", "l", "c", "d")
+    metrics = [MetricDef(name="n", datatype="int32")]
+    async with running(Echo, memory_url, prefix) as node:
+        await node.device_birth(path, "raw", metrics)
+        broker.stop()
+        await node.device_death(path, "raw", "plc lost")  # queued while the broker is away
+        await node.device_birth(path, "raw", metrics)  # the PLC came back first
+        broker.start()
+        async with watching(memory_url, f"{prefix}/pune/a/l/c/d/raw/#") as w:
+            await w.wait_topic("/raw/birth")
+        await node.drained()
+    assert f"{path}/raw/death" not in broker.retained

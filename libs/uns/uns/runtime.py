@@ -96,6 +96,10 @@ class Service(Generic[S]):
     async def run(self) -> None:
         """The service's own long-running work (polling, simulating); handlers need none."""
 
+    async def on_rebirth(self) -> None:
+        """Called after every (re)birth: births carry no values, so a service that reports by
+        exception sends its current values again (Sparkplug's DBIRTH carries them)."""
+
     async def on_node_command(self, command: p.Command) -> dict[str, Any]:
         """A command to this node other than ``rebirth``; the result goes to ``args.reply_to``.
 
@@ -130,6 +134,17 @@ class _Outbox:
         self.not_empty.set()
         self.empty.clear()
         self.depth.set(len(self.items))
+
+    def discard_deaths(self, topic: str) -> None:
+        """A device born again: a death still queued for it would wrongly follow the birth."""
+        kept = [i for i in self.items if not (i[0] == topic and isinstance(i[1], p.DeviceDeath))]
+        if len(kept) != len(self.items):
+            self.items = collections.deque(kept)
+            if not self.items:
+                self.not_empty.clear()
+                self.empty.set()
+            self.not_full.set()
+            self.depth.set(len(self.items))
 
     def peek(self) -> tuple[str, Any, int, bool] | None:
         return self.items[0] if self.items else None
@@ -227,6 +242,7 @@ class Node(Generic[S]):
         async with self._send_lock:  # not while births are being replayed
             self._devices[(path, stream)] = list(metrics)
             online = self.connected.is_set()
+            self._outbox.discard_deaths(path.topic(stream, "death"))
         if online:  # else the (re)connect publishes it with the node birth
             await self.publish(path.topic(stream, "death"), b"", qos=1, retain=True)
             await self.publish(
@@ -266,6 +282,8 @@ class Node(Generic[S]):
         if bus is not None:
             async with self._send_lock:
                 await self._births(bus)
+            if self.running is not None:
+                await self.running.on_rebirth()
 
     # ---- the loop -------------------------------------------------------------------
 
@@ -337,6 +355,8 @@ class Node(Generic[S]):
         sender = asyncio.create_task(self._send(bus), name=f"{self.id}-send")
         stopper = asyncio.create_task(stop.wait(), name=f"{self.id}-stop")
         try:
+            if self.running is not None:
+                await self.running.on_rebirth()  # the sender runs: values may queue
             done, _ = await asyncio.wait(
                 {receiver, sender, stopper}, return_when=asyncio.FIRST_COMPLETED
             )
