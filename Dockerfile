@@ -5,6 +5,7 @@ COPY libs/ libs/
 COPY services/ services/
 COPY uns-schema/ uns-schema/
 RUN pip install --no-cache-dir ./libs/uns ./services/broker ./services/demo \
+    ./services/simulator ./services/opcua-adapter ./services/modbus-adapter ./services/replay \
  && useradd --system --uid 10001 uns
 ENV UNS_CONFIG=/opt/uns/uns-schema/plant.yaml
 USER uns

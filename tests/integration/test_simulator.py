@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from asyncua import Client, ua
 from pymodbus.client import AsyncModbusTcpClient
-from uns_simulator import Simulator
 
 from conftest import free_port
 from harness import running, watching
 from uns import Command, Event, Reply, connect, decode, encode, node_topic
+from uns_simulator import Simulator
 
 pytestmark = pytest.mark.integration
 

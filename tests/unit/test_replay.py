@@ -6,13 +6,13 @@ import asyncio
 
 import numpy as np
 import pytest
-from uns_replay import ReplaySettings, read_csv, read_npz, replay
-from uns_replay.frames import parse_time
 
 from harness import watching
 from uns import DeviceData, DevicePath, Node, Waveform, decode
 from uns.config import Namespace, UnsConfig
 from uns.errors import ConfigError
+from uns_replay import ReplaySettings, read_csv, read_npz, replay
+from uns_replay.frames import parse_time
 
 
 def test_timestamps_in_iso_8601_and_epoch_seconds_and_milliseconds():

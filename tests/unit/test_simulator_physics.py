@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
+
+from uns import DevicePath
 from uns_simulator.catalog import ASSETS, adapter_config, opcua_node_id
 from uns_simulator.modbus_server import encode
 from uns_simulator.physics import Bearing, Machine
-
-from uns import DevicePath
 
 
 def kurtosis(x: np.ndarray) -> float:

@@ -563,6 +563,69 @@ def replay(
     typer.echo(f"{sent} messages published to {path}/raw/data", err=True)
 
 
+opcua_app = typer.Typer(help="OPC UA helpers.", no_args_is_help=True)
+app.add_typer(opcua_app, name="opcua")
+
+
+@opcua_app.command("browse")
+def opcua_browse(
+    url: Annotated[str, typer.Argument(help="opc.tcp://host:port of the server")],
+    out: Annotated[Path | None, typer.Option(help="Write the YAML here [default: stdout]")] = None,
+    root: Annotated[str, typer.Option(help="Browse path to start at")] = "/Objects",
+    max_depth: Annotated[int, typer.Option(min=1, max=20)] = 6,
+    security_mode: Annotated[str, typer.Option(help="none, sign or sign_encrypt")] = "none",
+    certificate: Annotated[Path | None, typer.Option(help="Client certificate (PEM/DER)")] = None,
+    private_key: Annotated[Path | None, typer.Option(help="Its private key")] = None,
+    server_certificate: Annotated[Path | None, typer.Option(help="Pin this server cert")] = None,
+    username: Annotated[str | None, typer.Option()] = None,
+    password_file: Annotated[Path | None, typer.Option(help="File holding the password")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Write a starter opcua-adapter config (tags, NodeIds, units, ranges) from a live server."""
+    try:
+        from uns_opcua_adapter import Security, browse
+    except ImportError:
+        raise _fail(
+            "the OPC UA adapter is not installed (pip install -e services/opcua-adapter)"
+        ) from None
+    ns = _load(config).config.namespace
+    try:
+        security = msgspec.convert(
+            {
+                "mode": security_mode,
+                "certificate": str(certificate) if certificate else None,
+                "private_key": str(private_key) if private_key else None,
+                "server_certificate": str(server_certificate) if server_certificate else None,
+            },
+            Security,
+        )
+        password = password_file.read_text().strip() if password_file else None
+    except msgspec.ValidationError as exc:
+        raise _fail(f"--security-mode/--certificate/--private-key: {exc}") from None
+    except OSError as exc:
+        raise _fail(f"--password-file: {exc}") from None
+    try:
+        text = asyncio.run(
+            browse(
+                url,
+                root=root,
+                max_depth=max_depth,
+                security=security,
+                username=username,
+                password=password,
+                enterprise=ns.enterprise,
+                site=ns.site,
+            )
+        )
+    except UnsError as exc:
+        raise _fail(str(exc), code=1) from None
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text, encoding="utf-8")
+        typer.echo(f"wrote {out}", err=True)
+
+
 # ---- the simulator ---------------------------------------------------------------------
 
 sim_app = typer.Typer(

@@ -1,0 +1,15 @@
+"""``uns run opcua-adapter``: an OPC UA server's variables as raw device data.
+
+Subscribes (never polls) to the configured tags of every device under
+``services.opcua-adapter`` and publishes ``<device>/raw/birth`` (units, ranges,
+NodeIds), then ``<device>/raw/data`` once per publishing cycle with each value's
+SourceTimestamp and OPC UA quality; array nodes of ``waveform`` tags travel as one
+block per message. A lost server is a ``raw/death`` for every device, then a
+reconnect with backoff and births again. ``browse`` writes a starter config.
+"""
+
+from uns_opcua_adapter.browse import browse
+from uns_opcua_adapter.service import OpcUaAdapter
+from uns_opcua_adapter.settings import OpcUaAdapterSettings, Security, Tag, UaDevice
+
+__all__ = ["OpcUaAdapter", "OpcUaAdapterSettings", "Security", "Tag", "UaDevice", "browse"]

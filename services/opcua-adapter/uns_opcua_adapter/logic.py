@@ -1,0 +1,408 @@
+"""Pure logic of the OPC UA adapter: no I/O, no asyncua, unit-tested on its own.
+
+* StatusCode -> quality (``good`` / ``uncertain`` / ``bad`` + the code's name);
+* the tag map: templates expanded, ``{prefix}`` substituted, checked;
+* a data change -> a `Metric` of the configured datatype, or a `Waveform` block;
+* the starter config that ``uns opcua browse`` prints.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+import msgspec
+
+from uns.payloads import DataType, Metric, MetricDef, Quality, SampleType, Waveform
+from uns.topics import DevicePath
+
+if TYPE_CHECKING:
+    from uns_opcua_adapter.settings import Tag, UaDevice
+
+NUMERIC: Final = frozenset(
+    {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float", "double"}
+)
+INT_RANGES: Final[dict[str, tuple[int, int]]] = {
+    "int8": (-(2**7), 2**7 - 1),
+    "int16": (-(2**15), 2**15 - 1),
+    "int32": (-(2**31), 2**31 - 1),
+    "int64": (-(2**63), 2**63 - 1),
+    "uint8": (0, 2**8 - 1),
+    "uint16": (0, 2**16 - 1),
+    "uint32": (0, 2**32 - 1),
+    "uint64": (0, 2**64 - 1),
+}
+TYPE_MISMATCH: Final = "BadTypeMismatch"
+"""Reason of a value the server sent that does not fit the tag's configured datatype."""
+
+# ---- quality ------------------------------------------------------------------------
+
+
+def quality_of(code: int) -> Quality:
+    """OPC UA severity (the top two bits of a StatusCode): 00 good, 01 uncertain, 1x bad."""
+    severity = (code >> 30) & 0b11
+    if severity == 0:
+        return "good"
+    if severity == 1:
+        return "uncertain"
+    return "bad"
+
+
+def status_quality(code: int, name: str) -> tuple[Quality, str | None]:
+    """Quality and reason of a StatusCode: the reason is its name unless it is good."""
+    quality = quality_of(code)
+    return quality, (None if quality == "good" else name)
+
+
+# ---- the tag map ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TagPlan:
+    """One tag of one device, ready to subscribe: its node text final, its sampling known."""
+
+    name: str
+    node: str
+    datatype: DataType
+    unit: str = ""
+    low: float | None = None
+    high: float | None = None
+    description: str = ""
+    deadband: float = 0.0
+    sampling_ms: int = 0
+    rate_hz: float | None = None
+
+    @property
+    def is_browse_path(self) -> bool:
+        return self.node.startswith("/")
+
+    def metric_def(self, source_node: str | None = None) -> MetricDef:
+        return MetricDef(
+            name=self.name,
+            datatype=self.datatype,
+            unit=self.unit,
+            low=self.low,
+            high=self.high,
+            description=self.description,
+            source=f"opcua:{source_node or self.node}",
+            rate_hz=self.rate_hz,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DevicePlan:
+    path: DevicePath
+    tags: tuple[TagPlan, ...]
+
+
+def tag_problem(tag: Tag, node_problem: Callable[[str], str | None]) -> str | None:
+    """What is wrong with one tag on its own, if anything (its node once it has no {prefix})."""
+    if tag.datatype == "waveform" and tag.rate_hz is None:
+        return "datatype 'waveform' needs rate_hz (the sample rate of the array's values)"
+    if tag.deadband > 0 and tag.datatype not in NUMERIC:
+        return f"deadband applies to numeric datatypes only, not {tag.datatype!r}"
+    if tag.rate_hz is not None and tag.datatype != "waveform":
+        return f"rate_hz applies to datatype 'waveform' only, not {tag.datatype!r}"
+    if tag.low is not None and tag.high is not None and tag.low > tag.high:
+        return f"low ({tag.low}) is above high ({tag.high})"
+    if "{prefix}" not in tag.node:
+        return node_problem(tag.node)
+    return None
+
+
+def expand_devices(
+    devices: Sequence[UaDevice],
+    templates: Mapping[str, Sequence[Tag]],
+    publishing_interval_ms: int,
+    node_problem: Callable[[str], str | None],
+) -> list[DevicePlan]:
+    """Expand templates and ``{prefix}``; raise `ValueError` naming the device and the tag.
+
+    A device's tags are its template's followed by its own; a name may appear once.
+    ``node_problem(text)`` says what is wrong with a node text (None when it parses).
+    """
+    for template, template_tags in templates.items():
+        for j, tag in enumerate(template_tags):
+            problem = tag_problem(tag, node_problem)
+            if problem:
+                raise ValueError(f"templates.{template}[{j}] (tag {tag.name!r}): {problem}")
+    plans: list[DevicePlan] = []
+    seen_paths: dict[str, int] = {}
+    for i, device in enumerate(devices):
+        where = f"devices[{i}] ({device.path})"
+        if device.path in seen_paths:
+            raise ValueError(f"{where}: same path as devices[{seen_paths[device.path]}]")
+        seen_paths[device.path] = i
+        tags: list[Tag] = []
+        if device.template is not None:
+            if device.template not in templates:
+                known = ", ".join(sorted(templates)) or "none defined"
+                raise ValueError(
+                    f"{where}: unknown template {device.template!r} (templates: {known})"
+                )
+            tags.extend(templates[device.template])
+        for j, tag in enumerate(device.tags):
+            problem = tag_problem(tag, node_problem)
+            if problem:
+                raise ValueError(f"{where}, tags[{j}] (tag {tag.name!r}): {problem}")
+        tags.extend(device.tags)
+        if not tags:
+            raise ValueError(f"{where}: no tags (give a template or tags)")
+        names: set[str] = set()
+        planned: list[TagPlan] = []
+        for tag in tags:
+            if tag.name in names:
+                raise ValueError(f"{where}: duplicate metric name {tag.name!r}")
+            names.add(tag.name)
+            node = tag.node.replace("{prefix}", device.prefix)
+            problem = node_problem(node) if node != tag.node else None
+            if problem:
+                raise ValueError(
+                    f"{where}, tag {tag.name!r} with prefix {device.prefix!r}: {problem}"
+                )
+            planned.append(
+                TagPlan(
+                    name=tag.name,
+                    node=node,
+                    datatype=tag.datatype,
+                    unit=tag.unit,
+                    low=tag.low,
+                    high=tag.high,
+                    description=tag.description,
+                    deadband=tag.deadband,
+                    sampling_ms=(
+                        tag.sampling_ms if tag.sampling_ms is not None else publishing_interval_ms
+                    ),
+                    rate_hz=tag.rate_hz,
+                )
+            )
+        plans.append(DevicePlan(DevicePath.parse(device.path), tuple(planned)))
+    return plans
+
+
+def queue_size(publishing_interval_ms: int, sampling_ms: int) -> int:
+    """Server-side queue of a monitored item: every sample of two publishing cycles fits.
+
+    Sampling at 10 ms and publishing every 100 ms means up to 10 changes per cycle;
+    twice that (at least 10, at most 1000) survives one late Publish without loss.
+    """
+    per_cycle = math.ceil(publishing_interval_ms / max(sampling_ms, 1))
+    return max(10, min(1000, 2 * per_cycle))
+
+
+# ---- data changes -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One data change as the server reported it, already out of asyncua's types."""
+
+    handle: int
+    value: Any
+    """A Python scalar, a list for an array, or None."""
+    status: int
+    """The StatusCode's value."""
+    status_name: str
+    ts_us: int
+    """SourceTimestamp (else ServerTimestamp, else receive time), microseconds since epoch."""
+    dtype: SampleType = "f32"
+    """How an array's values are packed into a waveform block (Float -> f32, Double -> f64)."""
+
+
+def convert(datatype: DataType, value: Any) -> bool | int | float | str:
+    """``value`` as the configured datatype; `ValueError` when it does not fit."""
+    if isinstance(value, (list, tuple)):
+        raise ValueError(f"an array of {len(value)} values for a {datatype} tag")
+    if datatype == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+    elif datatype in INT_RANGES:
+        number = value
+        if isinstance(value, float) and value.is_integer():
+            number = int(value)
+        if isinstance(number, int):
+            low, high = INT_RANGES[datatype]
+            if low <= number <= high:
+                return int(number)
+            raise ValueError(f"{value!r} is out of the range of {datatype}")
+    elif datatype in ("float", "double"):
+        if isinstance(value, (int, float)):
+            return float(value)
+    elif datatype == "string":
+        return value if isinstance(value, str) else str(value)
+    raise ValueError(f"{type(value).__name__} {value!r} is not a {datatype}")
+
+
+def scalar_metric(tag: TagPlan, change: Change) -> tuple[Metric, bool]:
+    """The metric of a scalar change, and whether its value fitted the datatype."""
+    quality, reason = status_quality(change.status, change.status_name)
+    ts = change.ts_us // 1000
+    if change.value is None:
+        return Metric(name=tag.name, value=None, ts=ts, quality=quality, reason=reason), True
+    try:
+        value = convert(tag.datatype, change.value)
+    except ValueError:
+        return Metric(name=tag.name, value=None, ts=ts, quality="bad", reason=TYPE_MISMATCH), False
+    return Metric(name=tag.name, value=value, ts=ts, quality=quality, reason=reason), True
+
+
+def waveform_metric(tag: TagPlan, change: Change, block: int) -> tuple[Metric, bool]:
+    """One waveform block from one array value: t0 = its SourceTimestamp, numbered ``block``.
+
+    Returns the metric and whether it carries a block (a bad value without samples does
+    not, and does not use up a block number).
+    """
+    assert tag.rate_hz is not None
+    quality, reason = status_quality(change.status, change.status_name)
+    ts = change.ts_us // 1000
+    values = change.value
+    if values is None:
+        return Metric(name=tag.name, value=None, ts=ts, quality=quality, reason=reason), False
+    try:
+        if not isinstance(values, (list, tuple)):
+            raise TypeError(f"a {type(values).__name__}, not an array")
+        wave = Waveform.from_values(
+            values, t0_us=change.ts_us, rate_hz=tag.rate_hz, dtype=change.dtype, block=block
+        )
+    except (TypeError, OverflowError):  # not an array of numbers
+        bad = Metric(name=tag.name, value=None, ts=ts, quality="bad", reason=TYPE_MISMATCH)
+        return bad, False
+    return Metric(name=tag.name, value=wave, ts=ts, quality=quality, reason=reason), True
+
+
+# ---- the starter config of `uns opcua browse` ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BrowsedVariable:
+    name: str
+    """The variable's browse name."""
+    node: str
+    """Its NodeId as a string."""
+    variant: str
+    """The OPC UA built-in type (Double, Boolean, ...)."""
+    is_array: bool = False
+    unit: str = ""
+    low: float | None = None
+    high: float | None = None
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BrowsedObject:
+    name: str
+    node: str
+    path: str
+    """Browse path from the Root folder."""
+    variables: list[BrowsedVariable] = field(default_factory=list)
+
+
+VARIANT_DATATYPES: Final[dict[str, DataType]] = {
+    "Boolean": "bool",
+    "SByte": "int8",
+    "Byte": "uint8",
+    "Int16": "int16",
+    "UInt16": "uint16",
+    "Int32": "int32",
+    "UInt32": "uint32",
+    "Int64": "int64",
+    "UInt64": "uint64",
+    "Float": "float",
+    "Double": "double",
+    "String": "string",
+    "LocalizedText": "string",
+}
+WAVEFORM_VARIANTS: Final = frozenset({"Float", "Double", "Int16"})
+UNIT_SYMBOLS: Final = {"°C": "degC", "°F": "degF", "℃": "degC", "min⁻¹": "rpm", "1/min": "rpm"}
+
+
+def datatype_of(variable: BrowsedVariable) -> DataType | None:
+    """The namespace datatype of a browsed variable, None when it has none."""
+    if variable.is_array:
+        return "waveform" if variable.variant in WAVEFORM_VARIANTS else None
+    return VARIANT_DATATYPES.get(variable.variant)
+
+
+def slug(text: str, fallback: str = "device") -> str:
+    """A namespace level from a browse name: ``Press 01`` -> ``press-01``."""
+    s = re.sub(r"[^a-z0-9_-]+", "-", text.lower()).strip("-_")
+    return s[:64].rstrip("-_") or fallback
+
+
+def snake(text: str) -> str:
+    """A metric name from a browse name: ``BearingTemp`` -> ``bearing_temp``."""
+    s = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", text)
+    s = re.sub(r"[^A-Za-z0-9]+", "_", s).strip("_").lower()
+    return s or "value"
+
+
+def unit_symbol(text: str) -> str:
+    return UNIT_SYMBOLS.get(text.strip(), text.strip())
+
+
+def starter_config(
+    url: str,
+    objects: Iterable[BrowsedObject],
+    *,
+    enterprise: str = "acme",
+    site: str = "pune",
+) -> str:
+    """The YAML of a ``services.opcua-adapter`` section with one device per object."""
+    devices: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    waveforms: list[str] = []
+    used_devices: set[str] = set()
+    for obj in objects:
+        tags: list[dict[str, Any]] = []
+        names: set[str] = set()
+        for var in obj.variables:
+            datatype = datatype_of(var)
+            if datatype is None:
+                kind = f"array of {var.variant}" if var.is_array else var.variant
+                skipped.append(f"{var.node} ({kind})")
+                continue
+            name = _unique(snake(var.name), names, "_")
+            tag: dict[str, Any] = {"name": name, "node": var.node, "datatype": datatype}
+            if var.unit:
+                tag["unit"] = unit_symbol(var.unit)
+            if var.low is not None:
+                tag["low"] = var.low
+            if var.high is not None:
+                tag["high"] = var.high
+            if var.description:
+                tag["description"] = var.description
+            if datatype == "waveform":
+                waveforms.append(f"{var.node}")
+            tags.append(tag)
+        if not tags:
+            continue
+        device = _unique(slug(obj.name), used_devices, "-")
+        devices.append({"path": f"{enterprise}/{site}/area/line/cell/{device}", "tags": tags})
+    section = {"services": {"opcua-adapter": {"url": url, "devices": devices}}}
+    header = [
+        f"# Starter config made by `uns opcua browse {url}`.",
+        "# Edit each device path's area/line/cell/device levels (ISA-95), delete what you do",
+        "# not need, and add units where the server has no EngineeringUnits.",
+    ]
+    if waveforms:
+        header.append("# Arrays became waveform tags: set each one's rate_hz (samples per second):")
+        header.extend(f"#   {node}" for node in waveforms)
+    if skipped:
+        header.append("# Skipped (no matching datatype):")
+        header.extend(f"#   {item}" for item in skipped)
+    body = msgspec.yaml.encode(section).decode("utf-8")
+    return "\n".join(header) + "\n" + body
+
+
+def _unique(name: str, used: set[str], sep: str) -> str:
+    candidate, n = name, 2
+    while candidate in used:
+        candidate = f"{name}{sep}{n}"
+        n += 1
+    used.add(candidate)
+    return candidate

@@ -1,0 +1,556 @@
+"""The only module that imports asyncua: sessions, subscriptions, browsing.
+
+`UaSession` is one OPC UA session: connect (with security and a user), resolve
+tag nodes, create one subscription with a monitored item per tag, hand over the
+data changes of each publishing cycle as one batch, notice a lost server, close.
+It never reconnects by itself: the service decides (deaths, backoff, births).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+from asyncua import ua
+from asyncua.client.client import Client
+from asyncua.common.node import Node
+from asyncua.crypto import security_policies
+from asyncua.crypto.uacrypto import CertProperties
+from asyncua.ua.attribute_ids import AttributeIds
+from asyncua.ua.object_ids import ObjectIds
+from asyncua.ua.uaerrors import UaError, UaStatusCodeError, UaStringParsingError
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from uns_opcua_adapter.logic import BrowsedObject, BrowsedVariable, Change
+
+log = logging.getLogger(__name__)
+
+_EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_US: Final = dt.timedelta(microseconds=1)
+_SERVER_OBJECT: Final = ua.NodeId(ua.Int32(ObjectIds.Server))
+_HAS_PROPERTY: Final = ua.NodeId(ua.Int32(ObjectIds.HasProperty))
+_ROOT: Final = ua.NodeId(ua.Int32(ObjectIds.RootFolder))
+_SESSION_TIMEOUT_MS: Final = 60_000
+_CHUNK: Final = 500
+_SAMPLE_TYPES: Final = {ua.VariantType.Double: "f64", ua.VariantType.Int16: "i16"}
+_AUTH_CODES: Final = frozenset(
+    {
+        "BadUserAccessDenied",
+        "BadIdentityTokenInvalid",
+        "BadIdentityTokenRejected",
+        "BadUserSignatureInvalid",
+    }
+)
+_SECURITY_CODES: Final = frozenset(
+    {
+        "BadCertificateUntrusted",
+        "BadCertificateInvalid",
+        "BadSecurityChecksFailed",
+        "BadSecurityPolicyRejected",
+        "BadCertificateUriInvalid",
+        "BadCertificateHostNameInvalid",
+        "BadCertificateTimeInvalid",
+    }
+)
+
+Mode = Literal["none", "sign", "sign_encrypt"]
+_MODES: Final = {
+    "sign": ua.MessageSecurityMode.Sign,
+    "sign_encrypt": ua.MessageSecurityMode.SignAndEncrypt,
+}
+
+
+class UaUnavailable(Exception):
+    """The server cannot be reached, refused the session, or the session was lost.
+
+    ``kind`` is a metric label: ``connect`` (unreachable, timeout), ``rejected`` (the
+    server said no: credentials, certificates, endpoints) or ``lost``.
+    """
+
+    def __init__(self, message: str, kind: Literal["connect", "rejected", "lost"]) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+# ---- helpers the pure parts use ----------------------------------------------------------
+
+
+def check_node(text: str) -> None:
+    """Raise `ValueError` unless ``text`` is a NodeId string or a browse path from Root."""
+    if text.startswith("/"):
+        try:
+            path = ua.RelativePath.from_string(text)
+        except ValueError:
+            path = None
+        if path is None or not path.Elements or any(e.TargetName is None for e in path.Elements):
+            raise ValueError(
+                f"node {text!r} is not a browse path; write /Objects/2:Plant/2:Press01/2:Temp"
+            )
+        return
+    try:
+        ua.NodeId.from_string(text)
+    except (UaStringParsingError, ValueError):
+        raise ValueError(
+            f"node {text!r} is not a NodeId; write e.g. ns=2;s=Press01.Temp or ns=3;i=1042"
+            " (or a browse path starting with /)"
+        ) from None
+
+
+def status_name(code: int) -> str:
+    """The name of a StatusCode, info bits (overflow, limits) ignored."""
+    name: str = ua.StatusCode(ua.UInt32(code & 0xFFFF0000)).name
+    return name
+
+
+def read_certificate(certificate: bytes, private_key: bytes, server: bytes | None) -> str | None:
+    """Check the certificate files parse; return the application URI of the client's."""
+    cert = _load_cert(certificate, "certificate")
+    try:
+        if certificate.lstrip().startswith(b"-----BEGIN") or private_key.lstrip().startswith(
+            b"-----BEGIN"
+        ):
+            serialization.load_pem_private_key(private_key, password=None)
+        else:
+            serialization.load_der_private_key(private_key, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"private_key: not an unencrypted PEM or DER key ({exc})") from None
+    if server is not None:
+        _load_cert(server, "server_certificate")
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return None
+    uris = san.value.get_values_for_type(x509.UniformResourceIdentifier)
+    return uris[0] if uris else None
+
+
+def _load_cert(data: bytes, field: str) -> x509.Certificate:
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            return x509.load_pem_x509_certificate(data)
+        return x509.load_der_x509_certificate(data)
+    except ValueError as exc:
+        raise ValueError(f"{field}: not a PEM or DER certificate ({exc})") from None
+
+
+def _props(data: bytes) -> CertProperties:
+    return CertProperties(data, extension="pem" if data.lstrip().startswith(b"-----") else "der")
+
+
+def _us(value: dt.datetime | None) -> int | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    return (value - _EPOCH) // _US
+
+
+def _plain(value: Any) -> Any:
+    """A Variant's value as plain Python (texts of OPC UA structures)."""
+    if isinstance(value, ua.LocalizedText):
+        return value.Text
+    if isinstance(value, (ua.QualifiedName, ua.NodeId)):
+        return value.to_string()
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    return value
+
+
+# ---- keeping asyncua's log honest: no tracebacks for a server that went away ---------------
+
+
+class _TransportNoise(logging.Filter):
+    """Drops asyncua's records that only repeat, with a traceback, that the link is down.
+
+    The adapter logs every loss and retry itself, once, without a traceback; with the
+    ``asyncua`` logger at DEBUG these records pass through unchanged.
+    """
+
+    _QUIET: Final = (
+        "was called but connection is closed",
+        "close_session but connection wasn't established",
+        "create_session fault response",
+        "Got error status from server",
+        "ServiceFault (",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if logging.getLogger("asyncua").isEnabledFor(logging.DEBUG):
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, (OSError, TimeoutError, UaError)):
+            return False
+        return not any(q in str(record.msg) for q in self._QUIET)
+
+
+def quiet_asyncua() -> None:
+    """INFO from asyncua is per request; keep it at WARNING unless configured otherwise."""
+    root = logging.getLogger("asyncua")
+    if root.level == logging.NOTSET:
+        root.setLevel(logging.WARNING)
+    noise = _TransportNoise()
+    for name in (
+        "asyncua.client.client",
+        "asyncua.client.ua_client.UaClient",
+        "asyncua.client.ua_client.UASocketProtocol",
+        "asyncua.client.ua_session.UaSession",
+    ):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _TransportNoise) for f in logger.filters):
+            logger.addFilter(noise)
+
+
+# ---- the session ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Monitor:
+    """One monitored item to create."""
+
+    handle: int
+    node: str
+    """A NodeId string (already resolved)."""
+    sampling_ms: int
+    queue_size: int
+    deadband: float = 0.0
+    every_timestamp: bool = False
+    """Report a new SourceTimestamp even when the value is the same (waveform blocks)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    mode: Mode = "none"
+    certificate: bytes | None = None
+    private_key: bytes | None = None
+    server_certificate: bytes | None = None
+    application_uri: str | None = None
+    username: str | None = None
+    password: str | None = None
+
+
+class UaSession:
+    """One session with one server; `batches` ends when the session is lost."""
+
+    def __init__(
+        self,
+        url: str,
+        credentials: Credentials,
+        *,
+        timeout_s: float = 5.0,
+        watchdog_s: float = 1.0,
+        max_batches: int = 64,
+    ) -> None:
+        quiet_asyncua()
+        self.url = url
+        self.credentials = credentials
+        self.timeout_s = timeout_s
+        self.client = Client(url, timeout=timeout_s, watchdog_intervall=watchdog_s)
+        self.client.session_timeout = _SESSION_TIMEOUT_MS
+        self.client.name = self.client.description = "uns opcua-adapter"
+        if credentials.application_uri:
+            self.client.application_uri = credentials.application_uri
+        self.connected = False
+        self.lost_reason = ""
+        self.publishing_interval_ms: float = 0.0
+        self._queue: asyncio.Queue[list[Change] | None] = asyncio.Queue(max_batches)
+        self._lost = False
+
+    async def connect(self) -> None:
+        """Open the secure channel and activate the session; `UaUnavailable` if it fails."""
+        c = self.credentials
+        client = self.client
+        if c.username is not None:
+            client.set_user(c.username)
+        if c.password is not None:
+            client.set_password(c.password)
+        client.connection_lost_callback = self._on_connection_lost
+        try:
+            async with asyncio.timeout(self.timeout_s * 3):
+                if c.mode != "none":
+                    assert c.certificate is not None and c.private_key is not None
+                    await client.set_security(
+                        security_policies.SecurityPolicyBasic256Sha256,
+                        certificate=_props(c.certificate),
+                        private_key=_props(c.private_key),
+                        server_certificate=(
+                            _props(c.server_certificate) if c.server_certificate else None
+                        ),
+                        mode=_MODES[c.mode],
+                    )
+                await client.connect()
+                self.connected = True
+        except UaStatusCodeError as exc:
+            raise UaUnavailable(_refusal(exc), "rejected") from None
+        except UaError as exc:  # e.g. "No matching endpoints": security settings differ
+            raise UaUnavailable(f"refused: {exc}", "rejected") from None
+        except (OSError, TimeoutError) as exc:
+            raise UaUnavailable(
+                f"cannot connect: {str(exc) or type(exc).__name__}", "connect"
+            ) from None
+        finally:
+            if not self.connected:  # timed out or cancelled half-way: leave no socket behind
+                client.disconnect_socket()
+
+    async def resolve(self, nodes: Sequence[str]) -> list[tuple[str | None, str | None]]:
+        """Each node text as a NodeId string, or None and the StatusCode name why not."""
+        out: list[tuple[str | None, str | None]] = []
+        paths: list[tuple[int, str]] = []
+        for i, text in enumerate(nodes):
+            if text.startswith("/"):
+                paths.append((i, text))
+                out.append((None, None))
+            else:
+                out.append((ua.NodeId.from_string(text).to_string(), None))
+        for start in range(0, len(paths), _CHUNK):
+            chunk = paths[start : start + _CHUNK]
+            requests = [
+                ua.BrowsePath(StartingNode=_ROOT, RelativePath=ua.RelativePath.from_string(text))
+                for _, text in chunk
+            ]
+            uaclient = self.client.uaclient
+            results = await self._call(uaclient.translate_browsepaths_to_nodeids(requests))
+            for (i, _), result in zip(chunk, results, strict=True):
+                if result.StatusCode.is_good() and result.Targets:
+                    out[i] = (result.Targets[0].TargetId.to_string(), None)
+                else:
+                    out[i] = (None, status_name(result.StatusCode.value))
+        return out
+
+    async def subscribe(self, publishing_ms: int, monitors: Sequence[Monitor]) -> list[str | None]:
+        """One subscription, one monitored item per entry; per entry None or why it failed."""
+        client = self.client
+        keepalive = max(client.get_keepalive_count(publishing_ms), 1)
+        params = ua.CreateSubscriptionParameters(
+            RequestedPublishingInterval=float(publishing_ms),
+            RequestedLifetimeCount=keepalive * 3,
+            RequestedMaxKeepAliveCount=keepalive,
+            MaxNotificationsPerPublish=0,
+            PublishingEnabled=True,
+            Priority=0,
+        )
+        result = await self._call(client.uaclient.create_subscription(params, self._on_publish))
+        self.publishing_interval_ms = result.RevisedPublishingInterval
+        out: list[str | None] = []
+        for start in range(0, len(monitors), _CHUNK):
+            chunk = monitors[start : start + _CHUNK]
+            request = ua.CreateMonitoredItemsParameters(
+                SubscriptionId=result.SubscriptionId,
+                ItemsToCreate=[_monitored_item(m) for m in chunk],
+                TimestampsToReturn=ua.TimestampsToReturn.Both,
+            )
+            created = await self._call(client.uaclient.create_monitored_items(request))
+            out.extend(
+                None if r.StatusCode.is_good() else status_name(r.StatusCode.value) for r in created
+            )
+        return out
+
+    async def batches(self) -> AsyncIterator[list[Change]]:
+        """The data changes of each publishing cycle, in order, until the session is lost."""
+        while (batch := await self._queue.get()) is not None:
+            yield batch
+        raise UaUnavailable(self.lost_reason or "session lost", "lost")
+
+    async def close(self) -> None:
+        """Close the session (politely if the server is still there, quickly if not)."""
+        if not self.connected:
+            return
+        self.connected = False
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self.client.disconnect()
+        except (OSError, TimeoutError, UaError) as exc:
+            log.debug("closing the session to %s: %s", self.url, exc)
+
+    @property
+    def lost(self) -> bool:
+        """The session was connected and is gone (or unusable)."""
+        return self._lost
+
+    async def _call(self, request: Any) -> Any:
+        """Await one service call; a transport failure or a timeout means the session is gone."""
+        try:
+            return await request
+        except (OSError, TimeoutError) as exc:
+            self._mark_lost(f"request failed: {str(exc) or type(exc).__name__}")
+            raise UaUnavailable(self.lost_reason, "lost") from None
+        except UaStatusCodeError as exc:  # e.g. BadSessionIdInvalid, BadTooManyMonitoredItems
+            self._mark_lost(f"the server answered {status_name(exc.code)}")
+            raise UaUnavailable(self.lost_reason, "rejected") from None
+
+    # ---- callbacks from asyncua's tasks --------------------------------------------------
+
+    async def _on_connection_lost(self, exc: Exception) -> None:
+        self._mark_lost(f"connection lost ({str(exc) or type(exc).__name__})")
+
+    async def _on_publish(self, result: ua.PublishResult) -> None:
+        """Called by the publish loop with every PublishResponse: one cycle, one batch."""
+        notifications = result.NotificationMessage.NotificationData
+        if not notifications or self._lost:
+            return
+        batch: list[Change] = []
+        for notification in notifications:
+            if isinstance(notification, ua.DataChangeNotification):
+                batch.extend(_change(item) for item in notification.MonitoredItems)
+            elif isinstance(notification, ua.StatusChangeNotification):
+                status = notification.Status
+                if status is not None and not status.is_good():
+                    self._mark_lost(f"subscription ended: {status_name(status.value)}")
+                    return
+        if batch:
+            await self._queue.put(batch)  # full: the publish loop waits, the server queues
+
+    def _mark_lost(self, reason: str) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self.lost_reason = reason
+        while True:
+            try:
+                self._queue.put_nowait(None)
+                return
+            except asyncio.QueueFull:
+                self._queue.get_nowait()  # the session is over: the oldest batch goes
+
+
+def _refusal(exc: UaStatusCodeError) -> str:
+    name = status_name(exc.code)
+    if name in _AUTH_CODES:
+        return f"refused the user: {name} (check username and password)"
+    if name in _SECURITY_CODES:
+        return f"refused the secure channel: {name} (check the certificates and trust lists)"
+    return f"refused the session: {name}"
+
+
+def _monitored_item(m: Monitor) -> ua.MonitoredItemCreateRequest:
+    flt: ua.DataChangeFilter | None = None
+    if m.deadband > 0:
+        flt = ua.DataChangeFilter(
+            Trigger=ua.DataChangeTrigger.StatusValue,
+            DeadbandType=ua.DeadbandType.Absolute,
+            DeadbandValue=m.deadband,
+        )
+    elif m.every_timestamp:
+        flt = ua.DataChangeFilter(Trigger=ua.DataChangeTrigger.StatusValueTimestamp)
+    params = ua.MonitoringParameters(
+        ClientHandle=m.handle,
+        SamplingInterval=float(m.sampling_ms),
+        QueueSize=m.queue_size,
+        DiscardOldest=True,
+        Filter=flt,
+    )
+    return ua.MonitoredItemCreateRequest(
+        ItemToMonitor=ua.ReadValueId(
+            NodeId=ua.NodeId.from_string(m.node), AttributeId=AttributeIds.Value
+        ),
+        MonitoringMode=ua.MonitoringMode.Reporting,
+        RequestedParameters=params,
+    )
+
+
+def _change(item: ua.MonitoredItemNotification) -> Change:
+    dv = item.Value
+    variant = dv.Value if dv is not None else None
+    value = variant.Value if variant is not None else None
+    status = dv.StatusCode if dv is not None and dv.StatusCode is not None else ua.StatusCode()
+    ts_us = None
+    if dv is not None:
+        ts_us = _us(dv.SourceTimestamp) or _us(dv.ServerTimestamp)
+    if ts_us is None:
+        ts_us = _us(dt.datetime.now(dt.UTC))
+    assert ts_us is not None
+    if isinstance(value, list):
+        dtype = _SAMPLE_TYPES.get(variant.VariantType, "f32") if variant is not None else "f32"
+    else:
+        dtype = "f32"
+        value = _plain(value)
+    return Change(
+        handle=item.ClientHandle,
+        value=value,
+        status=status.value,
+        status_name=status_name(status.value),
+        ts_us=ts_us,
+        dtype=dtype,  # type: ignore[arg-type]
+    )
+
+
+# ---- browsing ---------------------------------------------------------------------------------
+
+
+async def browse_objects(session: UaSession, root: str, max_depth: int) -> list[BrowsedObject]:
+    """Every object under ``root`` (a browse path or NodeId) with its variables, depth first."""
+    client = session.client
+    found: list[BrowsedObject] = []
+    seen: set[ua.NodeId] = set()
+
+    async def visit(node: Node, name: str, path: str, depth: int) -> None:
+        refs = await node.get_children_descriptions(refs=ObjectIds.HierarchicalReferences)
+        variables: list[BrowsedVariable] = []
+        objects: list[tuple[ua.ReferenceDescription, str]] = []
+        for ref in refs:
+            target = ref.NodeId
+            if ref.ReferenceTypeId == _HAS_PROPERTY:
+                continue
+            child_path = f"{path}/{ref.BrowseName.to_string()}"
+            if ref.NodeClass == ua.NodeClass.Variable:
+                variables.append(await _variable(client.get_node(target), ref))
+            elif ref.NodeClass == ua.NodeClass.Object:
+                if target == _SERVER_OBJECT or target.NamespaceIndex == 0 or target in seen:
+                    continue
+                seen.add(target)
+                objects.append((ref, child_path))
+        if variables:
+            found.append(BrowsedObject(name, node.nodeid.to_string(), path or "/", variables))
+        if depth < max_depth:
+            for ref, child_path in objects:
+                await visit(client.get_node(ref.NodeId), ref.BrowseName.Name, child_path, depth + 1)
+
+    async def walk() -> None:
+        if root.startswith("/"):
+            start = await client.nodes.root.get_child(root)
+            start_path = root.rstrip("/")
+        else:
+            start = client.get_node(root)
+            start_path = root
+        await visit(start, start_path.rsplit("/", 1)[-1], start_path, 0)
+
+    await session._call(walk())
+    return found
+
+
+async def _variable(node: Node, ref: ua.ReferenceDescription) -> BrowsedVariable:
+    rank = await node.read_value_rank()
+    try:
+        variant = (await node.read_data_type_as_variant_type()).name
+    except UaError:
+        variant = "Unknown"
+    unit, low, high, description = "", None, None, ""
+    for prop in await node.get_properties():
+        name = (await prop.read_browse_name()).Name
+        if name == "EngineeringUnits":
+            eu = await prop.read_value()
+            if isinstance(eu, ua.EUInformation) and eu.DisplayName is not None:
+                unit = eu.DisplayName.Text or ""
+        elif name == "EURange":
+            rng = await prop.read_value()
+            if isinstance(rng, ua.Range):
+                low, high = float(rng.Low), float(rng.High)
+    try:
+        text = (await node.read_description()).Text or ""
+        description = "" if text == ref.BrowseName.Name else text
+    except UaError:
+        description = ""
+    return BrowsedVariable(
+        name=ref.BrowseName.Name,
+        node=ref.NodeId.to_string(),
+        variant=variant,
+        is_array=rank is not None and rank >= 0,  # 0: one or more dimensions
+        unit=unit,
+        low=low,
+        high=high,
+        description=description,
+    )
