@@ -273,3 +273,30 @@ async def test_opcua_browse_writes_a_starter_tag_map_from_the_live_server(
     nodes = {t["node"] for d in section["devices"] for t in d["tags"]}
     assert "ns=2;s=stamping.line-3.cell-a.press-01.bearing_temp" in nodes
     assert "ns=2;s=stamping.line-3.cell-b.robot-01.vibration" in nodes
+
+
+async def test_after_a_rebirth_request_every_device_sends_its_current_values(line, memory_url):
+    plant, w, _ = line
+    await w.wait_for(sequence((plant.press, plant.robot), ["birth", "data"]), 30)
+    for node_id in ("opcua-adapter", "modbus-adapter"):
+        async with connect(memory_url) as bus:
+            await bus.publish(
+                f"{plant.prefix}/pune/_node/{node_id}/cmd",
+                encode(Command(ts=1, name="rebirth")),
+                qos=1,
+            )
+    full = {plant.press: len(ASSETS["press"]), plant.robot: len(ASSETS["robot"])}
+
+    def complete_after_rebirth(m: Any) -> bool:
+        device, _, message = m.topic.rpartition("/raw/")
+        if message == "birth" and m.payload and device in full and not m.retain:
+            reborn.add(device)
+        if message == "data" and device in reborn:  # all values, within one poll cycle
+            names[device] |= {
+                x.name for x in payload(m).metrics if not isinstance(x.value, Waveform)
+            }
+        return all(len(names[d]) >= n for d, n in full.items())
+
+    reborn: set[str] = set()
+    names: dict[str, set[str]] = {d: set() for d in full}
+    await w.wait_for(complete_after_rebirth, 20)

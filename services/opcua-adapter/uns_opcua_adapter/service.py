@@ -64,6 +64,8 @@ class OpcUaAdapter(Service[OpcUaAdapterSettings]):
         self.blocks: dict[int, int] = {}
         """Next waveform block number per handle; it keeps counting across sessions."""
         self.born: list[DevicePath] = []
+        self.last: dict[DevicePath, dict[str, Metric]] = {}
+        """The latest value of every scalar tag, sent again after an MQTT (re)birth."""
         self._warned: set[int] = set()
 
         r = node.metrics.registry
@@ -145,6 +147,7 @@ class OpcUaAdapter(Service[OpcUaAdapterSettings]):
                 for path in self.born:
                     await self.node.device_death(path, "raw", reason)
                 self.born = []
+                self.last.clear()
                 log.warning(
                     "%s: lost OPC UA server %s: %s; devices dead, reconnecting in %.1f s",
                     self.node.id,
@@ -237,6 +240,14 @@ class OpcUaAdapter(Service[OpcUaAdapterSettings]):
         for path, items in metrics.items():
             await self.node.device_data(path, "raw", items)
 
+    async def on_rebirth(self) -> None:
+        """After an MQTT reconnect or a rebirth request: the births carry no values and the
+        server reports only changes, so send every device's current values once."""
+        for path in self.born:
+            values = self.last.get(path)
+            if values:
+                await self.node.device_data(path, "raw", list(values.values()))
+
     async def _publish(self, batch: list[logic.Change]) -> None:
         """One publishing cycle: a message per device, a message per waveform block."""
         per_device: dict[DevicePath, list[Metric]] = {}
@@ -256,6 +267,7 @@ class OpcUaAdapter(Service[OpcUaAdapterSettings]):
                 metric, _ = logic.scalar_metric(tag, change)
                 self._check(change, device, tag, metric)
                 per_device.setdefault(device.path, []).append(metric)
+                self.last.setdefault(device.path, {})[metric.name] = metric
         for path, metrics in per_device.items():
             await self.node.device_data(path, "raw", metrics)
         self.notifications.inc(len(batch))
