@@ -187,3 +187,36 @@ async def test_a_bad_fault_command_is_refused_and_counted(plant, memory_url):
             break
         await asyncio.sleep(0.02)
     assert plant.node.metrics.dropped_count("bad_command") == 1
+
+
+async def test_a_generated_40_machine_plant_is_valid_and_served(memory_url, prefix, tmp_path):
+    from clitools import uns
+    from uns import load
+    from uns_modbus_adapter import ModbusAdapterSettings
+    from uns_opcua_adapter import OpcUaAdapterSettings
+    from uns_simulator import scaled_plant
+
+    config = tmp_path / "plant40.yaml"
+    r = await asyncio.to_thread(uns, "sim", "plant", "--machines", "40", "--out", str(config))
+    assert r.returncode == 0, r.stderr
+    loaded = load(config, environ={})
+    assert len(loaded.config.plant.devices) == 40
+    ua = loaded.service("opcua-adapter", OpcUaAdapterSettings)
+    mb = loaded.service("modbus-adapter", ModbusAdapterSettings)
+    assert len(ua.devices) + len(mb.devices) == 40
+    assert len({d.unit_id for d in mb.devices}) == len(mb.devices)
+
+    devices = [(str(p), a) for p, a in scaled_plant(40, enterprise=prefix)]
+    opcua = free_port()
+    async with running(
+        Simulator,
+        memory_url,
+        prefix,
+        plant=devices,
+        opcua={"port": opcua},
+        modbus={"port": free_port()},
+    ) as node:
+        await asyncio.wait_for(node.running.serving.wait(), 30)
+        async with Client(f"opc.tcp://127.0.0.1:{opcua}", timeout=5) as c:
+            last = c.get_node("ns=2;s=stamping.line-7.cell-a.press-04.vibration")
+            assert len(await last.read_value()) == 1000

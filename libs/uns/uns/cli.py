@@ -812,6 +812,48 @@ def sim_status(
     )
 
 
+@sim_app.command("plant")
+def sim_plant(
+    machines: Annotated[int, typer.Option(min=1, max=247, help="How many machines")] = 40,
+    out: Annotated[Path | None, typer.Option(help="Write it here [default: stdout]")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """A whole config for a bigger simulated plant: N machines in the example's mix, the
+    simulator and both adapters set up to read them (for demos and benchmarks)."""
+    try:
+        from uns_simulator import SimulatorSettings, adapter_config, scaled_plant
+    except ImportError:
+        raise _fail("the simulator is not installed (pip install -e services/simulator)") from None
+    loaded = _load(config)
+    ns = loaded.config.namespace
+    s = loaded.service("simulator", SimulatorSettings)
+    devices = scaled_plant(machines, enterprise=ns.enterprise, site=ns.site)
+    host = "127.0.0.1" if s.opcua.host in ("0.0.0.0", "::") else s.opcua.host
+    document = {
+        "namespace": {"enterprise": ns.enterprise, "site": ns.site},
+        "broker": {"url": loaded.config.broker.url},
+        "plant": {"devices": [{"path": str(p), "asset": a} for p, a in devices]},
+        "services": {
+            "demo": {"enabled": False},
+            "simulator": {"opcua": {"port": s.opcua.port}, "modbus": {"port": s.modbus.port}},
+            **adapter_config(
+                devices,
+                opcua_url=f"opc.tcp://{host}:{s.opcua.port}",
+                modbus_host=host,
+                modbus_port=s.modbus.port,
+                rate_hz=s.rate_hz,
+            ),
+        },
+    }
+    text = f"# {machines} simulated machines: `uns sim plant --machines {machines}`\n"
+    text += msgspec.yaml.encode(document).decode()
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text, encoding="utf-8")
+        typer.echo(f"wrote {out}", err=True)
+
+
 @sim_app.command("tagmap")
 def sim_tagmap(
     config: ConfigOpt = None,

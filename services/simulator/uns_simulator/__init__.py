@@ -8,7 +8,7 @@ deterministic for a seed. Faults are injected through the namespace
 (``{device}/cmd/fault``, ``{device}/cmd/clear``) or ``uns sim fault``.
 """
 
-from uns_simulator.catalog import ASSETS, adapter_config, opcua_node_id
+from uns_simulator.catalog import ASSETS, adapter_config, opcua_node_id, scaled_plant
 from uns_simulator.physics import FAULT_KINDS, Machine
 from uns_simulator.service import FAULT_EVENT, Simulator
 from uns_simulator.settings import SimulatorSettings
@@ -22,4 +22,5 @@ __all__ = [
     "SimulatorSettings",
     "adapter_config",
     "opcua_node_id",
+    "scaled_plant",
 ]

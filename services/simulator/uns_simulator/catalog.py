@@ -200,3 +200,26 @@ def adapter_config(
             ],
         },
     }
+
+
+def scaled_plant(
+    machines: int, *, enterprise: str = "acme", site: str = "pune", per_line: int = 6
+) -> list[tuple[DevicePath, str]]:
+    """``machines`` machines in the example plant's mix (4 presses, a robot, a conveyor per
+    line of six), on lines ``line-1``, ``line-2``, ... of area ``stamping``."""
+    mix = ["press", "press", "press", "press", "robot", "conveyor"]
+    out = []
+    for i in range(machines):
+        line, slot = divmod(i, per_line)
+        asset = mix[slot % len(mix)]
+        cell = "cell-a" if asset == "press" else "cell-b"
+        n = sum(1 for _, a in out[line * per_line :] if a == asset) + 1
+        out.append(
+            (
+                DevicePath(
+                    enterprise, site, "stamping", f"line-{line + 1}", cell, f"{asset}-{n:02d}"
+                ),
+                asset,
+            )
+        )
+    return out
