@@ -208,7 +208,7 @@ def scaled_plant(
     """``machines`` machines in the example plant's mix (4 presses, a robot, a conveyor per
     line of six), on lines ``line-1``, ``line-2``, ... of area ``stamping``."""
     mix = ["press", "press", "press", "press", "robot", "conveyor"]
-    out = []
+    out: list[tuple[DevicePath, str]] = []
     for i in range(machines):
         line, slot = divmod(i, per_line)
         asset = mix[slot % len(mix)]
