@@ -146,6 +146,32 @@ class Metric(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fie
     alias: int | None = None
 
 
+class Window(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=False):
+    """Provenance of a derived message: which raw data it was computed from."""
+
+    start: int
+    """Time of the window's first sample (ms since epoch)."""
+    end: int
+    """Time just after its last sample (ms since epoch)."""
+    good: int
+    """Samples that went into the result."""
+    total: int
+    """Samples seen in the window, good or not (bad quality, NaN, duplicated, out of order)."""
+    seq_first: int | None = None
+    """``seq`` of the first and last source messages (0..255, wrapping)."""
+    seq_last: int | None = None
+    node: str = ""
+    """The node that published the source data."""
+
+
+class ModelRef(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=False):
+    """Which model produced a score."""
+
+    name: str
+    version: str
+    sha256: str
+
+
 class _Envelope(
     msgspec.Struct, frozen=True, kw_only=True, tag_field="type", forbid_unknown_fields=False
 ):
@@ -193,6 +219,10 @@ class DeviceData(_Envelope, tag="ddata", kw_only=True, frozen=True):
     node: str
     seq: int
     metrics: list[Metric]
+    window: Window | None = None
+    """Features and scores: the raw data they were computed from."""
+    model: ModelRef | None = None
+    """Scores: the model that computed them."""
 
 
 class DeviceDeath(_Envelope, tag="ddeath", kw_only=True, frozen=True):
