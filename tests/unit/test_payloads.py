@@ -97,7 +97,7 @@ def test_a_quality_outside_good_uncertain_bad_is_refused():
 
 def test_a_message_from_a_newer_producer_with_extra_fields_still_decodes():
     newer = (
-        b'{"type":"ddata","v":2,"ts":1,"node":"n","seq":1,"window":{"start":0},'
+        b'{"type":"ddata","v":2,"ts":1,"node":"n","seq":1,"lineage":{"start":0},'
         b'"metrics":[{"name":"a","value":1,"confidence":0.9}]}'
     )
     data = decode(newer, DeviceData)
