@@ -32,7 +32,8 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy libs/uns/uns services/broker/uns_broker services/demo/uns_demo \
 	  services/simulator/uns_simulator services/opcua-adapter/uns_opcua_adapter \
-	  services/modbus-adapter/uns_modbus_adapter services/replay/uns_replay
+	  services/modbus-adapter/uns_modbus_adapter services/replay/uns_replay \
+	  services/featurizer/uns_featurizer
 
 schema: $(STAMP)
 	$(BIN)/uns schema export

@@ -260,8 +260,12 @@ class Node(Generic[S]):
         *,
         ts: int | None = None,
         qos: int = 0,
+        window: p.Window | None = None,
+        model: p.ModelRef | None = None,
     ) -> None:
-        data = p.DeviceData(ts=ts or p.now_ms(), node=self.id, seq=0, metrics=metrics)
+        data = p.DeviceData(
+            ts=ts or p.now_ms(), node=self.id, seq=0, metrics=metrics, window=window, model=model
+        )
         await self.publish(path.topic(stream, "data"), data, qos=qos)
 
     async def drained(self) -> None:
