@@ -300,3 +300,42 @@ async def test_after_a_rebirth_request_every_device_sends_its_current_values(lin
     reborn: set[str] = set()
     names: dict[str, set[str]] = {d: set() for d in full}
     await w.wait_for(complete_after_rebirth, 20)
+
+
+async def test_features_of_the_simulated_line_show_bearing_wear(memory_url, prefix):
+    from uns_featurizer import Featurizer
+
+    plant = Line(prefix)
+    async with (
+        watching(memory_url, f"{prefix}/+/+/+/+/+/features/data") as w,
+        plant.simulator(memory_url) as sim,
+    ):
+        await asyncio.wait_for(sim.running.serving.wait(), 20)
+        async with (
+            running(OpcUaAdapter, memory_url, prefix, **plant.sections["opcua-adapter"]),
+            running(Featurizer, memory_url, prefix, plant=plant.devices),
+        ):
+            from uns import now_ms
+
+            injected = now_ms()
+            async with connect(memory_url) as bus:
+                await bus.publish(
+                    f"{plant.press2}/cmd/fault",
+                    encode(
+                        Command(ts=1, name="fault", args={"kind": "bearing_wear", "severity": 0.8})
+                    ),
+                    qos=1,
+                )
+            env: dict[str, float] = {}
+
+            def both(m: Any) -> bool:
+                device = m.topic.rsplit("/", 2)[0]
+                data = payload(m)
+                feats = {x.name: x.value for x in data.metrics}
+                after = data.window.start > injected + 500  # the simulator's next tick applied it
+                if "vibration.env_bpfo" in feats and data.window.good == 10_000 and after:
+                    env[device] = feats["vibration.env_bpfo"]
+                return plant.press in env and plant.press2 in env
+
+            await w.wait_for(both, 30)
+    assert env[plant.press2] > 10 * env[plant.press]
