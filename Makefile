@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PACKAGES := $(wildcard libs/*/pyproject.toml services/*/pyproject.toml)
 
-.PHONY: install run test test-fast lint typecheck schema check clean
+.PHONY: install run test test-fast lint typecheck schema check clean model
 
 $(STAMP): requirements-dev.txt $(PACKAGES)
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,13 @@ typecheck: $(STAMP)
 	$(BIN)/mypy libs/uns/uns services/broker/uns_broker services/demo/uns_demo \
 	  services/simulator/uns_simulator services/opcua-adapter/uns_opcua_adapter \
 	  services/modbus-adapter/uns_modbus_adapter services/replay/uns_replay \
-	  services/featurizer/uns_featurizer
+	  services/featurizer/uns_featurizer services/inference/uns_inference
+
+# The example plant's default models, rebuilt from simulated healthy running: same
+# seed and data -> the same model.onnx sha256 as the shipped, signed ones (checked);
+# with keys/models.key present they are signed and promoted instead.
+model: $(STAMP)
+	$(BIN)/python -m uns_inference.default_models
 
 schema: $(STAMP)
 	$(BIN)/uns schema export

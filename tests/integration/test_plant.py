@@ -339,3 +339,57 @@ async def test_features_of_the_simulated_line_show_bearing_wear(memory_url, pref
 
             await w.wait_for(both, 30)
     assert env[plant.press2] > 10 * env[plant.press]
+
+
+async def test_bearing_wear_raises_one_anomaly_event_and_clearing_it_clears_it(
+    memory_url, prefix, tmp_path
+):
+    """The Done-when of the pipeline, in-process: the shipped, signed press model."""
+    from pathlib import Path
+
+    from uns import Event, now_ms
+    from uns_featurizer import Featurizer
+    from uns_inference import Inference
+
+    root = Path(__file__).parents[2]
+    plant = Line(prefix)
+    async with (
+        watching(memory_url, f"{prefix}/+/+/+/+/+/events/anomaly") as w,
+        plant.simulator(memory_url) as sim,
+    ):
+        await asyncio.wait_for(sim.running.serving.wait(), 20)
+        async with (
+            running(OpcUaAdapter, memory_url, prefix, **plant.sections["opcua-adapter"]),
+            running(Featurizer, memory_url, prefix, plant=plant.devices),
+            running(
+                Inference,
+                memory_url,
+                prefix,
+                plant=plant.devices,
+                models_dir=str(root / "models"),
+                pubkey=str(root / "keys/models.pub"),
+                audit_log=str(tmp_path / "audit.jsonl"),
+            ),
+        ):
+            started = now_ms()
+            async with connect(memory_url) as bus:
+                await bus.publish(
+                    f"{plant.press}/cmd/fault",
+                    encode(
+                        Command(ts=1, name="fault", args={"kind": "bearing_wear", "ramp_s": 60})
+                    ),
+                    qos=1,
+                )
+            raised = payload(await w.wait_for(lambda m: b'"raised"' in m.payload, 120))
+            assert isinstance(raised, Event) and raised.device == plant.press
+            assert raised.details["model"] == "press-anomaly"
+            lead_s = (raised.ts - started) / 1000
+            async with connect(memory_url) as bus:
+                await bus.publish(
+                    f"{plant.press}/cmd/clear", encode(Command(ts=1, name="clear")), qos=1
+                )
+            cleared = payload(await w.wait_for(lambda m: b'"cleared"' in m.payload, 120))
+    assert cleared.id == raised.id and cleared.count >= 1
+    others = [m for m in w.seen if payload(m).device != plant.press]
+    assert others == [], "the healthy presses raised nothing"
+    assert lead_s < 120

@@ -881,6 +881,243 @@ def sim_tagmap(
     typer.echo(msgspec.yaml.encode({"services": sections}).decode())
 
 
+# ---- recording and the model lifecycle (services/inference) --------------------------------
+
+
+def _inference() -> Any:
+    try:
+        from uns_inference import cli_commands
+    except ImportError:
+        raise _fail("inference is not installed (pip install -e services/inference)") from None
+    return cli_commands
+
+
+def _inference_defaults(loaded: LoadedConfig) -> Any:
+    from uns_inference import InferenceSettings
+
+    try:
+        return loaded.service("inference", InferenceSettings)
+    except ConfigError as exc:
+        raise _fail(f"config: {exc}") from None
+
+
+@app.command()
+def record(
+    topic_filter: Annotated[
+        str, typer.Argument(metavar="FILTER", help="e.g. '+/+/+/+/+/+/features/#'")
+    ],
+    out: Annotated[Path, typer.Option(help="JSON-lines file to append to")],
+    duration: Annotated[float | None, typer.Option(min=0.0, help="Stop after S seconds")] = None,
+    count: Annotated[int | None, typer.Option(min=1, help="Stop after N messages")] = None,
+    broker: BrokerOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Record messages into a file for training: one {"topic", "ts", "retained", "payload"}
+    per line (whichever of --duration and --count comes first; Ctrl-C stops too)."""
+    cmd = _inference()
+    url, settings = _watch_target(topic_filter, config, broker)
+
+    async def main(stop: asyncio.Event) -> int:
+        n: int = await cmd.record_messages(
+            url,
+            settings,
+            topic_filter,
+            out,
+            stop=stop,
+            duration=duration,
+            count=count,
+            say=lambda line: typer.echo(line, err=True),
+        )
+        return n
+
+    try:
+        written = _run(main)
+    except cmd.CommandError as exc:
+        raise _fail(str(exc), code=1) from None
+    typer.echo(f"{written} messages written to {out}", err=True)
+
+
+model_app = typer.Typer(
+    help="Train, sign, check and promote models (ONNX + model card).", no_args_is_help=True
+)
+app.add_typer(model_app, name="model")
+audit_app = typer.Typer(help="The model audit log.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+
+@model_app.command("train")
+def model_train(
+    data: Annotated[
+        list[Path], typer.Option("--data", help="A recording (uns record); repeat for several")
+    ],
+    kind: Annotated[str, typer.Option(help="anomaly or rul")],
+    out: Annotated[Path, typer.Option(help="Directory for model.onnx and card.json")],
+    name: Annotated[str | None, typer.Option(help="[default: ASSET-KIND]")] = None,
+    version: Annotated[
+        str | None, typer.Option(help="[default: the UTC time, e.g. 2025.11.22-091500]")
+    ] = None,
+    asset: Annotated[
+        str | None,
+        typer.Option(help="Asset type [default: that of the recorded devices in the config]"),
+    ] = None,
+    features: Annotated[
+        list[str] | None, typer.Option("--features", help="Only features matching (glob, repeat)")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(help="Leave out features matching (glob, repeat) [default: counter levels]"),
+    ] = None,
+    device: Annotated[
+        list[str] | None, typer.Option(help="Only devices matching (glob, repeat)")
+    ] = None,
+    min_raise_s: Annotated[
+        float, typer.Option(min=0.0, help="Anomaly: seconds of breach before an event")
+    ] = 10.0,
+    min_clear_s: Annotated[
+        float, typer.Option(min=0.0, help="Anomaly: seconds healthy before it clears")
+    ] = 30.0,
+    rul_unit: Annotated[str, typer.Option(help="RUL: s, min, h or d")] = "h",
+    rul_cap: Annotated[
+        float, typer.Option(min=0.0, help="RUL: the target is clipped here")
+    ] = 125.0,
+    config: ConfigOpt = None,
+) -> None:
+    """Fit a model on recorded features; writes model.onnx and card.json (sign it next)."""
+    cmd = _inference()
+    loaded = _load(config)
+    plant = {d.path: d.asset for d in loaded.config.plant.devices}
+    options: dict[str, Any] = {}
+    if exclude is not None:
+        options["exclude"] = exclude
+    try:
+        _, notes = cmd.model_train(
+            data,
+            kind,
+            out,
+            asset=asset,
+            plant=plant,
+            name=name,
+            version=version,
+            include=features or (),
+            devices=device or (),
+            min_raise_s=min_raise_s,
+            min_clear_s=min_clear_s,
+            rul_unit=rul_unit,
+            rul_cap=rul_cap,
+            **options,
+        )
+    except cmd.CommandError as exc:
+        raise _fail(str(exc), code=1) from None
+    for note in notes:
+        typer.echo(f"note: {note}", err=True)
+    typer.echo(cmd.model_info(out))
+    typer.echo(f"\nwrote {out}; next: uns model sign {out} --key KEYFILE", err=True)
+
+
+@model_app.command("sign")
+def model_sign(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="A model directory")],
+    key: Annotated[Path, typer.Option(help="Ed25519 private key (PEM), from uns model keygen")],
+) -> None:
+    """Sign a model: writes DIR/model.onnx.sig over the digests of model.onnx and card.json."""
+    cmd = _inference()
+    try:
+        path = cmd.model_sign(directory, key)
+    except cmd.CommandError as exc:
+        raise _fail(str(exc), code=1) from None
+    typer.echo(f"wrote {path}")
+
+
+@model_app.command("verify")
+def model_verify(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="A model directory")],
+    pubkey: Annotated[Path, typer.Option(help="Ed25519 public key (PEM)")],
+) -> None:
+    """Check a model as the inference service does (sha256, signature, loadable); exit 1 if not."""
+    cmd = _inference()
+    try:
+        card = cmd.model_verify(directory, pubkey)
+    except cmd.CommandError as exc:
+        raise _fail(str(exc), code=1) from None
+    typer.echo(f"ok: {card.name} {card.version} sha256 {card.sha256}, signed by {pubkey}")
+
+
+@model_app.command("info")
+def model_info(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="A model directory")],
+) -> None:
+    """Show a model's card: features, thresholds, training data, evaluation, method."""
+    cmd = _inference()
+    try:
+        typer.echo(cmd.model_info(directory))
+    except cmd.CommandError as exc:
+        raise _fail(str(exc), code=1) from None
+
+
+@model_app.command("promote")
+def model_promote(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="A (signed) model directory")],
+    models_dir: Annotated[
+        Path | None,
+        typer.Option(help="[default: services.inference.models_dir of the config, models]"),
+    ] = None,
+    pubkey: Annotated[
+        Path | None,
+        typer.Option(help="Verify with this key first [default: services.inference.pubkey]"),
+    ] = None,
+    audit_log: Annotated[
+        Path | None,
+        typer.Option(help="[default: services.inference.audit_log, var/model-audit.jsonl]"),
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Make DIR the current model of its asset type: copied to MODELS/<asset>/<kind>/<version>/,
+    the `current` pointer replaced atomically; the running service hot-loads it. Promoting a
+    version already there (MODELS/press/anomaly/1.0.0) is a rollback."""
+    cmd = _inference()
+    s = _inference_defaults(_load(config))
+    key = pubkey or (Path(s.pubkey) if s.pubkey else None)
+    try:
+        card, dest, previous = cmd.model_promote(
+            directory,
+            models_dir or Path(s.models_dir),
+            audit_log=audit_log or Path(s.audit_log),
+            pubkey=key,
+        )
+    except cmd.CommandError as exc:
+        raise _fail(str(exc), code=1) from None
+    checked = "signature verified" if key else "signature NOT checked here (no --pubkey)"
+    replaced = f", replacing {previous}" if previous and previous != card.version else ""
+    typer.echo(f"{card.name} {card.version} is current for {card.asset}/{card.kind}{replaced}")
+    typer.echo(f"  {dest} ({checked})")
+
+
+@model_app.command("keygen")
+def model_keygen(
+    out: Annotated[Path, typer.Option(help="Writes OUT.key (private, 0600) and OUT.pub")],
+) -> None:
+    """Make an Ed25519 signing key pair: keep .key offline, give .pub to the edge boxes."""
+    cmd = _inference()
+    try:
+        key, pub = cmd.model_keygen(out)
+    except cmd.CommandError as exc:
+        raise _fail(str(exc), code=1) from None
+    typer.echo(f"wrote {key} (private: keep it off the edge box) and {pub}")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    file: Annotated[Path, typer.Argument(help="e.g. var/model-audit.jsonl")],
+) -> None:
+    """Check the hash chain of an audit log; exit 1 naming the first edited or missing line."""
+    cmd = _inference()
+    try:
+        head = cmd.audit_verify(file)
+    except cmd.CommandError as exc:
+        raise _fail(str(exc), code=1) from None
+    typer.echo(f"ok: {head.lines} lines, head sha256 {head.sha256}")
+
+
 # ---- the contract ----------------------------------------------------------------------
 
 

@@ -142,6 +142,7 @@ class Machine:
         self.values: dict[str, float | int | bool] = {}
         # vibration generator state, continuous across blocks
         self._vib_t = 0.0
+        self._angle = 0.0
         self._next_impact = 0.0
         self._tail = np.zeros(0)
         n = int(0.02 * rate_hz)  # 20 ms of ringing is plenty at 2% damping
@@ -232,11 +233,13 @@ class Machine:
     def vibration(self, n: int) -> np.ndarray:
         """The next ``n`` samples of drive-end acceleration (g, float32), continuous."""
         m, rng, fs = self.model, self.rng, self.rate_hz
-        t = self._vib_t + np.arange(n) / fs
         f = self.shaft_hz
+        # the shaft's angle is integrated, so a speed change never jumps the phase
+        angle = self._angle + 2 * np.pi * f * np.arange(n) / fs
+        self._angle = (self._angle + 2 * np.pi * f * n / fs) % (2 * np.pi)
         x = (
-            m.vib_1x * np.sin(2 * np.pi * f * t)
-            + m.vib_2x * np.sin(4 * np.pi * f * t + 0.3)
+            m.vib_1x * np.sin(angle)
+            + m.vib_2x * np.sin(2 * angle + 0.3)
             + rng.normal(0.0, m.noise, n)
         )
         wear = self.level("bearing_wear")

@@ -1,0 +1,1 @@
+0Wf4IXcUUS2ZLEpswLMaxEWrQzCvDkfdIVonVLwC/ka6J+8VbZhNcvitg17vHTbkI/mIjaR++dx5f1Byoh0/Dw==

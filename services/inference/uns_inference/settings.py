@@ -1,0 +1,44 @@
+from typing import Annotated
+
+import msgspec
+
+from uns import ServiceSettings
+from uns.config import DevicePathText, PositiveFloat, Slug, Strict
+
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class ThresholdOverrides(Strict, frozen=True):
+    """Replace the model card's event thresholds (all models); absent = the card's."""
+
+    raise_: PositiveFloat | None = msgspec.field(default=None, name="raise")
+    clear: NonNegative | None = None
+    min_raise_s: NonNegative | None = None
+    min_clear_s: NonNegative | None = None
+
+
+class InferenceSettings(ServiceSettings, frozen=True):
+    models_dir: str = "models"
+    """``<asset>/<kind>/current`` names the version directory (``model.onnx``,
+    ``card.json``, ``model.onnx.sig``) serving that asset type; relative to the working
+    directory."""
+    pubkey: str | None = None
+    """Ed25519 public key (PEM) that must have signed every model. Without it every
+    model is refused, unless ``allow_unsigned``."""
+    allow_unsigned: bool = False
+    """Development only: load models without a signature check (sha256 still checked)."""
+    audit_log: str = "var/model-audit.jsonl"
+    """Append-only, hash-chained log of loads, promotions and refusals."""
+    reload_s: PositiveFloat = 2.0
+    """How often the models directory is checked for promotions."""
+    max_feature_age_s: PositiveFloat = 120.0
+    """A feature older than this (data time) before the triggering window is stale: the
+    device is not scored until it is refreshed."""
+    announce_grace_s: NonNegative = 120.0
+    """Seconds a device's features birth may lack features a model needs before that is
+    logged as an error (a featurizer announces slow-tag features only after their first
+    window)."""
+    thresholds: ThresholdOverrides = ThresholdOverrides()
+    devices: dict[DevicePathText, Slug] = {}
+    """Device path -> asset type for devices outside ``plant.devices`` (e.g. replayed
+    recordings); ``plant.devices[].asset`` covers the rest."""

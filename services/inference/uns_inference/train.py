@@ -1,0 +1,356 @@
+"""Fitting models on recorded features: numpy only, deterministic (no random numbers).
+
+Anomaly (`fit_anomaly`): PCA on standardised features and a combined index of the
+two classic PCA monitoring statistics,
+
+    score = (T²/k + SPE/θ) / 2
+
+T² (Hotelling, in the k retained components) sees a fault that moves features
+*along* their usual correlations (vibration RMS, peak and band energies rising
+together); SPE (the squared reconstruction error, Q) sees one that *breaks* them
+(an envelope line at BPFO without a rise in RMS). Each is divided by its mean on
+the training data (k, and θ = the discarded variance), so a healthy window scores
+about 1. Both statistics are sums of squares of one linear map of the standardised
+vector (T² through the symmetric square root P Λ^-½ Pᵀ, which keeps the feature
+axes), so the score splits exactly into non-negative per-feature contributions.
+
+RUL (`fit_rul`): ridge regression to a target clipped at a cap (C-MAPSS's
+piecewise-linear protocol).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import numpy as np
+from numpy.typing import NDArray
+
+Array = NDArray[np.float64]
+
+ENERGY_FEATURES: Final = ("bpfo_band", "bpfi_band", "bsf_band", "env_bpfo", "env_bpfi", "env_bsf")
+STD_FLOOR_ABS: Final = 1e-9
+STD_FLOOR_REL: Final = 1e-3
+LOG_OFFSET_REL: Final = 1e-3
+LOG_OFFSET_MIN: Final = 1e-12
+
+
+class TrainingError(ValueError):
+    """The data cannot give a sound model (too few rows, no variance, ...)."""
+
+
+def is_energy(name: str) -> bool:
+    """Band energies and envelope amplitudes: positive, heavy-tailed, multiplicative."""
+    stat = name.rsplit(".", 1)[-1]
+    return stat.startswith("band_") or stat in ENERGY_FEATURES
+
+
+@dataclass(frozen=True)
+class Transform:
+    """Per feature: optional log, then standardisation. Applied inside the ONNX graph too."""
+
+    log: NDArray[np.bool_]
+    offsets: Array
+    means: Array
+    stds: Array
+
+    def apply(self, x: Array) -> Array:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            logged = np.log(np.maximum(x, 0.0) + self.offsets)
+        xt = np.where(self.log, logged, x)
+        return (xt - self.means) / self.stds
+
+
+def fit_transform(x: Array, names: Sequence[str]) -> Transform:
+    """Log-transform energy features that are never negative; standardise everything.
+
+    The log offset is a thousandth of the feature's median (a floor of 1e-12), so
+    windows with no energy at all stay finite. Standard deviations are floored at
+    max(1e-9, 1e-3 |mean|): a feature constant in training would otherwise make any
+    later wiggle an infinite anomaly.
+    """
+    log = np.array([is_energy(n) and bool((x[:, j] >= 0).all()) for j, n in enumerate(names)])
+    medians = np.median(x, axis=0)
+    offsets = np.where(log, np.maximum(LOG_OFFSET_REL * np.abs(medians), LOG_OFFSET_MIN), 1.0)
+    xt = np.where(log, np.log(np.maximum(x, 0.0) + offsets), x)
+    means = xt.mean(axis=0)
+    stds = xt.std(axis=0, ddof=1)
+    stds = np.maximum(stds, np.maximum(STD_FLOOR_ABS, STD_FLOOR_REL * np.abs(means)))
+    return Transform(log=log, offsets=offsets, means=means, stds=stds)
+
+
+def contiguous_folds(n: int, k: int) -> list[NDArray[np.intp]]:
+    """Row indices of k contiguous blocks: time-series folds (neighbours are alike)."""
+    return [f for f in np.array_split(np.arange(n), k) if len(f)]
+
+
+def constant_features(x: Array, names: Sequence[str]) -> list[str]:
+    """Features that never change in the data: no information, only brittleness."""
+    return [n for j, n in enumerate(names) if np.ptp(x[:, j]) == 0.0]
+
+
+def trending_features(x: Array, names: Sequence[str], threshold: float = 0.95) -> list[str]:
+    """Features almost perfectly correlated with time (counters, warm-up): a healthy
+    model trained on them flags the future as anomalous."""
+    t = np.arange(len(x), dtype=float)
+    out = []
+    for j, n in enumerate(names):
+        col = x[:, j]
+        if np.ptp(col) == 0.0:
+            continue
+        r = np.corrcoef(t, col)[0, 1]
+        if abs(r) >= threshold:
+            out.append(n)
+    return out
+
+
+# ---- anomaly -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AnomalyModel:
+    features: list[str]
+    transform: Transform
+    t2_map: Array
+    """F x F: sum((z @ t2_map)**2) = T²/k (times its weight)."""
+    spe_map: Array
+    """F x F: sum((z @ spe_map)**2) = SPE/θ (times its weight)."""
+    components: int
+    variance_kept: float
+    raise_threshold: float
+    clear_threshold: float
+    critical_threshold: float
+    evaluation: dict[str, Any] = field(default_factory=dict)
+
+    def contributions(self, x: Array) -> Array:
+        """Per-feature shares of the score (non-negative, summing to it): float64 reference."""
+        z = self.transform.apply(np.asarray(x, dtype=np.float64))
+        a = z @ self.t2_map
+        b = z @ self.spe_map
+        return np.asarray(a * a + b * b)
+
+    def score(self, x: Array) -> Array:
+        return np.asarray(self.contributions(x).sum(axis=1))
+
+
+@dataclass(frozen=True)
+class _Pca:
+    t2_map: Array
+    spe_map: Array
+    k: int
+    kept: float
+
+
+def _fit_pca(z: Array, variance: float) -> _Pca:
+    n, f = z.shape
+    _, s, vt = np.linalg.svd(z, full_matrices=False)
+    lam = s**2 / max(n - 1, 1)
+    total = float(lam.sum())
+    if total <= 0.0:
+        raise TrainingError("the features do not vary at all in the data")
+    ratio = np.cumsum(lam) / total
+    k = int(np.searchsorted(ratio, variance - 1e-12) + 1)
+    k = min(k, f)
+    p = vt[:k].T
+    lam_k = np.maximum(lam[:k], 1e-12 * lam[0])
+    theta = float(lam[k:].sum())
+    has_spe = theta > 1e-9 * total
+    weight = 2.0 if has_spe else 1.0
+    t2_map = (p / np.sqrt(lam_k)) @ p.T / np.sqrt(weight * k)
+    spe_map = (np.eye(f) - p @ p.T) / np.sqrt(weight * theta) if has_spe else np.zeros((f, f))
+    return _Pca(t2_map=t2_map, spe_map=spe_map, k=k, kept=float(ratio[k - 1]))
+
+
+def _phi(z: Array, pca: _Pca) -> Array:
+    a = z @ pca.t2_map
+    b = z @ pca.spe_map
+    return np.asarray((a * a + b * b).sum(axis=1))
+
+
+def fit_anomaly(
+    x: Array,
+    names: Sequence[str],
+    *,
+    variance: float = 0.95,
+    folds: int = 5,
+    quantile: float = 0.999,
+    margin: float = 1.25,
+    clear_fraction: float = 0.7,
+    critical_factor: float = 2.0,
+) -> AnomalyModel:
+    """Fit on healthy rows (``x``: rows x features, float64, finite).
+
+    The raise threshold is ``margin`` x the ``quantile`` of *out-of-fold* scores: each
+    of ``folds`` contiguous blocks scored by a model fitted on the others, so the
+    threshold is not flattered by scoring the data the model has seen. The clear
+    threshold is ``clear_fraction`` of it.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n, f = x.shape
+    if f != len(names):
+        raise TrainingError(f"{f} columns but {len(names)} feature names")
+    if not np.isfinite(x).all():
+        raise TrainingError("the data holds NaN or infinite values")
+    need = max(30, 3 * f, 5 * folds)
+    if n < need:
+        raise TrainingError(f"{n} rows of {f} features: need at least {need}")
+    if not 0.5 <= variance < 1.0:
+        raise TrainingError("variance: expected 0.5 <= variance < 1")
+    oof = np.empty(n)
+    for block in contiguous_folds(n, folds):
+        rest = np.setdiff1d(np.arange(n), block)
+        t = fit_transform(x[rest], names)
+        oof[block] = _phi(t.apply(x[block]), _fit_pca(t.apply(x[rest]), variance))
+    transform = fit_transform(x, names)
+    z = transform.apply(x)
+    pca = _fit_pca(z, variance)
+    raise_threshold = margin * float(np.quantile(oof, quantile))
+    in_sample = _phi(z, pca)
+    evaluation = {
+        "rows": n,
+        "features": f,
+        "components": pca.k,
+        "variance_kept": round(pca.kept, 6),
+        "score_median_in_sample": round(float(np.median(in_sample)), 6),
+        "score_median_out_of_fold": round(float(np.median(oof)), 6),
+        "score_q99_out_of_fold": round(float(np.quantile(oof, 0.99)), 6),
+        f"score_q{quantile * 100:g}_out_of_fold": round(float(np.quantile(oof, quantile)), 6),
+        "breach_rate_out_of_fold": round(float((oof >= raise_threshold).mean()), 6),
+        "log_features": [name for name, lg in zip(names, transform.log, strict=True) if lg],
+    }
+    return AnomalyModel(
+        features=list(names),
+        transform=transform,
+        t2_map=pca.t2_map,
+        spe_map=pca.spe_map,
+        components=pca.k,
+        variance_kept=pca.kept,
+        raise_threshold=raise_threshold,
+        clear_threshold=clear_fraction * raise_threshold,
+        critical_threshold=critical_factor * raise_threshold,
+        evaluation=evaluation,
+    )
+
+
+# ---- remaining useful life -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RulModel:
+    features: list[str]
+    transform: Transform
+    coef: Array
+    intercept: float
+    cap: float
+    lower: float
+    """Offset of the lower bound: the 5th percentile of out-of-fold residuals."""
+    upper: float
+    """Offset of the upper bound: the 95th percentile."""
+    alpha: float
+    evaluation: dict[str, Any] = field(default_factory=dict)
+
+    def predict(self, x: Array) -> tuple[Array, Array, Array]:
+        """RUL and its 90 % interval, each clipped to [0, cap]: float64 reference."""
+        z = self.transform.apply(np.asarray(x, dtype=np.float64))
+        raw = z @ self.coef + self.intercept
+        clip = np.clip
+        return (
+            clip(raw, 0.0, self.cap),
+            clip(raw + self.lower, 0.0, self.cap),
+            clip(raw + self.upper, 0.0, self.cap),
+        )
+
+
+def rul_targets(ts_ms: Array, runs: NDArray[np.intp], unit_s: float, cap: float) -> Array:
+    """Time to the end of each run (the failure), in ``unit_s`` seconds, clipped at ``cap``."""
+    y = np.empty(len(ts_ms))
+    for r in np.unique(runs):
+        rows = runs == r
+        y[rows] = (ts_ms[rows].max() - ts_ms[rows]) / 1000.0 / unit_s
+    return np.minimum(y, cap)
+
+
+def _ridge(z: Array, y: Array, alpha: float) -> tuple[Array, float]:
+    n, f = z.shape
+    mean_y = float(y.mean())
+    gram = z.T @ z + alpha * n * np.eye(f)
+    coef = np.linalg.solve(gram, z.T @ (y - mean_y))
+    return coef, mean_y
+
+
+def fit_rul(
+    x: Array,
+    y: Array,
+    names: Sequence[str],
+    *,
+    runs: NDArray[np.intp] | None = None,
+    cap: float = 125.0,
+    alphas: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0),
+    folds: int = 5,
+) -> RulModel:
+    """Ridge regression of ``y`` (already clipped at ``cap``) on the transformed features.
+
+    ``alpha`` (the penalty, per row) is chosen by cross-validation: leave-one-run-out
+    when there are several runs (at most ``folds`` groups), contiguous blocks of the
+    one run otherwise. The interval comes from the out-of-fold residuals at that alpha.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    n, f = x.shape
+    if f != len(names) or len(y) != n:
+        raise TrainingError("rows, targets and feature names do not line up")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise TrainingError("the data holds NaN or infinite values")
+    need = max(30, 3 * f, 5 * folds)
+    if n < need:
+        raise TrainingError(f"{n} rows of {f} features: need at least {need}")
+    if np.ptp(y) == 0.0:
+        raise TrainingError("the target does not vary: record a run to failure")
+    if runs is not None and len(np.unique(runs)) > 1:
+        groups = np.unique(runs)
+        splits = [np.flatnonzero(np.isin(runs, g)) for g in np.array_split(groups, folds) if len(g)]
+    else:
+        splits = contiguous_folds(n, folds)
+    best: tuple[float, float, Array] | None = None
+    for alpha in alphas:
+        pred = np.empty(n)
+        for block in splits:
+            rest = np.setdiff1d(np.arange(n), block)
+            t = fit_transform(x[rest], names)
+            coef, b = _ridge(t.apply(x[rest]), y[rest], alpha)
+            pred[block] = np.clip(t.apply(x[block]) @ coef + b, 0.0, cap)
+        rmse = float(np.sqrt(np.mean((pred - y) ** 2)))
+        if best is None or rmse < best[0] - 1e-12:
+            best = (rmse, alpha, pred)
+    assert best is not None
+    rmse, alpha, pred = best
+    residual = y - pred
+    transform = fit_transform(x, names)
+    coef, intercept = _ridge(transform.apply(x), y, alpha)
+    lower = float(np.quantile(residual, 0.05))
+    upper = float(np.quantile(residual, 0.95))
+    inside = float(
+        ((y >= np.clip(pred + lower, 0, cap)) & (y <= np.clip(pred + upper, 0, cap))).mean()
+    )
+    evaluation = {
+        "rows": n,
+        "features": f,
+        "runs": len(np.unique(runs)) if runs is not None else 1,
+        "alpha": alpha,
+        "rmse_out_of_fold": round(rmse, 6),
+        "mae_out_of_fold": round(float(np.mean(np.abs(residual))), 6),
+        "interval_coverage_out_of_fold": round(inside, 6),
+        "log_features": [name for name, lg in zip(names, transform.log, strict=True) if lg],
+    }
+    return RulModel(
+        features=list(names),
+        transform=transform,
+        coef=coef,
+        intercept=intercept,
+        cap=cap,
+        lower=lower,
+        upper=upper,
+        alpha=alpha,
+        evaluation=evaluation,
+    )
