@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PACKAGES := $(wildcard libs/*/pyproject.toml services/*/pyproject.toml)
 
-.PHONY: install run test test-fast lint typecheck schema check clean model
+.PHONY: install run test test-fast lint typecheck schema check clean model eval
 
 $(STAMP): requirements-dev.txt $(PACKAGES)
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ typecheck: $(STAMP)
 # with keys/models.key present they are signed and promoted instead.
 model: $(STAMP)
 	$(BIN)/python -m uns_inference.default_models
+
+# The pipeline's code on real data (UNS_DATASETS, e.g. ../shared/data) and the simulator.
+eval: $(STAMP)
+	$(BIN)/python -m uns_inference.evaluation
 
 schema: $(STAMP)
 	$(BIN)/uns schema export
