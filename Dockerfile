@@ -8,7 +8,7 @@ COPY models/ models/
 COPY keys/models.pub keys/models.pub
 RUN pip install --no-cache-dir ./libs/uns ./services/broker ./services/demo \
     ./services/simulator ./services/opcua-adapter ./services/modbus-adapter ./services/replay \
-    ./services/featurizer ./services/inference \
+    ./services/featurizer ./services/inference ./services/bridge \
  && useradd --system --uid 10001 uns
 ENV UNS_CONFIG=/opt/uns/uns-schema/plant.yaml
 USER uns

@@ -33,7 +33,8 @@ typecheck: $(STAMP)
 	$(BIN)/mypy libs/uns/uns services/broker/uns_broker services/demo/uns_demo \
 	  services/simulator/uns_simulator services/opcua-adapter/uns_opcua_adapter \
 	  services/modbus-adapter/uns_modbus_adapter services/replay/uns_replay \
-	  services/featurizer/uns_featurizer services/inference/uns_inference
+	  services/featurizer/uns_featurizer services/inference/uns_inference \
+	  services/bridge/uns_bridge
 
 # The example plant's default models, rebuilt from simulated healthy running: same
 # seed and data -> the same model.onnx sha256 as the shipped, signed ones (checked);

@@ -370,3 +370,29 @@ def test_mqtts_verifies_the_broker_certificate_and_hostname(tmp_path, procs):
         assert "certificate verify failed" in r.stderr and "Traceback" not in r.stderr
     finally:
         broker.kill()
+
+
+def test_uns_up_runs_the_bridge_towards_a_second_local_broker_as_the_cloud(procs, tmp_path):
+    config = tmp_path / "plant.yaml"
+    config.write_text(
+        DEMO_ONLY_CONFIG.read_text().replace(
+            "bridge: {enabled: false}", f"bridge: {{journal: {{path: {tmp_path}/journal.sqlite}}}}"
+        )
+    )
+    port, cloud = free_port(), free_port()
+    up = start(
+        procs,
+        "up",
+        "--port",
+        str(port),
+        "--cloud-port",
+        str(cloud),
+        "--metrics-port",
+        "0",
+        "--config",
+        str(config),
+        ready="births published",
+    )
+    lines = sub_json(f"mqtt://127.0.0.1:{cloud}", "acme/pune/_node/demo/birth", count=1, timeout=20)
+    assert lines[0]["payload"]["type"] == "nbirth"  # relayed by the bridge
+    assert up.stop() == 0

@@ -8,14 +8,17 @@ Every aiomqtt/paho error is translated here into `BusError`.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import ssl
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Protocol
+from typing import Any, Literal, Protocol
 
 import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from uns.config import BrokerSettings, parse_broker_url
@@ -26,15 +29,24 @@ log = logging.getLogger(__name__)
 
 
 class Message:
-    """A message as received from the broker."""
+    """A message as received from the broker (``user_properties``: MQTT 5 only)."""
 
-    __slots__ = ("payload", "qos", "retain", "topic")
+    __slots__ = ("payload", "qos", "retain", "topic", "user_properties")
 
-    def __init__(self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False) -> None:
+    def __init__(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        user_properties: dict[str, str] | None = None,
+    ) -> None:
         self.topic = topic
         self.payload = payload
         self.qos = qos
         self.retain = retain
+        self.user_properties = user_properties or {}
 
     def __repr__(self) -> str:
         return f"Message({self.topic!r}, {len(self.payload)} bytes, retain={self.retain})"
@@ -56,8 +68,19 @@ class Bus(Protocol):
     """What services see of the broker."""
 
     async def publish(
-        self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False
-    ) -> None: ...
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        user_properties: dict[str, str] | None = None,
+    ) -> None:
+        """Send a message; with ``qos=1`` return once the broker acknowledged it.
+
+        ``user_properties`` travel with MQTT 5 connections and are ignored on 3.1.1.
+        """
+        ...
 
     async def subscribe(self, topic_filter: str, *, qos: int = 0) -> None: ...
 
@@ -66,19 +89,69 @@ class Bus(Protocol):
     def messages(self) -> AsyncIterator[Message]: ...
 
 
+# The packet id paho gave the last publish of the current task (see _watch_pubacks).
+_LAST_MID: contextvars.ContextVar[int] = contextvars.ContextVar("uns_bus_last_mid", default=-1)
+
+
 class _MqttBus:
-    def __init__(self, client: aiomqtt.Client, url: str) -> None:
+    def __init__(self, client: aiomqtt.Client, url: str, protocol: int = 4) -> None:
         self._client = client
         self._url = url
         self._filters: set[str] = set()
+        self._v5 = protocol == 5
+        self._refused: dict[int, ReasonCode] = {}
+        if self._v5:
+            self._watch_pubacks()
+
+    def _watch_pubacks(self) -> None:
+        """MQTT 5 brokers may refuse a QoS 1 message with a failure PUBACK (0x87 not
+        authorized, 0x97 quota exceeded); aiomqtt 2.5 reports it as success. Wrap paho's
+        callbacks so `publish` can raise instead of reporting the message delivered."""
+        paho: Any = getattr(self._client, "_client", None)
+        if paho is None:  # not the aiomqtt we know: keep its behaviour
+            return
+        inner_on_publish = paho.on_publish
+        inner_publish = paho.publish
+        refused = self._refused
+
+        def on_publish(client: Any, userdata: Any, mid: int, code: Any, props: Any) -> None:
+            if isinstance(code, ReasonCode) and code.is_failure:
+                refused[mid] = code
+            else:
+                refused.pop(mid, None)
+            inner_on_publish(client, userdata, mid, code, props)
+
+        def publish(*args: Any, **kwargs: Any) -> Any:
+            info = inner_publish(*args, **kwargs)
+            _LAST_MID.set(info.mid)  # runs in the publishing task, before its first await
+            return info
+
+        paho.on_publish = on_publish
+        paho.publish = publish
 
     async def publish(
-        self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        user_properties: dict[str, str] | None = None,
     ) -> None:
+        properties = None
+        if user_properties and self._v5:
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            properties.UserProperty = list(user_properties.items())
         try:
-            await self._client.publish(topic, payload, qos=qos, retain=retain)
+            await self._client.publish(
+                topic, payload, qos=qos, retain=retain, properties=properties
+            )
         except aiomqtt.MqttError as exc:
             raise BusError(f"publish to {self._url} failed: {exc}") from None
+        if self._refused:
+            code = self._refused.pop(_LAST_MID.get(), None)
+            if code is not None:
+                raise BusError(f"{self._url} refused the message on {topic!r}: {code}")
 
     async def subscribe(self, topic_filter: str, *, qos: int = 0) -> None:
         known = topic_filter in self._filters
@@ -112,9 +185,37 @@ class _MqttBus:
                     log.debug("ignored %s: not subscribed to it", topic)
                     continue
                 payload = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
-                yield Message(topic, payload, qos=m.qos, retain=m.retain)
+                props = getattr(m.properties, "UserProperty", None) if m.properties else None
+                yield Message(
+                    topic,
+                    payload,
+                    qos=m.qos,
+                    retain=m.retain,
+                    user_properties=dict(props) if props else None,
+                )
         except aiomqtt.MqttError as exc:
             raise BusError(f"connection to {self._url} lost: {exc}") from None
+
+
+class _ClientLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """paho's log for one connection. Until the broker accepted us, a socket error (a TLS
+    alert: our certificate refused) is kept for the exception rather than logged, so a
+    failed connect says why instead of 'timed out'."""
+
+    def __init__(self) -> None:
+        super().__init__(log, {})
+        self.connected = False
+        self.failure: str | None = None
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if level < logging.ERROR:  # paho logs every packet at DEBUG: keep that cheap
+            if self.logger.isEnabledFor(level):
+                super().log(level, msg, *args, **kwargs)
+            return
+        if not self.connected and not kwargs:
+            self.failure = str(msg) % args if args else str(msg)
+            level = logging.DEBUG
+        super().log(level, msg, *args, **kwargs)
 
 
 def _tls_context(settings: BrokerSettings) -> ssl.SSLContext:
@@ -135,9 +236,14 @@ async def connect(
     will: Will | None = None,
     settings: BrokerSettings | None = None,
     timeout_s: float = 10.0,
+    protocol: Literal[4, 5] = 4,
+    max_inflight: int | None = None,
 ) -> AsyncIterator[Bus]:
     """Connect to the broker at ``url`` (or ``settings.url``) for the body of the block.
 
+    ``protocol``: 4 is MQTT 3.1.1, 5 is MQTT 5 (user properties, reason codes).
+    ``max_inflight``: QoS 1 messages sent and not yet acknowledged (paho's default: 20);
+    that many concurrent `Bus.publish` calls are in flight at once.
     Raises `BusError` when the broker is unreachable or the connection drops.
     """
     settings = settings or BrokerSettings()
@@ -151,6 +257,7 @@ async def connect(
     username, password = settings.credentials()
     username = target.username or username
     password = target.password or password
+    client_log = _ClientLog()
     client = aiomqtt.Client(
         target.host,
         target.port,
@@ -164,12 +271,18 @@ async def connect(
         keepalive=settings.keepalive_s,
         timeout=timeout_s,
         tls_context=_tls_context(settings) if target.tls else None,
-        logger=log,
+        logger=client_log,  # type: ignore[arg-type]
+        protocol=aiomqtt.ProtocolVersion.V5 if protocol == 5 else aiomqtt.ProtocolVersion.V311,
+        max_inflight_messages=max_inflight,
     )
+    if max_inflight is not None:  # aiomqtt warns past 10 concurrent publishes by default
+        client.pending_calls_threshold = max_inflight + 10
     try:
         async with client:
-            yield _MqttBus(client, str(target))
+            client_log.connected = True
+            yield _MqttBus(client, str(target), protocol)
     except aiomqtt.MqttError as exc:
-        raise BusError(f"broker {target} unreachable: {exc}") from None
+        cause = client_log.failure if not client_log.connected and client_log.failure else exc
+        raise BusError(f"broker {target} unreachable: {cause}") from None
     except OSError as exc:  # DNS failure or refused TLS before MQTT says anything
         raise BusError(f"broker {target} unreachable: {exc}") from None

@@ -260,6 +260,10 @@ def up(
         int | None,
         typer.Option(help="Modbus TCP port of the simulator (and the adapter's) [default: config]"),
     ] = None,
+    cloud_port: Annotated[
+        int | None,
+        typer.Option(help="Also run a second local broker on this port as the bridge's cloud"),
+    ] = None,
     config: ConfigOpt = None,
     log_level: LogOpt = "INFO",
 ) -> None:
@@ -286,6 +290,16 @@ def up(
         env["UNS_SERVICES__SIMULATOR__MODBUS__PORT"] = str(modbus_port)
         env["UNS_SERVICES__MODBUS_ADAPTER__PORT"] = str(modbus_port)
     children = []
+    if cloud_port is not None:  # a stand-in cloud: amqtt speaks MQTT 3.1.1
+        children.append(
+            Child(
+                "cloud-broker",
+                uns_argv("broker", "--host", "127.0.0.1", "--port", str(cloud_port), *common),
+            )
+        )
+        env["UNS_SERVICES__BRIDGE__REMOTE__URL"] = f"mqtt://127.0.0.1:{cloud_port}"
+        env["UNS_SERVICES__BRIDGE__REMOTE__ALLOW_PLAINTEXT"] = "true"
+        env["UNS_SERVICES__BRIDGE__REMOTE__PROTOCOL"] = "4"
     for i, name in enumerate(sorted(service_classes())):
         cls = _service_class(name)
         try:
@@ -295,7 +309,9 @@ def up(
         if not settings.enabled:
             log.info("%s is disabled in the config; not starting it", name)
             continue
-        mport = str(metrics_port + i if metrics_port else 0)
+        # a service keeps its own port's offset (demo 9400, opcua-adapter 9401, ...)
+        offset = cls.default_metrics_port - 9400 if cls.default_metrics_port >= 9400 else 50 + i
+        mport = str(metrics_port + offset if metrics_port else 0)
         children.append(
             Child(
                 name,

@@ -32,12 +32,20 @@ class _Client:
             raise BusError(f"connection to memory://{self.broker.name} lost")
 
     async def publish(
-        self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        user_properties: dict[str, str] | None = None,
     ) -> None:
         self._check()
         if not topic or "+" in topic or "#" in topic:
             raise BusError(f"invalid topic to publish to: {topic!r}")
-        self.broker.route(topic, bytes(payload), qos=qos, retain=retain)
+        self.broker.route(
+            topic, bytes(payload), qos=qos, retain=retain, user_properties=user_properties
+        )
 
     async def subscribe(self, topic_filter: str, *, qos: int = 0) -> None:
         self._check()
@@ -58,10 +66,19 @@ class _Client:
                 raise BusError(f"connection to memory://{self.broker.name} lost")
             yield message
 
-    def deliver(self, topic: str, payload: bytes, qos: int) -> None:
+    def deliver(
+        self, topic: str, payload: bytes, qos: int, user_properties: dict[str, str] | None = None
+    ) -> None:
         granted = [q for f, q in self.filters.items() if matches(f, topic)]
         if granted:
-            self.queue.put_nowait(Message(topic, payload, qos=min(qos, max(granted))))
+            self.queue.put_nowait(
+                Message(
+                    topic,
+                    payload,
+                    qos=min(qos, max(granted)),
+                    user_properties=dict(user_properties) if user_properties else None,
+                )
+            )
 
     def drop(self) -> None:
         self.open = False
@@ -87,14 +104,24 @@ class MemoryBroker:
             cls._registry[name] = cls(name)
         return cls._registry[name]
 
-    def route(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> None:
+    def route(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int,
+        retain: bool,
+        user_properties: dict[str, str] | None = None,
+    ) -> None:
+        """Deliver to every matching subscriber (user properties as MQTT 5 would; a
+        retained copy keeps only the payload)."""
         if retain:
             if payload:
                 self.retained[topic] = (payload, qos)
             else:
                 self.retained.pop(topic, None)
         for client in list(self.clients.values()):
-            client.deliver(topic, payload, qos)
+            client.deliver(topic, payload, qos, user_properties)
 
     @asynccontextmanager
     async def connect(
