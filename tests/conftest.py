@@ -191,5 +191,8 @@ def procs() -> Iterator[list[Any]]:
 
     started: list[Any] = []
     yield started
-    for p in reversed(started):
-        p.stop(signal.SIGKILL)
+    for p in reversed(started):  # politely first: `uns up` then stops its children
+        try:
+            p.stop(signal.SIGTERM)
+        except Exception:
+            p.stop(signal.SIGKILL)

@@ -33,7 +33,11 @@ def uns_argv(*args: str) -> list[str]:
 
 async def _start(child: Child) -> None:
     env = {**os.environ, **child.env}
-    child.process = await asyncio.create_subprocess_exec(*child.argv, env=env)
+    # its own process group: a terminal's Ctrl-C reaches `uns up` alone, which then stops
+    # the services first and the broker last (so nobody sees its broker vanish first)
+    child.process = await asyncio.create_subprocess_exec(
+        *child.argv, env=env, start_new_session=True
+    )
     log.info("started %s (pid %d)", child.name, child.process.pid)
 
 
@@ -79,16 +83,18 @@ async def _terminate(children: list[Child], timeout_s: float = 10.0) -> None:
 
 
 async def _port_open(host: str, port: int, timeout_s: float) -> bool:
+    """Wait until the broker accepts an MQTT connection (a bare TCP probe makes amqtt log
+    an error about a client that sent nothing)."""
+    from uns.bus import connect
+    from uns.errors import BusError
+
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            _, writer = await asyncio.open_connection(host, port)
-        except OSError:
+            async with connect(f"mqtt://{host}:{port}", client_id="uns-up-probe", timeout_s=2):
+                return True
+        except BusError:
             await asyncio.sleep(0.1)
-            continue
-        writer.close()
-        await writer.wait_closed()
-        return True
     return False
 
 
