@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import msgspec
@@ -76,3 +77,42 @@ async def watching(url: str, topic_filter: str) -> AsyncIterator[Watcher]:
     async with connect(url) as bus:
         await bus.subscribe(topic_filter, qos=1)
         yield Watcher(bus)
+
+
+class Records(logging.Handler):
+    """Log records of a test, with an awaitable 'something was logged'."""
+
+    def __init__(self, timeout: float = 10.0) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self.changed = asyncio.Event()
+        self.timeout = timeout
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self.changed.set()
+
+    async def wait(self, predicate: Any, timeout: float | None = None) -> None:
+        async with asyncio.timeout(timeout or self.timeout):
+            while not predicate():
+                self.changed.clear()
+                await self.changed.wait()
+
+    def of(self, prefix: str, level: int = logging.WARNING) -> list[logging.LogRecord]:
+        return [r for r in self.records if r.name.startswith(prefix) and r.levelno >= level]
+
+
+@contextmanager
+def capturing_logs(logger: str, timeout: float = 10.0) -> Iterator[Records]:
+    """Capture every log record while ``logger`` logs at INFO and above."""
+    handler = Records(timeout)
+    root = logging.getLogger()
+    watched = logging.getLogger(logger)
+    level = watched.level
+    watched.setLevel(logging.INFO)
+    root.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+        watched.setLevel(level)

@@ -31,7 +31,7 @@ import pytest
 import certs
 from clitools import Proc, start, uns
 from conftest import IN_CI, Mosquitto, _mosquitto_available
-from harness import running
+from harness import Records, capturing_logs, running
 from uns import DeviceData, Metric, connect, decode, encode
 from uns.bus import Message
 from uns.config import BrokerSettings
@@ -311,37 +311,10 @@ async def scraped(proc: Proc, name: str, predicate: Callable[[float], bool]) -> 
     raise AssertionError(f"{name} never got there: {await asyncio.to_thread(_scrape, proc, name)}")
 
 
-class Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-        self.changed = asyncio.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-        self.changed.set()
-
-    async def wait(self, predicate: Callable[[], bool], timeout: float = 15.0) -> None:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                self.changed.clear()
-                await self.changed.wait()
-
-    def of(self, prefix: str, level: int = logging.WARNING) -> list[logging.LogRecord]:
-        return [r for r in self.records if r.name.startswith(prefix) and r.levelno >= level]
-
-
 @pytest.fixture
 def logs() -> Iterator[Records]:
-    handler = Records()
-    root = logging.getLogger()
-    bridge = logging.getLogger("uns_bridge")
-    level = bridge.level
-    bridge.setLevel(logging.INFO)
-    root.addHandler(handler)
-    yield handler
-    root.removeHandler(handler)
-    bridge.setLevel(level)
+    with capturing_logs("uns_bridge", timeout=15.0) as handler:
+        yield handler
 
 
 # ---- 1. a WAN outage ----------------------------------------------------------------------

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from conftest import free_port
-from harness import Watcher, running, watching
+from harness import Records, Watcher, capturing_logs, running, watching
 from uns import DeviceBirth, DeviceData, DeviceDeath, Waveform, decode
 from uns_opcua_adapter import OpcUaAdapter, Security, Tag, UaDevice, browse
 
@@ -237,37 +237,10 @@ async def secure_plc(pki: Pki) -> AsyncIterator[Plc]:
     await server.server.stop()
 
 
-class Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-        self.changed = asyncio.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-        self.changed.set()
-
-    async def wait(self, predicate: Any, timeout: float = 10.0) -> None:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                self.changed.clear()
-                await self.changed.wait()
-
-    def of(self, prefix: str, level: int = logging.WARNING) -> list[logging.LogRecord]:
-        return [r for r in self.records if r.name.startswith(prefix) and r.levelno >= level]
-
-
 @pytest.fixture
 def logs() -> Iterator[Records]:
-    handler = Records()
-    root = logging.getLogger()
-    adapter = logging.getLogger("uns_opcua_adapter")
-    level = adapter.level
-    adapter.setLevel(logging.INFO)
-    root.addHandler(handler)
-    yield handler
-    root.removeHandler(handler)
-    adapter.setLevel(level)
+    with capturing_logs("uns_opcua_adapter", timeout=10.0) as handler:
+        yield handler
 
 
 class Cable:
