@@ -1,4 +1,4 @@
-"""The evaluation's figures hold: CWRU bearings and the simulator (the code of `make eval`)."""
+"""The evaluation's figures hold: CWRU, NAB, C-MAPSS and the simulator (the code of `make eval`)."""
 
 from __future__ import annotations
 
@@ -20,3 +20,22 @@ def test_the_simulated_wear_is_caught_early_and_healthy_running_raises_nothing(t
     result = evaluation.simulator(tmp_path)
     assert result["healthy_events"] == 0
     assert result["raised_at_severity"] < 0.5
+
+
+def test_nab_every_labelled_window_raises_an_event_with_few_false_ones(datasets, tmp_path):
+    result = evaluation.nab(datasets, tmp_path)
+    untuned, chosen = result["configs"]
+    assert chosen["events_per_window"] == [1, 1, 1, 1]  # one event per fault, none missed
+    assert chosen["false_events"] <= 2
+    # Untuned, the featurizer's own statistics still catch the failure, before its label.
+    assert untuned["events_per_window"][-1] >= 1
+    assert untuned["in_window_before_failure_h"] > 0
+    assert untuned["false_events"] <= 2
+
+
+def test_cmapss_rul_beats_the_published_cnn(datasets, tmp_path):
+    result = evaluation.cmapss(datasets, tmp_path)
+    assert result["engines"] == 100
+    assert result["rmse"] <= 18.0
+    assert result["phm08"] < 1299  # the CNN row of the published table
+    assert 0.8 <= result["interval_coverage"] <= 1.0
