@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PACKAGES := $(wildcard libs/*/pyproject.toml services/*/pyproject.toml)
 
-.PHONY: install run test test-fast lint typecheck schema check clean model eval
+.PHONY: install run test test-fast lint typecheck schema check clean model eval bench
 
 $(STAMP): requirements-dev.txt $(PACKAGES)
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,7 @@ typecheck: $(STAMP)
 	  services/simulator/uns_simulator services/opcua-adapter/uns_opcua_adapter \
 	  services/modbus-adapter/uns_modbus_adapter services/replay/uns_replay \
 	  services/featurizer/uns_featurizer services/inference/uns_inference \
-	  services/bridge/uns_bridge
+	  services/bridge/uns_bridge libs/bench/uns_bench
 
 # The example plant's default models, rebuilt from simulated healthy running: same
 # seed and data -> the same model.onnx sha256 as the shipped, signed ones (checked);
@@ -45,6 +45,11 @@ model: $(STAMP)
 # The pipeline's code on real data (UNS_DATASETS, e.g. ../shared/data) and the simulator.
 eval: $(STAMP)
 	$(BIN)/python -m uns_inference.evaluation
+
+# The benchmarks (uns bench): every scenario, medians of 3 runs, the table the README carries.
+# Run it when nothing else heavy runs on the machine (check uptime).
+bench: $(STAMP)
+	$(BIN)/uns bench --json var/bench.json
 
 schema: $(STAMP)
 	$(BIN)/uns schema export

@@ -1134,6 +1134,40 @@ def audit_verify(
     typer.echo(f"ok: {head.lines} lines, head sha256 {head.sha256}")
 
 
+# ---- benchmarks (libs/bench) --------------------------------------------------------------
+
+
+@app.command()
+def bench(
+    scenarios: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="SCENARIO",
+            help="broker, vibration, slowtags, alert, bridge, plant [default: all]",
+        ),
+    ] = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="One short run of each at low load: checks the harness")
+    ] = False,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write every figure to this file")
+    ] = None,
+    log_level: LogOpt = "WARNING",
+) -> None:
+    """Measure the pipeline on this machine: services as processes, load from another one;
+    loss first, then rates, latencies, CPU and peak RSS per service, as a Markdown table."""
+    try:
+        from uns_bench import SCENARIOS
+        from uns_bench import run as run_bench
+    except ImportError:
+        raise _fail("the benchmarks are not installed (pip install -e libs/bench)") from None
+    _logging(log_level)
+    unknown = [s for s in scenarios or [] if s not in SCENARIOS]
+    if unknown:
+        raise _fail(f"no scenario {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+    run_bench(scenarios or [], quick=quick, json_path=json_out, say=typer.echo)
+
+
 # ---- the contract ----------------------------------------------------------------------
 
 

@@ -1,0 +1,237 @@
+"""Scenario 5, the bridge: its journal alone (write rate, bytes on disk per message), then
+the service as a process: back-fill rate to a second local broker acting as the cloud
+after an outage, and the time to drain a 1-hour backlog of the example plant."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from uns import DeviceData, Metric, Window, encode, now_ms
+from uns_bench import load
+from uns_bench.context import Context
+from uns_bench.procs import Procs, free_port, in_process, metric_sum, wait_broker, wait_metric
+from uns_bench.report import Row, summarise
+from uns_bench.sampler import Sampler
+
+ENTERPRISE = "bench"
+TOPIC = f"{ENTERPRISE}/pune/stamping/line-3/cell-a/press-01/features/data"
+BATCHES = (1, 10, 100)
+POLL_S = 0.05
+
+
+def features_payload() -> bytes:
+    """A features message of a press: what the bridge forwards most."""
+    from uns_featurizer.features import WAVEFORM_UNITS
+
+    names = [n for n in WAVEFORM_UNITS if n != "dominant_hz"] + ["band_10_1000"]
+    t = now_ms()
+    return encode(
+        DeviceData(
+            ts=t,
+            node="featurizer",
+            seq=17,
+            metrics=[Metric(f"vibration.{n}", 0.123456789 * (i + 1)) for i, n in enumerate(names)],
+            window=Window(
+                start=t - 1000, end=t, good=10_000, total=10_000, seq_first=1, seq_last=10
+            ),
+        )
+    )
+
+
+def plant_messages_per_hour() -> int:
+    """What the example plant sends to the cloud per hour with the default include filters:
+    features (vibration every 1 s window, 8 slow tags every 10 s hop) and scores of every
+    device with a model, for the devices of uns-schema/plant.yaml."""
+    from uns.config import load as load_config
+    from uns_featurizer import FeaturizerSettings
+    from uns_simulator import ASSETS
+
+    loaded = load_config()
+    s = loaded.service("featurizer", FeaturizerSettings)
+    models = Path(loaded.path or ".").resolve().parent.parent / "models"
+    per_s = 0.0
+    for device in loaded.config.plant.devices:
+        tags = [t for t in ASSETS[device.asset] if t.name not in s.ignore]
+        vibration = device.asset != "robot"  # the robot is read over Modbus: slow tags only
+        per_s += len(tags) / s.slow.hop_s
+        if vibration:
+            per_s += 10_000 / s.waveform.window  # a features message per window
+            if (models / device.asset / "anomaly" / "current").exists():
+                per_s += 10_000 / s.waveform.window  # and its scores
+    return round(per_s * 3600)
+
+
+# ---- the journal alone (in the load process) -------------------------------------------
+
+
+def journal_rates(n: int, payload: bytes) -> dict[str, Any]:
+    """Write rate by messages per transaction (synchronous=FULL), bytes on disk per message,
+    read-and-delete rate (what a back-fill costs the journal)."""
+    from uns_bridge.journal import Item, Journal
+
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-journal-", dir=Path.cwd()) as tmp:
+        for batch in BATCHES:
+            count = min(n, 2000 * batch)  # one fsync per commit: keep small batches short
+            journal = Journal(Path(tmp) / f"w{batch}.sqlite", max_bytes=2**40, synchronous="full")
+            items = [Item(TOPIC, payload) for _ in range(batch)]
+            started = time.perf_counter()
+            for _ in range(count // batch):
+                journal.append(items)
+            out[f"journal writes/s, {batch}/txn"] = round(count / (time.perf_counter() - started))
+            if batch == BATCHES[-1]:
+                out["bytes on disk/msg"] = round(journal.disk_bytes() / journal.count)
+                started = time.perf_counter()
+                cursor = deleted = 0
+                while rows := journal.read(cursor, 1000):
+                    cursor = rows[-1].id
+                    for k in range(0, len(rows), 200):
+                        deleted += journal.delete(r.id for r in rows[k : k + 200])
+                out["journal read+delete/s"] = round(deleted / (time.perf_counter() - started))
+            journal.close()
+    return out
+
+
+async def run(ctx: Context) -> list[Row]:
+    payload = features_payload()
+    n = 20_000 if ctx.quick else 100_000
+    runs = [{"figures": await in_process(journal_rates, n, payload)} for _ in range(ctx.repeats)]
+    journal = summarise(
+        "5 bridge", "journal alone", f"{len(payload)}-byte features messages, FULL sync", runs
+    )
+    ctx.say(f"  journal: {journal.figures}")
+    rows = [journal]
+    per_hour = plant_messages_per_hour()
+    for batch in (1, 10):
+        rows.append(await _backfill(ctx, batch, payload, per_hour))
+    return rows
+
+
+async def _backfill(ctx: Context, batch: int, payload: bytes, per_hour: int) -> Row:
+    n = 2_000 if ctx.quick else 20_000
+    runs = []
+    for r in range(ctx.repeats):
+        procs = Procs(ctx.workdir)
+        try:
+            _, url = procs.broker()
+            await wait_broker(url)
+
+            cloud_port = free_port()
+            journal = ctx.workdir / f"bridge-{batch}-{r}.sqlite"
+            cfg = str(_config(ctx.workdir / f"bridge-{batch}.yaml", journal, cloud_port, batch))
+            bridge = procs.uns(
+                "bridge",
+                *("run", "bridge", "--config", cfg, "--broker", url, "--log-level", "WARNING"),
+                metrics=True,
+            )
+            await wait_metric(
+                bridge, lambda s: metric_sum(s, "uns_connected") == 1, what="connected"
+            )
+            # the outage: no cloud broker yet; the plant's messages go into the journal
+            await in_process(load.flood, url, TOPIC, payload, n)
+            held = await _settled(bridge, n)
+            await asyncio.sleep(1.5)  # the group commits are on disk
+            disk = sum(
+                p.stat().st_size for p in journal.parent.glob(f"{journal.name}*") if p.is_file()
+            )
+            cloud, _ = procs.mosquitto("cloud", cloud_port)
+            pids = {"bridge": bridge.pid, "cloud": cloud.pid}
+            # delivery = the cloud's PUBACK: the bridge's own count, polled (a subscriber at
+            # the cloud could only join after the bridge, and miss the first messages)
+            times: list[tuple[float, float]] = []
+            async with Sampler(pids) as sampler:
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline:
+                    samples = await asyncio.to_thread(bridge.metrics)
+                    forwarded = metric_sum(samples, "uns_bridge_forwarded_total")
+                    times.append((time.monotonic(), forwarded))
+                    if forwarded >= held or (
+                        forwarded and time.monotonic() - _last_change(times) > 10
+                    ):
+                        break
+                    await asyncio.sleep(POLL_S)
+            # from the first poll that saw deliveries to the first that saw them all
+            delivering = [(t, f) for t, f in times if f > 0]
+            forwarded = times[-1][1]
+            started, first = delivering[0] if delivering else (times[-1][0], 0.0)
+            t_done = next((t for t, f in times if f >= forwarded), times[-1][0])
+            if t_done > started:
+                rate = (forwarded - first) / (t_done - started)
+            else:  # all in one polling interval: at least this fast
+                rate = forwarded / POLL_S
+            runs.append(
+                {
+                    "lost": max(n - int(forwarded), 0),  # into the journal and out of it
+                    "figures": {
+                        "back-fill msgs/s": round(rate),
+                        "journal bytes/msg (WAL incl.)": round(disk / max(held, 1)),
+                        "1-h plant backlog drain s": round(per_hour / rate, 1) if rate else 0.0,
+                    },
+                    "cpu": sampler.cores(started, t_done),
+                    "rss": sampler.peak_rss(),
+                    "notes": [f"{n - held} of {n} never reached the journal"] if held < n else [],
+                }
+            )
+        finally:
+            procs.stop()
+    row = summarise(
+        "5 bridge",
+        f"back-fill, batch {batch}",
+        f"{n:,} journalled messages after an outage -> Mosquitto as the cloud",
+        runs,
+    )
+    row.notes.append(
+        f"the example plant sends {per_hour:,} messages/hour to the cloud; drained at the"
+        f" default backfill_rate (2,000/s) in {per_hour / 2000:.0f} s"
+    )
+    ctx.say(f"  back-fill batch {batch}: {row.figures['back-fill msgs/s']:,.0f} msgs/s")
+    return row
+
+
+async def _settled(bridge: Any, n: int, idle_s: float = 3.0) -> int:
+    """Messages in the journal once all ``n`` are there or the count stopped moving."""
+    last, since = -1.0, time.monotonic()
+    while True:
+        held = metric_sum(await asyncio.to_thread(bridge.metrics), "uns_bridge_journal_messages")
+        if held >= n:
+            return int(held)
+        if held != last:
+            last, since = held, time.monotonic()
+        elif time.monotonic() - since > idle_s:
+            return int(held)
+        await asyncio.sleep(0.1)
+
+
+def _last_change(times: list[tuple[float, float]]) -> float:
+    """When the polled count last moved."""
+    for (t, f), (_, before) in zip(reversed(times), reversed(times[:-1])):
+        if f != before:
+            return t
+    return times[0][0]
+
+
+def _config(path: Path, journal: Path, cloud_port: int, batch: int) -> Path:
+    document = {
+        "namespace": {"enterprise": ENTERPRISE, "site": "pune"},
+        "services": {
+            "bridge": {
+                "queue_size": 100_000,
+                "remote": {
+                    "url": f"mqtt://127.0.0.1:{cloud_port}",
+                    "allow_plaintext": True,
+                    "protocol": 4,
+                    "reconnect_min_s": 0.2,
+                    "reconnect_max_s": 0.5,
+                },
+                "journal": {"path": str(journal), "backfill_rate": 1_000_000, "batch": batch},
+            }
+        },
+    }
+    path.write_bytes(msgspec.yaml.encode(document))
+    return path

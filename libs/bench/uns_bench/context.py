@@ -1,0 +1,106 @@
+"""What every scenario gets: the work directory, how hard to go, the ceiling measured so far."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from uns import Message, connect, decode
+from uns.payloads import Payload
+
+
+@dataclass
+class Context:
+    workdir: Path
+    quick: bool
+    repeats: int
+    say: Callable[[str], None]
+    ceiling: dict[str, float] = field(default_factory=dict)
+    """``{broker}/{message kind}`` -> messages/s measured by the broker scenario of this run."""
+
+    def ratio(self, msgs_per_s: float, key: str) -> dict[str, float]:
+        """``msgs_per_s`` as a fraction of the ceiling ``key``, if it was measured."""
+        ceiling = self.ceiling.get(key)
+        return {f"of ceiling ({key})": round(msgs_per_s / ceiling, 3)} if ceiling else {}
+
+
+class Receiver:
+    """A subscriber in the orchestrator: counts (and optionally keeps) what arrives."""
+
+    def __init__(
+        self,
+        url: str,
+        topic_filter: str,
+        *,
+        expect: int | None = None,
+        keep: Callable[[Message, float], None] | None = None,
+    ) -> None:
+        self.url = url
+        self.filter = topic_filter
+        self.expect = expect
+        self.keep = keep
+        self.count = 0
+        self.t_first = 0.0
+        self.t_last = 0.0
+        self.subscribed = asyncio.Event()
+        self.arrived = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> Receiver:
+        self.task = asyncio.create_task(self._run())
+        waiter = asyncio.create_task(self.subscribed.wait())
+        await asyncio.wait({self.task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if self.task.done():
+            waiter.cancel()
+            self.task.result()
+        return self
+
+    async def _run(self) -> None:
+        async with connect(self.url, client_id=f"bench-recv-{time.monotonic_ns()}") as bus:
+            await bus.subscribe(self.filter)
+            self.subscribed.set()
+            async for message in bus.messages():
+                now = time.monotonic()
+                if message.retain or not message.payload:
+                    continue  # what was there before, or a retained birth being cleared
+                if not self.t_first:
+                    self.t_first = now
+                self.t_last = now
+                self.count += 1
+                if self.keep is not None:
+                    self.keep(message, now)
+                self.arrived.set()
+                if self.expect is not None and self.count >= self.expect:
+                    return
+
+    async def settle(self, idle_s: float = 3.0, limit_s: float = 120.0) -> None:
+        """Until ``expect`` messages arrived, nothing arrived for ``idle_s``, or ``limit_s``."""
+        deadline = time.monotonic() + limit_s
+        assert self.task is not None
+        while not self.task.done() and time.monotonic() < deadline:
+            self.arrived.clear()
+            try:
+                await asyncio.wait_for(self.arrived.wait(), idle_s)
+            except TimeoutError:
+                break
+        await self.stop()
+
+    async def stop(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+
+
+def decoded(message: Message) -> Payload:
+    return decode(message.payload)
+
+
+def run_async(main: Callable[[], Any]) -> Any:
+    return asyncio.run(main())

@@ -1,0 +1,150 @@
+"""Scenario 2, the vibration pipeline: M presses x 10 kHz waveform blocks -> featurizer ->
+inference -> scores, on the embedded broker, each service its own process."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from uns import DeviceData, Message, decode
+from uns_bench import config, load
+from uns_bench.context import Context, Receiver
+from uns_bench.procs import Proc, Procs, in_process, load_pid, metric_sum, wait_broker, wait_metric
+from uns_bench.report import Row, percentile, summarise
+from uns_bench.sampler import Sampler
+
+LEVELS = (1, 10, 40, 80, 160)
+QUICK_LEVELS = (2,)
+ENTERPRISE = "bench"
+
+
+async def start_pipeline(
+    ctx: Context, procs: Procs, name: str, devices: list[str], url: str | None = None
+) -> tuple[str, dict[str, Proc]]:
+    """Broker (unless ``url``), featurizer and inference, ready to score ``devices``."""
+    cfg = str(config.write(ctx.workdir, name, devices))
+    running: dict[str, Proc] = {}
+    if url is None:
+        running["broker"], url = procs.broker()
+    await wait_broker(url)
+    common = ("--config", cfg, "--broker", url, "--log-level", "WARNING")
+    running["featurizer"] = procs.uns("featurizer", "run", "featurizer", *common, metrics=True)
+    running["inference"] = procs.uns("inference", "run", "inference", *common, metrics=True)
+    await wait_metric(
+        running["featurizer"], lambda s: metric_sum(s, "uns_connected") == 1, what="connected"
+    )
+    await wait_metric(
+        running["inference"],
+        lambda s: (
+            metric_sum(s, "uns_connected") == 1 and metric_sum(s, "uns_inference_model_info") >= 1
+        ),
+        what="serving a model",
+    )
+    return url, running
+
+
+async def run(ctx: Context) -> list[Row]:
+    rows = []
+    seconds = 2.0 if ctx.quick else 10.0
+    for m in QUICK_LEVELS if ctx.quick else LEVELS:
+        procs = Procs(ctx.workdir)
+        try:
+            devices = load.device_paths(ENTERPRISE, m)
+            url, running = await start_pipeline(ctx, procs, f"vibration-{m}", devices)
+            await measure(ctx, url, running, devices, 2.0)  # warm-up: births, first windows
+            runs = [await measure(ctx, url, running, devices, seconds) for _ in range(ctx.repeats)]
+        finally:
+            procs.stop()
+        row = summarise(
+            "2 vibration",
+            f"{m} machines",
+            f"{m * 10_000:,} samples/s ({m * 10} blocks/s) + {m * 10} slow tags/s, {seconds:g} s",
+            runs,
+        )
+        f = row.figures
+        ctx.say(
+            f"  {m} machines: lost {row.lost}, latency p50 {f['latency p50 ms']:.1f} ms"
+            f" p99 {f['latency p99 ms']:.1f} ms, cores {row.cpu_s}"
+        )
+        rows.append(row)
+    return rows
+
+
+async def measure(
+    ctx: Context, url: str, running: dict[str, Proc], devices: list[str], seconds: float
+) -> dict[str, Any]:
+    scores: dict[str, float] = {}
+
+    def keep(message: Message, now: float) -> None:
+        data: DeviceData = decode(message.payload, DeviceData)
+        if data.window is not None:
+            scores[f"{message.topic.rsplit('/', 2)[0]}|{data.window.end}"] = now
+
+    receiver = await Receiver(url, f"{ENTERPRISE}/+/+/+/+/+/scores/data", keep=keep).start()
+    feat, inf = running["featurizer"], running["inference"]
+    before = [await asyncio.to_thread(p.metrics) for p in (feat, inf)]
+    pids = {name: p.pid for name, p in running.items()}
+    if (pid := load_pid()) is not None:
+        pids["load"] = pid
+    async with Sampler(pids) as sampler:
+        sent = await in_process(load.vibration, url, devices, seconds)
+        expected: dict[str, float] = sent["windows"]
+        await _drain(scores, expected)
+        t_end = max([scores[k] for k in expected if k in scores], default=sent["t_last"])
+    await receiver.stop()
+    after = [await asyncio.to_thread(p.metrics) for p in (feat, inf)]
+
+    def delta(i: int, name: str, **labels: str) -> int:
+        return round(metric_sum(after[i], name, **labels) - metric_sum(before[i], name, **labels))
+
+    raw_in = delta(0, "uns_messages_received_total", stream="raw")
+    lost_raw = sent["blocks"] + sent["slow"] - raw_in
+    matched = [k for k in expected if k in scores]
+    lost_scores = len(expected) - len(matched)
+    latencies = [(scores[k] - expected[k]) * 1000 for k in matched]
+    span = sent["t_last"] - sent["t_first"]
+    m = len(devices)
+    cores = sampler.cores(sent["t_first"], t_end)
+    services = sum(v for k, v in cores.items() if k != "load")
+    notes = []
+    dropped = delta(0, "uns_messages_dropped_total") + delta(1, "uns_messages_dropped_total")
+    if dropped:
+        notes.append(f"{dropped} messages dropped by the services (uns_messages_dropped_total)")
+    excluded = delta(0, "uns_featurizer_samples_excluded_total")
+    if excluded:
+        notes.append(f"{excluded} samples excluded by the featurizer (gaps, duplicates)")
+    if sent["lag_max_s"] > 0.1:
+        notes.append(f"the load generator fell {sent['lag_max_s']:.2f} s behind its schedule")
+    blocks_per_s = sent["blocks"] / max(span, 1e-9)
+    return {
+        "lost": max(lost_raw, 0) + lost_scores,
+        "figures": {
+            "samples/s": round(len(matched) * 10_000 / max(span + 0.1, 1e-9)),
+            "offered samples/s": m * 10_000,
+            "latency p50 ms": round(percentile(latencies, 0.5), 1),
+            "latency p99 ms": round(percentile(latencies, 0.99), 1),
+            "scores": len(matched),
+            "windows expected": len(expected),
+            "blocks lost": max(lost_raw, 0),
+            "service cores per machine": round(services / m, 4),
+            **ctx.ratio(blocks_per_s, "amqtt/block"),
+        },
+        "cpu": cores,
+        "rss": sampler.peak_rss(),
+        "notes": notes,
+    }
+
+
+async def _drain(scores: dict[str, float], expected: dict[str, float], idle_s: float = 5.0) -> None:
+    """Until every expected window has its score, or none came for ``idle_s``."""
+    last_count, last_change = -1, time.monotonic()
+    while True:
+        have = sum(1 for k in expected if k in scores)
+        if have == len(expected):
+            return
+        if have != last_count:
+            last_count, last_change = have, time.monotonic()
+        elif time.monotonic() - last_change > idle_s:
+            return
+        await asyncio.sleep(0.1)
