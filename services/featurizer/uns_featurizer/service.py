@@ -106,6 +106,7 @@ class Featurizer(Service[FeaturizerSettings]):
         device = self._device(msg.topic)
         data = msg.payload
         s = self.settings
+        slow: list[_Features] = []
         for m in data.metrics:
             value, good = m.value, m.quality == "good"
             if m.name in s.speed_tags and good and isinstance(value, (int, float)):
@@ -138,8 +139,10 @@ class Featurizer(Service[FeaturizerSettings]):
                     seq=data.seq,
                     node=data.node,
                 ):
-                    await self._slow(device, m.name, ts_arr, values, prov)
+                    slow.append(self._slow(device, m.name, ts_arr, values, prov))
                 self._count(window_s.excluded.counts)
+        if slow:  # the tags of a message close their windows together: one birth for all
+            await self._publish_all(device, slow, "slow")
 
     def _count(self, counts: dict[str, int]) -> None:
         for reason, n in counts.items():
@@ -171,11 +174,11 @@ class Featurizer(Service[FeaturizerSettings]):
             if name.startswith("band_"):
                 description = f"Energy between {name[5:].replace('_', ' and ')} Hz"
             defs[f"{signal}.{name}"] = (_scaled_unit(base_unit, unit), description)
-        await self._publish(device, feats, signal, defs, window, "waveform")
+        await self._publish_all(device, [_Features(feats, signal, defs, window)], "waveform")
 
-    async def _slow(
+    def _slow(
         self, device: _Device, tag: str, ts: np.ndarray, values: np.ndarray, window: Window
-    ) -> None:
+    ) -> _Features:
         feats = slow_features(ts, values)
         unit = device.units.get(tag, "")
         defs = {
@@ -185,42 +188,49 @@ class Featurizer(Service[FeaturizerSettings]):
             )
             for k in feats
         }
-        await self._publish(device, feats, tag, defs, window, "slow")
+        return _Features(feats, tag, defs, window)
 
-    async def _publish(
-        self,
-        device: _Device,
-        feats: dict[str, float],
-        signal: str,
-        defs: dict[str, tuple[str, str]],
-        window: Window,
-        kind: str,
-    ) -> None:
-        if not feats:
-            return
+    async def _publish_all(self, device: _Device, results: list[_Features], kind: str) -> None:
+        """One features message per window; features never announced before go into one
+        new birth first (a birth is two QoS 1 round trips that hold up the outbox)."""
+        results = [r for r in results if r.feats]
         new = {
             name: MetricDef(
                 name=name,
                 datatype="double",
                 unit=unit,
                 description=desc,
-                source=f"featurizer:{signal}",
+                source=f"featurizer:{r.signal}",
             )
-            for name, (unit, desc) in defs.items()
+            for r in results
+            for name, (unit, desc) in r.defs.items()
             if name not in device.announced
         }
         if new:
             device.announced.update(new)
             await self.node.device_birth(device.path, "features", list(device.announced.values()))
-        metrics = [Metric(name=f"{signal}.{k}", value=round(v, 9)) for k, v in feats.items()]
-        await self.node.device_data(
-            device.path,
-            "features",
-            metrics,
-            ts=window.end,
-            window=window,
-        )
-        self.windows.labels(self.node.service, kind).inc()
+        for r in results:
+            metrics = [
+                Metric(name=f"{r.signal}.{k}", value=round(v, 9)) for k, v in r.feats.items()
+            ]
+            await self.node.device_data(
+                device.path,
+                "features",
+                metrics,
+                ts=r.window.end,
+                window=r.window,
+            )
+            self.windows.labels(self.node.service, kind).inc()
+
+
+@dataclass(frozen=True)
+class _Features:
+    """The features of one window of one signal, with their units and descriptions."""
+
+    feats: dict[str, float]
+    signal: str
+    defs: dict[str, tuple[str, str]]
+    window: Window
 
 
 def _scaled_unit(base: str, signal_unit: str) -> str:
