@@ -8,7 +8,7 @@ cap needs its room (`append`: the oldest telemetry first, events and births last
 * ``synchronous=FULL`` by default: each group commit is fsynced, so it survives a
   power cut as well as a ``kill -9`` (NORMAL survives the kill only). Commits are
   grouped by the caller (everything that arrived during the previous commit), so the
-  fsync costs latency, not throughput (see bench_journal.py).
+  fsync costs latency, not throughput (see `uns bench bridge`).
 * ``AUTOINCREMENT`` keeps row ids monotonic even when the table empties, and the first
   id of a new file is the creation time in microseconds, so ids (the remote's
   duplicate filter keys) never repeat even if the file is deleted.
