@@ -199,7 +199,7 @@ async def _adapter(ctx: Context, adapter: str) -> Row:
                     "lost": counter.gaps,
                     "figures": {
                         "tag values/s": round(counter.values / (t1 - t0)),
-                        "changes/s at the simulator": round(offered),
+                        "tag updates/s at the simulator": round(offered),
                         "messages/s": round(counter.messages / (t1 - t0)),
                     },
                     "cpu": sampler.cores(t0, t1),
@@ -216,7 +216,10 @@ async def _adapter(ctx: Context, adapter: str) -> Row:
         + (" + vibration" if adapter == "opcua-adapter" else ""),
         runs,
     )
-    row.notes.append("lost = sequence gaps seen downstream of the adapter")
+    row.notes.append(
+        "lost = sequence gaps seen downstream of the adapter; values that did not change"
+        " between updates are not sent (report by exception)"
+    )
     ctx.say(f"  {adapter}: {row.figures['tag values/s']:,.0f} values/s, gaps {row.lost}")
     return row
 
