@@ -8,6 +8,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from uns_bench import alert, bridge, broker, plant, slowtags, vibration
 from uns_bench.context import Context
@@ -38,12 +39,13 @@ def run(
         raise ValueError(f"no scenario {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
     chosen = names or list(SCENARIOS)
     started = time.monotonic()
+    before = machine()
     keep = os.environ.get("UNS_BENCH_DIR")  # keep the services' logs and configs there
     with tempfile.TemporaryDirectory(prefix="uns-bench-") as tmp:
         workdir = Path(keep) if keep else Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         ctx = Context(workdir, quick=quick, repeats=1 if quick else 3, say=say)
-        rows = asyncio.run(_run(ctx, chosen))
+        rows = asyncio.run(_run(ctx, chosen, before))
     elapsed = time.monotonic() - started
     say("")
     say(markdown(rows))
@@ -52,14 +54,19 @@ def run(
         write_json(
             json_path,
             rows,
-            {"scenarios": chosen, "quick": quick, "repeats": ctx.repeats, "seconds": elapsed},
+            {
+                "machine": before,
+                "scenarios": chosen,
+                "quick": quick,
+                "repeats": ctx.repeats,
+                "seconds": elapsed,
+            },
         )
         say(f"figures written to {json_path}")
     return rows
 
 
-async def _run(ctx: Context, names: list[str]) -> list[Row]:
-    m = machine()
+async def _run(ctx: Context, names: list[str], m: dict[str, Any]) -> list[Row]:
     ctx.say(
         f"uns bench on {m['cpus']} x {m['cpu_model']}, {m['memory_gib']} GiB, Python {m['python']};"
         f" load average {m['load_average'][0]:.2f}"

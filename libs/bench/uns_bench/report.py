@@ -129,6 +129,11 @@ def markdown(rows: list[Row]) -> str:
 
 
 def write_json(path: Path, rows: list[Row], meta: dict[str, Any]) -> None:
+    """``meta["machine"]``: `machine` as it was before the run (its load average)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    document = {"machine": machine(), **meta, "results": [msgspec.to_builtins(r) for r in rows]}
+    document = {
+        "machine": meta.pop("machine", None) or machine(),
+        **meta,
+        "results": [msgspec.to_builtins(r) for r in rows],
+    }
     path.write_bytes(msgspec.json.format(msgspec.json.encode(document), indent=2) + b"\n")
