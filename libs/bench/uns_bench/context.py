@@ -7,10 +7,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from uns import Message, connect, decode
-from uns.payloads import Payload
+from uns import Message, connect
 
 
 @dataclass
@@ -96,11 +94,3 @@ class Receiver:
                 await self.task
             except asyncio.CancelledError:
                 pass
-
-
-def decoded(message: Message) -> Payload:
-    return decode(message.payload)
-
-
-def run_async(main: Callable[[], Any]) -> Any:
-    return asyncio.run(main())

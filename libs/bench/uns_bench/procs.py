@@ -96,7 +96,6 @@ class Proc:
     env: dict[str, str] = field(default_factory=dict)
     metrics_port: int | None = None
     popen: subprocess.Popen[bytes] | None = None
-    _mark: Usage = Usage(0.0, 0.0, 0.0)
 
     def start(self) -> Proc:
         out = self.log.open("ab")
@@ -120,15 +119,6 @@ class Proc:
 
     def usage(self) -> Usage:
         return usage(self.pid)
-
-    def mark(self) -> None:
-        """Start a measurement interval (CPU seconds are counted from here)."""
-        self._mark = self.usage()
-
-    def since_mark(self) -> tuple[float, float]:
-        """CPU seconds since `mark`, and the peak RSS (MB) so far."""
-        now = self.usage()
-        return now.cpu_s - self._mark.cpu_s, now.peak_rss_mb
 
     def metrics(self) -> dict[str, float]:
         """The service's Prometheus samples, ``name{label=value,...}`` -> value."""
