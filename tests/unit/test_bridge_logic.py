@@ -254,7 +254,7 @@ def test_without_a_remote_the_bridge_has_nothing_to_do_and_that_is_valid():
     s = settings()
     assert s.remote is None and s.enabled
     assert s.journal.ttl_s == 86_400 and s.journal.max_bytes == 512 * 2**20
-    assert s.journal.backfill_rate == 2000 and s.journal.batch == 1
+    assert s.journal.backfill_rate is None and s.journal.batch == 1
     assert s.journal.path == "var/bridge-journal.sqlite"
 
 
@@ -310,3 +310,13 @@ def test_every_example_setting_decodes():
         journal={"path": "/var/lib/uns/bridge.sqlite", "batch": 50, "batch_ms": 200},
     )
     assert msgspec.to_builtins(s)["journal"]["batch"] == 50
+
+
+def test_a_backfill_keeps_to_the_cloud_endpoints_publish_limit_unless_told_otherwise():
+    from uns_bridge.logic import PRESETS, backfill_rate
+
+    assert backfill_rate(None, PRESETS["generic"], 1) >= 5000  # the benchmark's target
+    assert backfill_rate(None, PRESETS["aws-iot"], 1) == 100  # AWS: 100 publishes/s
+    assert backfill_rate(None, PRESETS["aws-iot"], 10) == 1000  # 10 messages per publish
+    assert backfill_rate(None, PRESETS["azure-iot-hub"], 1) == 100
+    assert backfill_rate(250, PRESETS["aws-iot"], 1) == 250  # a raised quota: as configured

@@ -186,9 +186,13 @@ async def _backfill(ctx: Context, batch: int, payload: bytes, per_hour: int) -> 
         f"{n:,} journalled messages after an outage -> Mosquitto as the cloud",
         runs,
     )
+    from uns_bridge.logic import PRESETS, backfill_rate
+
+    default = backfill_rate(None, PRESETS["generic"], batch)
     row.notes.append(
         f"the example plant sends {per_hour:,} messages/hour to the cloud; drained at the"
-        f" default backfill_rate (2,000/s) in {per_hour / 2000:.0f} s"
+        f" default backfill_rate of a generic broker ({default:,.0f}/s) in"
+        f" {per_hour / default:.0f} s"
     )
     ctx.say(f"  back-fill batch {batch}: {row.figures['back-fill msgs/s']:,.0f} msgs/s")
     return row

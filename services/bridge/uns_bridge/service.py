@@ -357,9 +357,8 @@ class Bridge(Service[BridgeSettings]):
         journal = self.journal
         assert remote is not None and journal is not None
         window = asyncio.Semaphore(remote.inflight)
-        bucket = logic.TokenBucket(
-            s.backfill_rate, max(s.batch, s.backfill_rate / 10), time.monotonic
-        )
+        rate = logic.backfill_rate(s.backfill_rate, logic.PRESETS[remote.preset], s.batch)
+        bucket = logic.TokenBucket(rate, max(s.batch, rate / 10), time.monotonic)
         cursor = 0
         while True:
             rows = await self._call(journal.read, cursor, READ_CHUNK)

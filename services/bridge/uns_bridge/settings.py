@@ -99,8 +99,10 @@ class JournalSettings(Strict, frozen=True):
     """A message not delivered within this many seconds is dropped (reason expired)."""
     max_bytes: Annotated[int, msgspec.Meta(ge=64 * 1024)] = 512 * 1024 * 1024
     """Disk cap of the database: beyond it the oldest telemetry goes first, events last."""
-    backfill_rate: Annotated[float, msgspec.Meta(gt=0)] = 2000.0
-    """Messages per second sent at most (a backlog drains at this rate behind live data)."""
+    backfill_rate: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    """Messages per second sent at most (a backlog drains at this rate behind live data).
+    Default: the preset's publish limit times ``batch`` (AWS IoT Core, Azure IoT Hub: 100
+    publishes/s), 5,000/s for a generic broker."""
     batch: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1
     """Messages per outbound publish; above 1 a JSON array envelope (see the README)."""
     batch_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 0
