@@ -144,6 +144,63 @@ def test_slow_windows_follow_event_time_and_exclude_bad_samples():
     }
 
 
+def test_a_phase_moves_where_slow_windows_end_within_the_hop():
+    w = SlowWindow(length_ms=20_000, hop_ms=10_000, phase_ms=2_500)
+    out = []
+    for ts in range(0, 30_001, 1_000):
+        out += w.add(ts, float(ts), good=True, seq=None, node="a")
+    assert [prov.end for _, _, prov in out] == [2_500, 12_500, 22_500]
+    assert list(out[-1][1]) == [float(t) for t in range(3_000, 23_000, 1_000)]
+
+
+@pytest.mark.parametrize("stagger", [True, False])
+async def test_devices_close_their_slow_windows_at_their_own_moment_unless_told_not_to(
+    memory_url, prefix, stagger
+):
+    devices = [f"{prefix}/pune/stamping/line-3/cell-a/press-0{i}" for i in (1, 2, 3)]
+    async with (
+        running(
+            Featurizer,
+            memory_url,
+            prefix,
+            plant=[(d, "press") for d in devices],
+            slow={"window_s": 2, "hop_s": 1, "stagger": stagger},
+        ),
+        watching(memory_url, f"{prefix}/+/+/+/+/+/features/data") as w,
+        connect(memory_url) as pub,
+    ):
+        for i in range(40):  # 4 s of two tags every 100 ms on both presses
+            t_ms = 1_700_000_000_000 + i * 100
+            for d in devices:
+                metrics = [
+                    Metric(name="bearing_temp", value=50.0),
+                    Metric(name="oil_temp", value=40.0),
+                ]
+                data = DeviceData(ts=t_ms, node="adapter", seq=i % 256, metrics=metrics)
+                await pub.publish(f"{d}/raw/data", encode(data), qos=1)
+
+        def two_windows_of_every_tag(_: object) -> bool:
+            return all(
+                sum(x.topic.startswith(d) and tag in x.payload for x in w.seen) >= 2
+                for d in devices
+                for tag in (b"bearing_temp", b"oil_temp")
+            )
+
+        await w.wait_for(two_windows_of_every_tag)
+    from uns import decode
+
+    phases: dict[str, set[int]] = {d: set() for d in devices}
+    for m in w.seen:
+        data = decode(m.payload)
+        phases[m.topic.rsplit("/", 2)[0]].add(data.window.end % 1000)
+    assert all(len(p) == 1 for p in phases.values()), phases  # a device's tags stay aligned
+    ends = [p.pop() for p in phases.values()]
+    if stagger:  # three offsets in 1,000 ms: all equal by chance one time in a million
+        assert len(set(ends)) > 1, ends
+    else:
+        assert ends == [0, 0, 0]
+
+
 async def test_the_service_publishes_feature_births_and_windows_with_provenance(memory_url, prefix):
     device = f"{prefix}/pune/stamping/line-3/cell-a/press-01"
     machine = Machine("press", 3)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +44,8 @@ class _Device:
     slow: dict[str, SlowWindow] = field(default_factory=dict)
     speed_rpm: float | None = None
     announced: dict[str, MetricDef] = field(default_factory=dict)
+    phase_ms: int = 0
+    """Where in the hop this device's slow windows end (the same for all its tags)."""
 
 
 class Featurizer(Service[FeaturizerSettings]):
@@ -92,7 +95,9 @@ class Featurizer(Service[FeaturizerSettings]):
         path = DevicePath.parse(topic.rsplit("/", 2)[0])
         device = self.devices.get(path)
         if device is None:
-            device = self.devices[path] = _Device(path)
+            hop_ms = int(self.settings.slow.hop_s * 1000)
+            phase = zlib.crc32(str(path).encode()) % hop_ms if self.settings.slow.stagger else 0
+            device = self.devices[path] = _Device(path, phase_ms=phase)
         return device
 
     async def on_birth(self, msg: Inbound[DeviceBirth]) -> None:
@@ -129,7 +134,7 @@ class Featurizer(Service[FeaturizerSettings]):
                 window_s = device.slow.get(m.name)
                 if window_s is None:
                     window_s = device.slow[m.name] = SlowWindow(
-                        int(s.slow.window_s * 1000), int(s.slow.hop_s * 1000)
+                        int(s.slow.window_s * 1000), int(s.slow.hop_s * 1000), device.phase_ms
                     )
                 ts = m.ts if m.ts is not None else data.ts
                 for ts_arr, values, prov in window_s.add(

@@ -25,6 +25,11 @@ class WaveformSettings(Strict, frozen=True):
 class SlowSettings(Strict, frozen=True):
     window_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
     hop_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    stagger: bool = True
+    """Spread the devices' window ends over the hop: each device's windows end at a fixed
+    offset from its path, so a thousand devices do not close theirs in the same
+    millisecond (a burst that delays every vibration window behind it). false: every
+    device's windows end on multiples of hop_s."""
 
 
 class Bearing(Strict, frozen=True):

@@ -119,10 +119,12 @@ class WaveformWindow:
 @dataclass
 class SlowWindow:
     """Per device and tag: (ts, value) samples in, a window of ``length_ms`` every ``hop_ms``,
-    aligned to event time (the data's own timestamps, so replays at any speed agree)."""
+    aligned to event time (the data's own timestamps, so replays at any speed agree): the
+    windows end at ``phase_ms`` past multiples of ``hop_ms``."""
 
     length_ms: int
     hop_ms: int
+    phase_ms: int = 0
     excluded: Excluded = field(default_factory=Excluded)
     _ts: collections.deque[int] = field(default_factory=collections.deque)
     _values: collections.deque[float] = field(default_factory=collections.deque)
@@ -137,7 +139,8 @@ class SlowWindow:
         """Take one sample; return the windows that closed before it."""
         out = []
         if self._next_end is None:
-            self._next_end = (ts // self.hop_ms + 1) * self.hop_ms
+            hops = (ts - self.phase_ms) // self.hop_ms + 1
+            self._next_end = hops * self.hop_ms + self.phase_ms
         while ts >= self._next_end:  # windows ending before this sample are complete
             out.extend(self._close(self._next_end, node))
             self._next_end += self.hop_ms
