@@ -440,7 +440,7 @@ def main() -> int:
             stats = "+".join(cfg["statistics"])
             print(
                 f"| NAB machine temperature | {cfg['window_h']} h windows, {stats}:"
-                " labelled windows with an event / false events | {cfg['windows_caught']} of"
+                f" labelled windows with an event / false events | {cfg['windows_caught']} of"
                 f" {n['labelled_windows']} / {cfg['false_events']}"
                 f" ({', '.join(cfg['false_at']) or 'none'}) | every window / <= 2 |"
             )
