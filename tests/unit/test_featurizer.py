@@ -267,3 +267,20 @@ async def test_the_service_publishes_feature_births_and_windows_with_provenance(
     births = [decode(m.payload) for m in w.seen if m.topic.endswith("/features/birth")]
     units = {d.name: d.unit for d in births[-1].metrics}
     assert units["vibration.rms"] == "g" and units["bearing_temp.slope_per_min"] == "degC/min"
+
+
+def test_a_slow_hop_below_a_millisecond_is_refused_naming_the_field(tmp_path):
+    import subprocess
+    import sys
+
+    config = tmp_path / "plant.yaml"
+    config.write_text("services:\n  featurizer:\n    slow: {hop_s: 0.0001}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "uns", "run", "featurizer", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "services.featurizer.slow.hop_s" in result.stderr
+    assert "Traceback" not in result.stderr

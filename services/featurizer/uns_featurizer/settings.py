@@ -23,8 +23,9 @@ class WaveformSettings(Strict, frozen=True):
 
 
 class SlowSettings(Strict, frozen=True):
-    window_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
-    hop_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    window_s: Annotated[float, msgspec.Meta(ge=0.001)] = 60.0
+    hop_s: Annotated[float, msgspec.Meta(ge=0.001)] = 10.0
+    """Windows are kept in whole milliseconds: at least 0.001 s."""
     stagger: bool = True
     """Spread the devices' window ends over the hop: each device's windows end at a fixed
     offset from its path, so a thousand devices do not close theirs in the same
