@@ -90,12 +90,13 @@ class Featurizer(Service[FeaturizerSettings]):
         for kind in ("waveform", "slow"):
             self.windows.labels(svc, kind)
         self._wave_hop = s.waveform.hop or s.waveform.window
+        self._slow_ms = int(s.slow.window_s * 1000), int(s.slow.hop_s * 1000)
 
     def _device(self, topic: str) -> _Device:
         path = DevicePath.parse(topic.rsplit("/", 2)[0])
         device = self.devices.get(path)
         if device is None:
-            hop_ms = int(self.settings.slow.hop_s * 1000)
+            hop_ms = self._slow_ms[1]
             phase = zlib.crc32(str(path).encode()) % hop_ms if self.settings.slow.stagger else 0
             device = self.devices[path] = _Device(path, phase_ms=phase)
         return device
@@ -133,9 +134,7 @@ class Featurizer(Service[FeaturizerSettings]):
             ):
                 window_s = device.slow.get(m.name)
                 if window_s is None:
-                    window_s = device.slow[m.name] = SlowWindow(
-                        int(s.slow.window_s * 1000), int(s.slow.hop_s * 1000), device.phase_ms
-                    )
+                    window_s = device.slow[m.name] = SlowWindow(*self._slow_ms, device.phase_ms)
                 ts = m.ts if m.ts is not None else data.ts
                 for ts_arr, values, prov in window_s.add(
                     ts,
