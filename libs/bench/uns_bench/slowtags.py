@@ -120,17 +120,31 @@ async def _until(
 
 
 class _Values:
-    """Counts slow-tag values in raw data messages, and sequence gaps per node (loss)."""
+    """Counts slow-tag values in raw data messages, and sequence gaps per node (loss).
 
-    def __init__(self) -> None:
+    ``flowing`` is set once slow-tag values of ``devices`` distinct devices have arrived:
+    the adapter is reading every machine, so a measurement may start (a birth, a death or
+    an adapter still backing off after the simulator's server came up are not data).
+    """
+
+    def __init__(self, devices: int) -> None:
         self.values = 0
         self.messages = 0
         self.gaps = 0
         self.seq: dict[str, int] = {}
         self.counting = False
+        self.devices = devices
+        self.seen: set[str] = set()
+        self.flowing = asyncio.Event()
 
     def __call__(self, message: Message, now: float) -> None:
         data: DeviceData = decode(message.payload, DeviceData)
+        if not self.flowing.is_set() and any(
+            not isinstance(m.value, Waveform) for m in data.metrics
+        ):
+            self.seen.add(message.topic)
+            if len(self.seen) >= self.devices:
+                self.flowing.set()
         last = self.seq.get(data.node)
         if last is not None and self.counting:
             self.gaps += (data.seq - last - 1) % SEQ_MODULUS
@@ -166,7 +180,7 @@ async def _adapter(ctx: Context, adapter: str) -> Row:
     if adapter == "modbus-adapter":
         services["modbus-adapter"]["poll_groups"] = {"fast": ADAPTER_TICK_S, "slow": ADAPTER_TICK_S}
     procs = Procs(ctx.workdir)
-    counter = _Values()
+    counter = _Values(machines)
     try:
         broker, url = procs.broker()
         await wait_broker(url)
@@ -177,12 +191,7 @@ async def _adapter(ctx: Context, adapter: str) -> Row:
         running["featurizer"] = procs.uns("featurizer", "run", "featurizer", *common, metrics=True)
         receiver = await Receiver(url, f"{ENTERPRISE}/+/+/+/+/+/raw/data", keep=counter).start()
         running[adapter] = procs.uns(adapter, "run", adapter, *common, metrics=True)
-        await wait_metric(
-            running[adapter],
-            lambda s: metric_sum(s, "uns_messages_published_total", stream="raw") > 0,
-            what="publishing",
-        )
-        await asyncio.sleep(1.0 if ctx.quick else 3.0)  # births, first values settled
+        await _flowing(counter, running[adapter], adapter)
         runs = []
         for _ in range(ctx.repeats):
             pids = {name: p.pid for name, p in running.items()}
@@ -222,6 +231,24 @@ async def _adapter(ctx: Context, adapter: str) -> Row:
     )
     ctx.say(f"  {adapter}: {row.figures['tag values/s']:,.0f} values/s, gaps {row.lost}")
     return row
+
+
+async def _flowing(counter: _Values, proc: Proc, adapter: str, timeout_s: float = 90.0) -> None:
+    """Until every machine's slow-tag values arrive from ``adapter`` (it may be backing off
+    while the simulator's servers start); a clear error if they never do."""
+    waiter = asyncio.create_task(counter.flowing.wait())
+    deadline = time.monotonic() + timeout_s
+    while not waiter.done():
+        if not proc.alive():
+            waiter.cancel()
+            raise RuntimeError(f"{adapter} exited; see {proc.log}")
+        if time.monotonic() > deadline:
+            waiter.cancel()
+            raise RuntimeError(
+                f"{adapter} sent values of {len(counter.seen)} of {counter.devices} machines"
+                f" in {timeout_s:g} s; see {proc.log}"
+            )
+        await asyncio.wait({waiter}, timeout=0.2)
 
 
 def _ports() -> tuple[int, int]:
