@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from prometheus_client import Counter, Gauge, Histogram
 
 from uns import (
+    Command,
     ConfigError,
     DeviceBirth,
     DeviceData,
@@ -41,10 +42,11 @@ from uns import (
     ModelRef,
     Node,
     Service,
+    node_topic,
     now_ms,
 )
-from uns.errors import TopicError, UnsError
-from uns.payloads import Quality
+from uns.errors import Reject, TopicError, UnsError
+from uns.payloads import SEQ_MODULUS, Quality
 from uns.topics import device_filter
 from uns_inference import audit, onnxmodel, signing
 from uns_inference import card as cards
@@ -59,6 +61,10 @@ log = logging.getLogger(__name__)
 
 CURRENT: Final = "current"
 TOP_FEATURES: Final = 3
+REBIRTH_EVERY_S: Final = 30.0
+"""At most one rebirth request per node in this time."""
+REBIRTH_MAX_NODES: Final = 16
+"""...and to at most this many nodes in it (forged node ids must not make a flood)."""
 
 Fingerprint = tuple[str, tuple[tuple[int, int] | None, ...]]
 
@@ -97,6 +103,11 @@ class _Device:
     events: EventState = field(default_factory=EventState)
     event_id: str = ""
     event_top: str = ""
+    node: str | None = None
+    """The node whose features birth announced the device (None before one): only its
+    data and deaths are trusted."""
+    bdseq: int = 0
+    """The birth/death sequence of that birth: an older session's death is stale."""
 
 
 def _fingerprint(directory: Path, version: str) -> Fingerprint:
@@ -219,6 +230,7 @@ class Inference(Service[InferenceSettings]):
         self.seen: dict[tuple[str, Kind], Fingerprint] = {}
         self.devices: dict[DevicePath, _Device] = {}
         self._announced_missing_dir = False
+        self._rebirths_asked: dict[str, float] = {}
         node.subscribe(
             device_filter(stream="features", message="birth"), DeviceBirth, self.on_birth
         )
@@ -247,7 +259,7 @@ class Inference(Service[InferenceSettings]):
         )
         self.m_skipped = Counter(
             "uns_inference_rows_skipped_total",
-            "Feature messages a model could not score yet (missing, stale, unannounced)",
+            "Feature messages a model could not score yet (missing, stale)",
             ["service", "reason"],
             registry=r,
         )
@@ -488,18 +500,91 @@ class Inference(Service[InferenceSettings]):
         device = self._device(msg.topic)
         if device is None:
             return
-        device.announced = {m.name for m in msg.payload.metrics}
+        birth = msg.payload
+        if device.node is not None and birth.node != device.node:
+            # Sparkplug: the newest birth wins. Still say so, since a second featurizer
+            # for the same device (or a forged birth) changes whose data is trusted.
+            log.warning(
+                "%s: features now announced by node %s (were by %s): only its data is scored",
+                device.path,
+                birth.node,
+                device.node,
+            )
+            device.latest.clear()  # values of the other node must not mix into rows
+        elif device.node is not None and device.announced is None:
+            log.info(
+                "%s: features announced again by node %s: scoring resumes", device.path, birth.node
+            )
+        device.node, device.bdseq = birth.node, birth.bdseq
+        device.announced = {m.name for m in birth.metrics}
         self._check_features(device)
 
     async def on_death(self, msg: Inbound[DeviceDeath]) -> None:
         device = self._device(msg.topic)
         if device is None:
             return
+        death = msg.payload
+        if device.node is None or device.announced is None:
+            return  # nothing is scored: e.g. a retained death of a device dead before we started
+        if death.node != device.node:
+            raise Reject(
+                "foreign_node",
+                f"{device.path}: a features death from node {death.node!r}, but node"
+                f" {device.node!r} announced the device; still scoring it",
+            )
+        if (death.bdseq - device.bdseq) % SEQ_MODULUS >= SEQ_MODULUS // 2:
+            raise Reject(
+                "stale_death",
+                f"{device.path}: a features death of session {death.bdseq}, older than the"
+                f" birth's {device.bdseq}; still scoring it",
+            )
+        log.warning(
+            "%s: features stream died (node %s: %s): not scoring it until it is announced again",
+            device.path,
+            death.node,
+            death.reason or "no reason given",
+        )
         device.latest.clear()
         device.announced = None
+        device.waiting.clear()
         if device.born_with is not None:
             device.born_with = None
             await self.node.device_death(device.path, "scores", reason="features stream died")
+
+    async def _untrusted_data(self, device: _Device, data: DeviceData) -> None:
+        """Data from a node that has not announced the device: dropped (Sparkplug: data
+        before birth is not trusted), and the node asked for a rebirth, since a birth it
+        published may have been lost (rate-limited: a flood of forged data stays cheap)."""
+        await self._ask_rebirth(device.path, data.node)
+        if device.node is not None and data.node != device.node:
+            raise Reject(
+                "foreign_node",
+                f"{device.path}: features from node {data.node!r}, but node {device.node!r}"
+                " announced the device",
+            )
+        raise Reject(
+            "unannounced",
+            f"{device.path}: features from node {data.node!r} before its features birth"
+            " (a rebirth was asked for)",
+        )
+
+    async def _ask_rebirth(self, path: DevicePath, node_id: str) -> None:
+        now = time.monotonic()
+        asked = self._rebirths_asked
+        for old in [n for n, at in asked.items() if now - at >= REBIRTH_EVERY_S]:
+            del asked[old]
+        if node_id in asked or len(asked) >= REBIRTH_MAX_NODES:
+            return
+        try:
+            topic = node_topic(path.enterprise, path.site, node_id, "cmd")
+        except TopicError:
+            return  # not a node id at all: nobody to ask
+        asked[node_id] = now
+        command = Command(
+            ts=now_ms(), name="rebirth", id=uuid.uuid4().hex[:12], sender=self.node.id
+        )
+        await self.node.publish(topic, command, qos=1)
+        log.info("%s: asked node %s for a rebirth (its data came without a birth)", path, node_id)
 
     async def on_data(self, msg: Inbound[DeviceData]) -> None:
         received = time.perf_counter()
@@ -507,14 +592,13 @@ class Inference(Service[InferenceSettings]):
         if device is None:
             return
         data = msg.payload
+        if device.announced is None or data.node != device.node:
+            await self._untrusted_data(device, data)
         at = data.window.end if data.window is not None else data.ts
         updated = device.latest.update(data.metrics, at)
         scored = False
         for kind, served in self._models(device.asset):
             if not updated & served.features:
-                continue
-            if device.announced is None:
-                self.m_skipped.labels(self.node.service, "unannounced").inc()
                 continue
             if kind in device.missing:
                 self.m_skipped.labels(self.node.service, "missing").inc()
