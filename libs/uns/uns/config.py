@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, Protocol, TypeVar, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
 import msgspec
+import msgspec.inspect as mi
 
 from uns.errors import ConfigError
 
@@ -31,9 +32,16 @@ DEFAULT_BROKER_URL: Final = "mqtt://127.0.0.1:1883"
 REPO_ROOT: Final = Path(__file__).resolve().parents[3]
 EXAMPLE_CONFIG: Final = REPO_ROOT / "uns-schema" / "plant.yaml"
 
-Slug = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
-_SLUG6 = r"[a-z0-9][a-z0-9_-]{0,63}"
-DevicePathText = Annotated[str, msgspec.Meta(pattern=rf"^{_SLUG6}(/{_SLUG6}){{5}}$")]
+# The end of the text: Python's `$` also matches before a final "\n" (so "acme\n" passed and
+# services then crash-looped on TopicError); `\Z` is not ECMA-262, the dialect of the JSON
+# Schema generated from these types. `(?!\n)$` means the same in both.
+_END = r"(?!\n)$"
+_SLUG = r"[a-z0-9][a-z0-9_-]{0,63}"
+SLUG_PATTERN: Final = rf"^{_SLUG}{_END}"
+DEVICE_PATH_PATTERN: Final = rf"^{_SLUG}(/{_SLUG}){{5}}{_END}"
+Slug = Annotated[str, msgspec.Meta(pattern=SLUG_PATTERN)]
+DevicePathText = Annotated[str, msgspec.Meta(pattern=DEVICE_PATH_PATTERN)]
+"""A device path (six slugs); in a service's settings it must lie in ``namespace``."""
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 
@@ -63,21 +71,46 @@ class BrokerUrl(msgspec.Struct, frozen=True):
         return f"{self.scheme}://{self.host}:{self.port}"
 
 
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (``mqtt://user:***@host``), for messages.
+
+    Split as `urllib.parse.urlsplit` does (the user part ends at the last ``@`` of the
+    network location), without its validation, so that a URL too broken to parse is
+    redacted too.
+    """
+    scheme, sep, rest = url.partition("//")
+    if not sep:
+        return url
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    netloc, tail = rest[:end], rest[end:]
+    userinfo, at, host = netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}//{userinfo.partition(':')[0]}:***@{host}{tail}"
+
+
 def parse_broker_url(url: str, field: str = "broker.url") -> BrokerUrl:
-    """Parse a broker URL; raise `ConfigError` naming ``field`` if it is not one."""
-    parts = urlsplit(url)
+    """Parse a broker URL; raise `ConfigError` naming ``field`` if it is not one.
+
+    The URL may hold a password: messages show it redacted (`redact_url`).
+    """
+    shown = repr(redact_url(url))
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # "Invalid IPv6 URL"
+        raise ConfigError(f"{field}: {shown} is not a URL: {exc}") from None
     scheme = parts.scheme
     if scheme not in ("mqtt", "mqtts", "memory"):
         raise ConfigError(
-            f"{field}: {url!r} is not a broker URL; use mqtt://host:port, mqtts://host:port"
+            f"{field}: {shown} is not a broker URL; use mqtt://host:port, mqtts://host:port"
             " (or memory://name in tests)"
         )
     if not parts.hostname:
-        raise ConfigError(f"{field}: {url!r} has no host")
+        raise ConfigError(f"{field}: {shown} has no host")
     try:
         port = parts.port
     except ValueError:
-        raise ConfigError(f"{field}: {url!r} has an invalid port") from None
+        raise ConfigError(f"{field}: {shown} has an invalid port") from None
     if port is None:
         port = 8883 if scheme == "mqtts" else 1883
     return BrokerUrl(
@@ -151,16 +184,38 @@ class UnsConfig(Strict, frozen=True):
     """One section per service, decoded by that service's own settings struct."""
 
 
-_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_PATTERNS: Final = {
+    SLUG_PATTERN: "that is a slug (lowercase letters, digits, '-' and '_', starting with a"
+    " letter or digit, at most 64 characters, nothing else: no space or newline)",
+    DEVICE_PATH_PATTERN: "that is a device path: enterprise/site/area/line/cell/device, each"
+    " a slug (lowercase letters, digits, '-' and '_', at most 64 characters; no space or"
+    " newline)",
+}
+_AT = re.compile(r"(?P<msg>.*?)(?: - at `(?:key` in `)?\$(?P<path>[^`]*)`)?", re.S)
 
 
 def describe(exc: msgspec.ValidationError | msgspec.DecodeError, prefix: str = "") -> str:
-    """Turn msgspec's ``Expected int - at `$.a.b``` into ``a.b: Expected int``."""
-    m = _AT.match(str(exc))
+    """Turn msgspec's ``Expected int - at `$.a.b``` into ``a.b: Expected int`` (a bad
+    dictionary key, ``at `key` in `$.a```, is named by its dictionary ``a``)."""
+    m = _AT.fullmatch(str(exc))
     assert m is not None
     path = (m.group("path") or "").lstrip(".")
     field = ".".join(p for p in (prefix, path) if p)
-    return f"{field}: {m.group('msg')}" if field else m.group("msg")
+    msg = m.group("msg")
+    for pattern, what in _PATTERNS.items():
+        msg = msg.replace(f"matching regex {pattern!r}", what)
+    return f"{field}: {msg}" if field else msg
+
+
+_UNKNOWN = re.compile(r"unknown field `(?P<name>[^`]+)`")
+
+
+def _field_of(message: str) -> str:
+    """The field a `describe` message is about; an unknown field's own path (``namespace`` +
+    ``sites``), since that is what the file or a variable set."""
+    field, _, rest = message.partition(": ")
+    unknown = _UNKNOWN.search(rest)
+    return f"{field}.{unknown.group('name')}" if unknown else field
 
 
 def _env_overlay(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
@@ -190,10 +245,70 @@ def _env_overlay(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, 
 
 
 def _source(field: str, origin: Mapping[str, str], path: Path | None) -> str:
+    """Where the value of ``field`` came from: the variable that set it or a section above
+    it; else, for a check of a whole section (``cert_file and key_file go together``), the
+    file and the variables that set fields inside it; else the file."""
+    file = str(path) if path else "defaults"
     for key, var in origin.items():
-        if field == key or field.startswith(key + ".") or field.startswith(key + "["):
+        if field == key or field.startswith((key + ".", key + "[")):
             return f"environment variable {var}"
-    return str(path) if path else "defaults"
+    inside = [var for key, var in origin.items() if field and key.startswith(field + ".")]
+    if inside:
+        return f"{file} and environment variable{'s' if len(inside) > 1 else ''} " + ", ".join(
+            inside
+        )
+    return file
+
+
+@runtime_checkable
+class ChecksConfig(Protocol):
+    """Settings whose values must agree with the rest of the config (``simulator.devices``
+    must be devices of ``plant.devices``); `LoadedConfig.service` calls ``check_config``."""
+
+    def check_config(self, config: UnsConfig) -> None:
+        """Raise `FieldError` naming the field (relative to the service's section)."""
+
+
+class FieldError(ValueError):
+    """A value that contradicts another part of the config; ``field`` relative to its section."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def _device_paths(
+    value: Any, info: mi.Type, field: str, depth: int = 0
+) -> Iterator[tuple[str, str]]:
+    """(field, path) of every `DevicePathText` value in a decoded settings struct."""
+    if depth > 20:  # settings are shallow; a recursive type is not followed forever
+        return
+    if isinstance(info, mi.StrType):
+        if info.pattern == DEVICE_PATH_PATTERN and isinstance(value, str):
+            yield field, value
+    elif isinstance(info, mi.StructType):
+        for f in info.fields:
+            sub = f"{field}.{f.name}" if field else f.name
+            yield from _device_paths(getattr(value, f.name, None), f.type, sub, depth + 1)
+    elif isinstance(info, (mi.ListType, mi.VarTupleType, mi.SetType, mi.FrozenSetType)):
+        if isinstance(value, (list, tuple, set, frozenset)):
+            for i, item in enumerate(value):
+                yield from _device_paths(item, info.item_type, f"{field}[{i}]", depth + 1)
+    elif isinstance(info, mi.DictType):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                yield from _device_paths(key, info.key_type, field, depth + 1)
+                yield from _device_paths(item, info.value_type, f"{field}[{key!r}]", depth + 1)
+    elif isinstance(info, mi.UnionType):
+        for option in info.types:
+            yield from _device_paths(value, option, field, depth + 1)
+    elif isinstance(info, mi.Metadata):
+        yield from _device_paths(value, info.type, field, depth + 1)
+
+
+def _outside(path: str, namespace: Namespace) -> bool:
+    return path.split("/", 2)[:2] != [namespace.enterprise, namespace.site]
 
 
 class LoadedConfig(msgspec.Struct, frozen=True):
@@ -204,16 +319,43 @@ class LoadedConfig(msgspec.Struct, frozen=True):
     origin: dict[str, str]
 
     def service(self, name: str, kind: type[T]) -> T:
-        """Decode ``services.<name>`` into the service's settings (exit-2 material on error)."""
+        """Decode ``services.<name>`` into the service's settings (exit-2 material on error).
+
+        Beyond the types: every device path in them lies in ``namespace`` (an edge box
+        publishes one site), and settings that are `ChecksConfig` are checked against
+        the rest of the config.
+        """
         section = self.config.services.get(name) or {}
+        prefix = f"services.{name}"
         try:
-            return msgspec.convert(section, kind, strict=False)
+            settings = msgspec.convert(section, kind, strict=False)
         except msgspec.ValidationError as exc:
-            message = describe(exc, f"services.{name}")
-            field = message.split(":", 1)[0]
-            raise ConfigError(
-                f"{message} (from {_source(field, self.origin, self.path)})"
-            ) from None
+            raise self._error(describe(exc, prefix)) from None
+        ns = self.config.namespace
+        for field, path in _device_paths(settings, mi.type_info(kind), prefix):
+            if _outside(path, ns):
+                raise self._error(
+                    f"{field}: {path!r} is outside this edge box's namespace"
+                    f" {ns.enterprise}/{ns.site}",
+                    also=("namespace.enterprise", "namespace.site"),
+                )
+        if isinstance(settings, ChecksConfig):
+            try:
+                settings.check_config(self.config)
+            except FieldError as exc:
+                raise self._error(f"{prefix}.{exc.field}: {exc.message}") from None
+        return settings
+
+    def _error(self, message: str, also: tuple[str, ...] = ()) -> ConfigError:
+        """The message with the source of its field (and of the fields it was checked against
+        when they came from variables)."""
+        source = _source(_field_of(message), self.origin, self.path)
+        others = [
+            f"{f} from environment variable {self.origin[f]}" for f in also if f in self.origin
+        ]
+        if others:
+            source += "; " + ", ".join(others)
+        return ConfigError(f"{message} (from {source})")
 
 
 def resolve_path(path: str | os.PathLike[str] | None) -> Path | None:
@@ -245,12 +387,20 @@ def load(
             raise ConfigError(f"config file {file}: expected a mapping at the top level")
         data = loaded
     origin = _env_overlay(data, env)
+    result = LoadedConfig(config=UnsConfig(), path=file, origin=origin)
     try:
         config = msgspec.convert(data, UnsConfig, strict=False)
     except msgspec.ValidationError as exc:
-        message = describe(exc)
-        field = message.split(":", 1)[0]
-        raise ConfigError(f"{message} (from {_source(field, origin, file)})") from None
+        raise result._error(describe(exc)) from None
     except ConfigError as exc:  # raised by a __post_init__ with its own field name
-        raise ConfigError(f"{exc} (from {_source('broker.url', origin, file)})") from None
-    return LoadedConfig(config=config, path=file, origin=origin)
+        raise result._error(str(exc)) from None
+    result = LoadedConfig(config=config, path=file, origin=origin)
+    ns = config.namespace
+    for i, device in enumerate(config.plant.devices):
+        if _outside(device.path, ns):
+            raise result._error(
+                f"plant.devices[{i}].path: {device.path!r} is outside this edge box's"
+                f" namespace {ns.enterprise}/{ns.site}",
+                also=("namespace.enterprise", "namespace.site"),
+            )
+    return result

@@ -69,7 +69,7 @@ class DevicePath:
         if len(parts) != len(LEVELS):
             raise TopicError(
                 f"invalid device path {text!r}: expected 6 levels"
-                " (enterprise/site/area/line/cell/device), got {len(parts)}"
+                f" (enterprise/site/area/line/cell/device), got {len(parts)}"
             )
         return cls(*parts)
 

@@ -3,7 +3,7 @@ from typing import Annotated
 import msgspec
 
 from uns import ServiceSettings
-from uns.config import Port, Strict
+from uns.config import DevicePathText, FieldError, Port, Strict, UnsConfig
 
 
 class Endpoint(Strict, frozen=True):
@@ -26,5 +26,13 @@ class SimulatorSettings(ServiceSettings, frozen=True):
     """Samples per waveform block (10 blocks/s at 10 kHz)."""
     opcua: Endpoint = Endpoint(port=4840)
     modbus: Endpoint = Endpoint(port=5020)
-    devices: list[str] | None = None
+    devices: list[DevicePathText] | None = None
     """Which plant devices to simulate (paths); all of `plant.devices` when absent."""
+
+    def check_config(self, config: UnsConfig) -> None:
+        """A device to simulate must be one of the plant's: a typo would otherwise leave a
+        machine silently unsimulated."""
+        plant = {d.path for d in config.plant.devices}
+        for i, path in enumerate(self.devices or []):
+            if path not in plant:
+                raise FieldError(f"devices[{i}]", f"{path!r} is not a device of plant.devices")
