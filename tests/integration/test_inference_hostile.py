@@ -3,7 +3,9 @@ from another node, data before a birth, a restart with an anomaly open."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -23,6 +25,8 @@ from test_inference import (
     window,
 )
 
+from clitools import Proc, start
+from conftest import Mosquitto
 from harness import capturing_logs, running, watching
 from uns import (
     Command,
@@ -185,3 +189,89 @@ async def test_data_before_a_birth_is_dropped_and_the_node_asked_for_a_rebirth(
         assert drops(node, "unannounced") == 14  # 12 windows: 12 waveform + 2 slow messages
         assert len([m for m in w.seen if m.topic == cmd]) == 1  # once per node per 30 s
         assert events_of(w.seen, dev) == []  # the unannounced fault left nothing behind
+
+
+# ---- a restart with an anomaly open: a real process, killed, on a real broker -------------
+
+
+def inference_config(path: Path, prefix: str, dev: str, life: Lifecycle) -> Path:
+    config = {
+        "namespace": {"enterprise": prefix, "site": "pune"},
+        "plant": {"devices": [{"path": dev, "asset": "press"}]},
+        "services": {"inference": {**life.settings(), "metrics_port": 0}},
+    }
+    path.write_bytes(msgspec.json.encode(config))  # JSON is YAML
+    return path
+
+
+async def start_inference(procs: list[Proc], url: str, config: Path) -> Proc:
+    proc = start(procs, "run", "inference", "--broker", url, "--config", str(config))
+    await asyncio.to_thread(proc.wait_line, "births published")
+    return proc
+
+
+def kill(proc: Proc) -> None:
+    proc.p.kill()  # SIGKILL: no clean stop, no last save
+    proc.p.wait(timeout=30)
+
+
+@pytest.mark.mosquitto
+async def test_an_event_open_across_kills_goes_on_under_its_id_and_clears_once(
+    mosquitto: Mosquitto, prefix: str, life: Lifecycle, procs: list[Proc], tmp_path: Path
+) -> None:
+    dev = device(prefix)
+    config = inference_config(tmp_path / "plant.yaml", prefix, dev, life)
+    async with watching(mosquitto.url, f"{prefix}/#") as w, connect(mosquitto.url) as bus:
+        first = await start_inference(procs, mosquitto.url, config)
+        await w.wait_for(on(f"{dev}/scores/birth"))
+        feeder = Featurizer(bus, dev)
+        await feeder.birth()
+        await feeder.windows(features(5, seed=300))
+        await feeder.windows(faulty(features(12, seed=301)))
+        raised = msgspec.json.decode(
+            (await w.wait_for(on(f"{dev}/events/anomaly", "raised"))).payload, type=Event
+        )
+        kill(first)  # the fault goes on
+
+        second = await start_inference(procs, mosquitto.url, config)
+        assert any(f"anomaly {raised.id} still open" in line for line in second.lines)
+        await w.wait_for(on(f"{dev}/scores/birth"))
+        feeder.i = 20  # a slow-tag window first: the new process knows no values yet
+        await scores_after(w, feeder, faulty(features(8, seed=302)))  # 8 s more of the fault
+        assert [e.state for e in events_of(w.seen, dev)] == ["raised"]
+        kill(second)  # the fault clears while no inference runs
+
+        await start_inference(procs, mosquitto.url, config)
+        await w.wait_for(on(f"{dev}/scores/birth"))
+        feeder.i = 40
+        await feeder.windows(features(12, seed=303))  # healthy again: 3 s to clear
+        cleared = msgspec.json.decode(
+            (await w.wait_for(on(f"{dev}/events/anomaly", "cleared"))).payload, type=Event
+        )
+        await scores_after(w, feeder, features(2, seed=304))  # everything before it is in
+    events = events_of(w.seen, dev)
+    assert [(e.state, e.id) for e in events] == [("raised", raised.id), ("cleared", raised.id)]
+    assert cleared.started == raised.started
+    assert cleared.count >= 1 and cleared.score is not None and raised.score is not None
+    assert cleared.score >= raised.score  # the peak, kept across both restarts
+
+
+async def test_an_unreadable_state_file_is_an_error_line_and_a_fresh_start(
+    memory_url: str, prefix: str, life: Lifecycle, logs: Records
+) -> None:
+    dev = device(prefix)
+    state = life.root / "var" / "inference-events.json"
+    state.write_bytes(b'{"v": 1, "events": [{"id": ')  # cut off by a full disk
+    async with (
+        running(Inference, memory_url, prefix, plant=[(dev, "press")], **life.settings()),
+        watching(memory_url, f"{prefix}/#") as w,
+        connect(memory_url) as bus,
+    ):
+        error = await logs.wait_for("not a state file")
+        assert error.levelno == logging.ERROR
+        await w.wait_for(on(f"{dev}/scores/birth"))
+        feeder = Featurizer(bus, dev)
+        await feeder.birth()
+        await feeder.windows(faulty(features(6, seed=310)))
+        await w.wait_for(on(f"{dev}/events/anomaly", "raised"))
+    assert b'"events":[{' in state.read_bytes()  # replaced by one that holds the open event

@@ -9,12 +9,19 @@ While open, every new upward crossing of ``raise`` only increments ``count``: no
 event, so a score hovering around its threshold never floods the namespace (or the
 cloud behind the bridge). Times are data times (the features' window ends, ms), so a
 replay at any speed raises the same events as the live run.
+
+An open event outlives the process: `OpenEvent` is what the service keeps of it in its
+state file, and `EventState.reopen` puts it back after a restart, so the same id goes
+on (and clears) instead of a second ``raised``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
+
+import msgspec
 
 Phase = Literal["normal", "pending", "open"]
 Severity = Literal["warning", "critical"]
@@ -77,6 +84,16 @@ class EventState:
     def is_open(self) -> bool:
         return self.phase == "open"
 
+    def reopen(self, event: OpenEvent) -> None:
+        """Continue an event that was open when the service stopped."""
+        self.phase, self.since, self.peak, self.count = (
+            "open",
+            event.started,
+            event.peak,
+            event.count,
+        )
+        self.above, self.below_since, self.last_ts = event.above, event.below_since, event.last_ts
+
     def update(self, ts: int, score: float, h: Hysteresis) -> Transition | None:
         self.last_ts = ts
         above = score >= h.raise_
@@ -113,3 +130,60 @@ class EventState:
 
 def _severity(score: float, h: Hysteresis) -> Severity:
     return "critical" if score >= h.critical else "warning"
+
+
+class OpenEvent(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
+    """One open event as the state file keeps it (enough to go on with the same id)."""
+
+    device: str
+    kind: str
+    id: str
+    started: int
+    peak: float
+    count: int
+    above: bool
+    below_since: int | None = None
+    last_ts: int | None = None
+    top: str = ""
+    """The top features named when it was raised."""
+
+    @classmethod
+    def of(cls, device: str, kind: str, id: str, top: str, state: EventState) -> OpenEvent:
+        return cls(
+            device=device,
+            kind=kind,
+            id=id,
+            started=state.since,
+            peak=state.peak,
+            count=state.count,
+            above=state.above,
+            below_since=state.below_since,
+            last_ts=state.last_ts,
+            top=top,
+        )
+
+
+class _StateFile(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
+    v: int = 1
+    events: list[OpenEvent] = []
+
+
+_state_encoder = msgspec.json.Encoder()
+_state_decoder = msgspec.json.Decoder(_StateFile)
+
+
+def encode_open(events: Iterable[OpenEvent]) -> bytes:
+    return _state_encoder.encode(
+        _StateFile(events=sorted(events, key=lambda e: (e.device, e.kind)))
+    )
+
+
+def decode_open(data: bytes) -> list[OpenEvent]:
+    """The open events of a state file; `ValueError` saying why it cannot be read."""
+    try:
+        state = _state_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ValueError(str(exc)) from None
+    if state.v != 1:
+        raise ValueError(f"unknown state file version {state.v}")
+    return state.events

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -50,9 +51,10 @@ from uns.payloads import SEQ_MODULUS, Quality
 from uns.topics import device_filter
 from uns_inference import audit, onnxmodel, signing
 from uns_inference import card as cards
+from uns_inference import events as eventstate
 from uns_inference.card import KINDS, Card, CardError, Kind
 from uns_inference.combine import DeviceFeatures, NotReady
-from uns_inference.events import EventState, Hysteresis, Transition
+from uns_inference.events import EventState, Hysteresis, OpenEvent, Transition
 from uns_inference.onnxmodel import ModelError, OnnxModel
 from uns_inference.settings import InferenceSettings
 from uns_inference.signing import CARD_FILE, MODEL_FILE, SIG_FILE, IntegrityError, SignatureError
@@ -219,6 +221,11 @@ class Inference(Service[InferenceSettings]):
         self.assets.update(s.devices)
         self.models_dir = Path(s.models_dir)
         self.audit_path = Path(s.audit_log)
+        self.state_path = (
+            Path(s.state_file) if s.state_file else self.audit_path.parent / "inference-events.json"
+        )
+        self._state_lock = asyncio.Lock()
+        self._state_dirty = False
         self.max_age_ms = round(s.max_feature_age_s * 1000)
         self.pubkey: Ed25519PublicKey | None = None
         if s.pubkey:
@@ -276,6 +283,7 @@ class Inference(Service[InferenceSettings]):
             ["service", "asset", "name", "version"],
             registry=r,
         )
+        self._restore_events()
         for kind in KINDS:
             self.m_scores.labels(svc, kind)
         for state in ("raised", "cleared"):
@@ -294,10 +302,16 @@ class Inference(Service[InferenceSettings]):
             log.warning(
                 "no pubkey configured (services.inference.pubkey): every model will be refused"
             )
-        while True:
-            await self.check_models()
-            self._report_missing(time.monotonic())
-            await asyncio.sleep(s.reload_s)
+        try:
+            while True:
+                await self.check_models()
+                self._report_missing(time.monotonic())
+                if self._state_dirty:
+                    await self._save_events()
+                await asyncio.sleep(s.reload_s)
+        finally:
+            if self._state_dirty:  # stopping: a peak or count of the last seconds
+                self._write_events(self._open_events())
 
     async def check_models(self) -> None:
         """Load what ``current`` names where it changed since the last look."""
@@ -416,6 +430,81 @@ class Inference(Service[InferenceSettings]):
             version,
             head.sha256[:16],
         )
+
+    # ---- open events across restarts ------------------------------------------------------
+
+    def _restore_events(self) -> None:
+        """Read the open events of the last run (once, before anything connects)."""
+        try:
+            data = self.state_path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.error("%s: cannot read open events (%s): starting without", self.state_path, exc)
+            return
+        try:
+            saved = eventstate.decode_open(data)
+        except ValueError as exc:
+            log.error("%s: not a state file (%s): starting without", self.state_path, exc)
+            return
+        for event in saved:
+            try:
+                path = DevicePath.parse(event.device)
+            except TopicError:
+                path = None
+            device = self._device_at(path) if path is not None else None
+            if device is None or event.kind != "anomaly":
+                log.warning(
+                    "%s: open event %s of %s dropped: the device is not configured any more",
+                    self.state_path,
+                    event.id,
+                    event.device,
+                )
+                self._state_dirty = True
+                continue
+            device.events.reopen(event)
+            device.event_id, device.event_top = event.id, event.top
+            log.info(
+                "%s: anomaly %s still open from before the restart (count %d, peak %.3g):"
+                " it goes on under the same id",
+                device.path,
+                event.id,
+                event.count,
+                event.peak,
+            )
+
+    def _open_events(self) -> list[OpenEvent]:
+        return [
+            OpenEvent.of(str(d.path), "anomaly", d.event_id, d.event_top, d.events)
+            for d in self.devices.values()
+            if d.events.is_open
+        ]
+
+    def _write_events(self, events: list[OpenEvent]) -> bool:
+        """Replace the state file atomically (write, fsync, rename). Blocking."""
+        try:
+            self.state_path.parent.mkdir(parents=True, exist_ok=True)
+            staged = self.state_path.with_name(f".{self.state_path.name}.tmp")
+            with staged.open("wb") as f:
+                f.write(eventstate.encode_open(events))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(staged, self.state_path)
+        except OSError as exc:
+            log.error(
+                "%s: cannot save the open events (%s): a restart would raise them again",
+                self.state_path,
+                exc,
+            )
+            return False
+        return True
+
+    async def _save_events(self) -> None:
+        self._state_dirty = False
+        events = self._open_events()  # taken now, on the loop; written in a thread, in order
+        async with self._state_lock:
+            if not await asyncio.to_thread(self._write_events, events):
+                self._state_dirty = True  # tried again on the next round
 
     def _hysteresis(self, card: Card) -> Hysteresis | None:
         t = card.thresholds
@@ -672,14 +761,24 @@ class Inference(Service[InferenceSettings]):
     ) -> None:
         h = served.hysteresis
         assert h is not None
-        t = device.events.update(at, score, h)
+        state = device.events
+        before = (state.count, state.peak) if state.is_open else None
+        t = state.update(at, score, h)
         if t is None:
+            if before is not None and before != (state.count, state.peak):
+                self._state_dirty = True  # saved within reload_s, and at a clean stop
             return
         if t.state == "raised":
             device.event_id = f"{device.path.device}-anomaly-{t.started}-{uuid.uuid4().hex[:8]}"
             order = np.argsort(-contributions, kind="stable")[:TOP_FEATURES]
             device.event_top = ",".join(served.card.features[i] for i in order)
-        await self._publish_event(device, served, t, h)
+            # saved before it is published: a restart after consumers saw it goes on with it
+            await self._save_events()
+            await self._publish_event(device, served, t, h)
+        else:
+            # queued before it is forgotten: a restart in between clears it again (same id)
+            await self._publish_event(device, served, t, h)
+            await self._save_events()
 
     async def _publish_event(
         self, device: _Device, served: _Served, t: Transition, h: Hysteresis

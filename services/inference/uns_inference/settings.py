@@ -29,6 +29,10 @@ class InferenceSettings(ServiceSettings, frozen=True):
     """Development only: load models without a signature check (sha256 still checked)."""
     audit_log: str = "var/model-audit.jsonl"
     """Append-only, hash-chained log of loads, promotions and refusals."""
+    state_file: str | None = None
+    """Open anomaly events, so a restart goes on with the same ids (and clears them)
+    instead of raising them again; ``inference-events.json`` next to ``audit_log`` when
+    absent (one volume keeps both)."""
     reload_s: PositiveFloat = 2.0
     """How often the models directory is checked for promotions."""
     max_feature_age_s: PositiveFloat = 120.0
