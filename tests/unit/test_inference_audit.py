@@ -1,4 +1,4 @@
-"""The model audit log: an append-only hash chain that names the line someone changed."""
+"""The model audit log: an append-only keyed chain that names the line someone changed."""
 
 from __future__ import annotations
 
@@ -33,9 +33,10 @@ def test_appended_lines_form_a_chain_that_verifies(tmp_path: Path) -> None:
     entries = audit.read(log)
     assert [e["seq"] for e in entries] == [1, 2, 3, 4, 5]
     assert entries[0]["prev"] == "0" * 64
-    assert entries[3]["prev"] == hashlib.sha256(lines(log)[2]).hexdigest()
+    assert entries[3]["prev"] == entries[2]["mac"]
     head = audit.head(log)
     assert head.lines == 5 and head.sha256 == hashlib.sha256(lines(log)[-1]).hexdigest()
+    assert head.mac == entries[-1]["mac"] and head.key == entries[0]["key"]
 
 
 def test_an_edited_line_is_named(tmp_path: Path) -> None:
@@ -55,8 +56,8 @@ def test_an_edit_that_recomputes_the_lines_own_hash_is_still_named(tmp_path: Pat
     text = log.read_text().splitlines()
     entry = json.loads(text[1])
     entry["event"] = "refuse"
-    del entry["hash"]
-    entry["hash"] = hashlib.sha256(
+    del entry["mac"]
+    entry["mac"] = hashlib.sha256(
         json.dumps(entry, sort_keys=True, separators=(",", ":")).encode()
     ).hexdigest()
     text[1] = json.dumps(entry, sort_keys=True, separators=(",", ":"))

@@ -446,10 +446,14 @@ def model_promote(
 
 
 def audit_verify(path: Path) -> audit.Head:
-    """The head of a sound log; `CommandError` naming the first bad line otherwise."""
+    """The head of a sound log (its key is ``FILE.key``, its anchor ``FILE.anchor``);
+    `CommandError` naming the first bad line, or the missing key or anchor, otherwise."""
     if not path.exists():
         raise CommandError(f"{path}: no such file")
-    problem = audit.verify(path)
+    try:
+        problem = audit.verify(path)
+    except audit.AuditKeyError as exc:
+        raise CommandError(f"{path}: cannot be verified: {exc}") from None
     if problem is not None:
         raise CommandError(f"{path}: {problem}")
     return audit.head(path)

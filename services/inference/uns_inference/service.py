@@ -11,7 +11,7 @@ sha256) and, through the hysteresis of `uns_inference.events`, one
 Models are checked (sha256, Ed25519 signature) before they are loaded; the models
 directory is polled every ``reload_s`` and a promoted model replaces the serving one
 without a restart; a refused one leaves the previous one serving. Every load and
-refusal is a line of the hash-chained audit log.
+refusal is a line of the keyed (HMAC-chained, anchored) audit log.
 """
 
 from __future__ import annotations
@@ -283,6 +283,19 @@ class Inference(Service[InferenceSettings]):
             ["service", "asset", "name", "version"],
             registry=r,
         )
+        self.m_audit_lines = Gauge(
+            "uns_inference_audit_lines",
+            "Lines of the model audit log (it only grows: a drop means it was cut)",
+            ["service"],
+            registry=r,
+        )
+        self.m_audit_key = Gauge(
+            "uns_inference_audit_key_info",
+            "1 for the id of the key the model audit log is chained under",
+            ["service", "key"],
+            registry=r,
+        )
+        self._audit_key = ""
         self._restore_events()
         for kind in KINDS:
             self.m_scores.labels(svc, kind)
@@ -302,6 +315,7 @@ class Inference(Service[InferenceSettings]):
             log.warning(
                 "no pubkey configured (services.inference.pubkey): every model will be refused"
             )
+        self._audit_head(await asyncio.to_thread(audit.head, self.audit_path))
         try:
             while True:
                 await self.check_models()
@@ -421,15 +435,28 @@ class Inference(Service[InferenceSettings]):
                 version,
             )
             return
+        self._audit_head(head)
         log.info(
-            "audit %s: line %d %s %s %s, head %s",
+            "audit %s: line %d %s %s %s, head %s mac %s key %s",
             self.audit_path,
             head.lines,
             event,
             name,
             version,
             head.sha256[:16],
+            head.mac[:16],
+            head.key,
         )
+
+    def _audit_head(self, head: audit.Head) -> None:
+        """Export the head, so a scraper off the box keeps a copy: a log cut short or
+        re-keyed shows as the line count going down or a new key id."""
+        self.m_audit_lines.labels(self.node.service).set(head.lines)
+        if head.key and head.key != self._audit_key:
+            if self._audit_key:
+                self.m_audit_key.remove(self.node.service, self._audit_key)
+            self._audit_key = head.key
+            self.m_audit_key.labels(self.node.service, head.key).set(1)
 
     # ---- open events across restarts ------------------------------------------------------
 

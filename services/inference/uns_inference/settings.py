@@ -28,7 +28,8 @@ class InferenceSettings(ServiceSettings, frozen=True):
     allow_unsigned: bool = False
     """Development only: load models without a signature check (sha256 still checked)."""
     audit_log: str = "var/model-audit.jsonl"
-    """Append-only, hash-chained log of loads, promotions and refusals."""
+    """Append-only, HMAC-chained log of loads, promotions and refusals; its key
+    (``<audit_log>.key``, created on first use) and anchor (``.anchor``) beside it."""
     state_file: str | None = None
     """Open anomaly events, so a restart goes on with the same ids (and clears them)
     instead of raising them again; ``inference-events.json`` next to ``audit_log`` when
