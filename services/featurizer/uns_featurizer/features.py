@@ -70,6 +70,18 @@ def waveform_features(
     envelope_band: tuple[float, float] = (1000.0, 4500.0),
 ) -> dict[str, float]:
     """Time- and frequency-domain features of one window (finite samples only)."""
+    with np.errstate(all="ignore"):  # what overflows is left out by the service, and counted
+        return _waveform_features(x, rate_hz, bands, shaft_hz, bearing, envelope_band)
+
+
+def _waveform_features(
+    x: np.ndarray,
+    rate_hz: float,
+    bands: tuple[tuple[float, float], ...],
+    shaft_hz: float | None,
+    bearing: BearingGeometry,
+    envelope_band: tuple[float, float],
+) -> dict[str, float]:
     x = np.asarray(x, dtype=np.float64)
     x = x[np.isfinite(x)]
     n = len(x)
@@ -128,6 +140,11 @@ def _envelope_spectrum(
 
 def slow_features(ts_ms: np.ndarray, values: np.ndarray) -> dict[str, float]:
     """Statistics and the least-squares slope (per minute) of one window."""
+    with np.errstate(all="ignore"):  # what overflows is left out by the service, and counted
+        return _slow_features(ts_ms, values)
+
+
+def _slow_features(ts_ms: np.ndarray, values: np.ndarray) -> dict[str, float]:
     v = np.asarray(values, dtype=np.float64)
     t = np.asarray(ts_ms, dtype=np.float64)
     keep = np.isfinite(v)

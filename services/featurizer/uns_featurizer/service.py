@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import math
 import time
 import zlib
 from dataclasses import dataclass, field
+from typing import Final
 
 import numpy as np
 from prometheus_client import Counter, Histogram
@@ -12,15 +15,20 @@ from prometheus_client import Counter, Histogram
 from uns import (
     DeviceBirth,
     DeviceData,
+    DeviceDeath,
     DevicePath,
     Inbound,
     Metric,
     MetricDef,
     Node,
+    Reject,
     Service,
+    TopicError,
     Waveform,
     Window,
+    now_ms,
 )
+from uns.payloads import SEQ_MODULUS
 from uns.topics import device_filter
 from uns_featurizer.features import (
     SLOW_UNITS,
@@ -30,9 +38,45 @@ from uns_featurizer.features import (
     waveform_features,
 )
 from uns_featurizer.settings import FeaturizerSettings
-from uns_featurizer.windows import SlowWindow, WaveformWindow
+from uns_featurizer.windows import (
+    LOGGED,
+    Excluded,
+    SlowWindow,
+    TimeBounds,
+    WaveformWindow,
+    as_number,
+    short,
+)
 
 log = logging.getLogger(__name__)
+
+MAX_NAME: Final = 256
+"""Characters in a metric name at most: each becomes five or more feature names in a birth."""
+NUMERIC: Final = frozenset(
+    {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float", "double"}
+)
+MAX_RPM: Final = 600_000.0
+"""A shaft speed above this (10 kHz) is no speed: the bearing frequencies ignore it."""
+
+
+class _Throttled:
+    """Logs the first line of a kind at once, then at most one per ``every_s`` with a count
+    (a flood of bad input must not become a flood of log lines)."""
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        self.every_s = every_s
+        self.last: dict[str, float] = {}
+        self.suppressed: collections.Counter[str] = collections.Counter()
+
+    def warning(self, key: str, msg: str, *args: object, level: int = logging.WARNING) -> None:
+        now = time.monotonic()
+        if now - self.last.get(key, -math.inf) >= self.every_s:
+            n = self.suppressed.pop(key, 0)
+            suffix = f" (and {n} more like it since the last report)" if n else ""
+            log.log(level, msg + suffix, *args)
+            self.last[key] = now
+        else:
+            self.suppressed[key] += 1
 
 
 @dataclass
@@ -40,20 +84,40 @@ class _Device:
     path: DevicePath
     units: dict[str, str] = field(default_factory=dict)
     waveforms: set[str] = field(default_factory=set)
+    datatypes: dict[str, str] = field(default_factory=dict)
+    """What the raw birth declared of each metric: a value of another kind is excluded."""
+    rates: dict[str, float] = field(default_factory=dict)
+    """The sample rate the birth declared of each waveform (a block at another is refused)."""
     wave: dict[str, WaveformWindow] = field(default_factory=dict)
     slow: dict[str, SlowWindow] = field(default_factory=dict)
     speed_rpm: float | None = None
     announced: dict[str, MetricDef] = field(default_factory=dict)
     phase_ms: int = 0
     """Where in the hop this device's slow windows end (the same for all its tags)."""
+    node: str | None = None
+    """The node whose raw birth announced the device (before any birth: the first node whose
+    data came); only its data and deaths are trusted."""
+    bdseq: int | None = None
+    """The birth/death sequence of that birth: an older session's death is stale."""
+    dead: bool = False
+    """Its announcing node said the device died: nothing is windowed until a new birth."""
+
+    def forget(self, reason: str) -> None:
+        """Drop every window's buffered samples (counted under ``reason``)."""
+        for w in self.wave.values():
+            w.reset(reason)
+        for s in self.slow.values():
+            s.reset(reason)
 
 
 class Featurizer(Service[FeaturizerSettings]):
     """Raw data in, features out, per device.
 
-    Subscribes to ``+/+/+/+/+/+/raw/birth`` (units, which metrics are waveforms) and
-    ``+/+/+/+/+/+/raw/data``; publishes ``{device}/features/birth`` and
-    ``{device}/features/data`` (one message per window, with its provenance).
+    Subscribes to ``+/+/+/+/+/+/raw/birth`` (units, which metrics are waveforms),
+    ``+/+/+/+/+/+/raw/data`` and ``+/+/+/+/+/+/raw/death``; publishes
+    ``{device}/features/birth`` and ``{device}/features/data`` (one message per window,
+    with its provenance). Data and deaths are trusted only from the node whose birth
+    announced the device.
     """
 
     name = "featurizer"
@@ -67,6 +131,7 @@ class Featurizer(Service[FeaturizerSettings]):
         self.assets = {d.path: d.asset for d in node.config.plant.devices}
         node.subscribe(device_filter(stream="raw", message="birth"), DeviceBirth, self.on_birth)
         node.subscribe(device_filter(stream="raw", message="data"), DeviceData, self.on_data)
+        node.subscribe(device_filter(stream="raw", message="death"), DeviceDeath, self.on_death)
         r, svc = node.metrics.registry, node.service
         self.windows = Counter(
             "uns_featurizer_windows_total",
@@ -91,11 +156,28 @@ class Featurizer(Service[FeaturizerSettings]):
             self.windows.labels(svc, kind)
         self._wave_hop = s.waveform.hop or s.waveform.window
         self._slow_ms = int(s.slow.window_s * 1000), int(s.slow.hop_s * 1000)
+        t = s.timestamps
+        self._bounds = TimeBounds(
+            max_future_ms=int(t.max_future_s * 1000),
+            max_past_ms=None if t.max_past_s is None else int(t.max_past_s * 1000),
+            max_jump_ms=int(t.max_jump_s * 1000),
+            resync_after=t.resync_after,
+        )
+        self._throttled = _Throttled()
 
-    def _device(self, topic: str) -> _Device:
-        path = DevicePath.parse(topic.rsplit("/", 2)[0])
+    def _device(self, topic: str, *, create: bool = True) -> _Device | None:
+        try:
+            path = DevicePath.parse(topic.rsplit("/", 2)[0])
+        except TopicError as exc:
+            raise Reject("topic", str(exc)) from None
         device = self.devices.get(path)
-        if device is None:
+        if device is None and create:
+            if len(self.devices) >= self.settings.max_devices and str(path) not in self.assets:
+                # the plant's own devices always get in: made-up paths cannot crowd them out
+                raise Reject(
+                    "too_many_devices",
+                    f"{path}: already windowing {len(self.devices)} devices (max_devices)",
+                )
             hop_ms = self._slow_ms[1]
             phase = zlib.crc32(str(path).encode()) % hop_ms if self.settings.slow.stagger else 0
             device = self.devices[path] = _Device(path, phase_ms=phase)
@@ -103,55 +185,207 @@ class Featurizer(Service[FeaturizerSettings]):
 
     async def on_birth(self, msg: Inbound[DeviceBirth]) -> None:
         device = self._device(msg.topic)
-        for m in msg.payload.metrics:
-            device.units[m.name] = m.unit
-            if m.datatype == "waveform":
-                device.waveforms.add(m.name)
+        assert device is not None  # created
+        birth = msg.payload
+        if birth.device and birth.device != str(device.path):
+            raise Reject(
+                "topic_mismatch", f"a raw birth for {short(birth.device)} on {device.path}'s topic"
+            )
+        if device.node is not None and birth.node != device.node:
+            # Sparkplug: the newest birth wins. Still say so, since a second adapter for
+            # the same device (or a forged birth) changes whose data is trusted, and the
+            # other node's samples must not end up in the same windows.
+            self._throttled.warning(
+                f"node-{device.path}",
+                "%s: raw data now announced by node %s (was by %s): only its data is windowed",
+                device.path,
+                short(birth.node),
+                short(device.node),
+            )
+            device.forget("node_change")
+            self._count_device(device)
+        elif device.dead:
+            self._throttled.warning(
+                f"alive-{device.path}",
+                "%s: announced again by node %s: windowing resumes",
+                device.path,
+                short(birth.node),
+                level=logging.INFO,
+            )
+        device.node, device.bdseq, device.dead = birth.node, birth.bdseq, False
+        device.units = {m.name: m.unit for m in birth.metrics}
+        device.datatypes = {m.name: m.datatype for m in birth.metrics}
+        device.waveforms = {m.name for m in birth.metrics if m.datatype == "waveform"}
+        w = self.settings.waveform
+        device.rates = {
+            m.name: m.rate_hz
+            for m in birth.metrics
+            if m.datatype == "waveform"
+            and isinstance(m.rate_hz, float)
+            and w.min_rate_hz <= m.rate_hz <= w.max_rate_hz
+        }
+
+    async def on_death(self, msg: Inbound[DeviceDeath]) -> None:
+        device = self._device(msg.topic, create=False)
+        if device is None or device.node is None or device.dead:
+            return  # nothing windowed: e.g. the retained death of a device gone before we began
+        death = msg.payload
+        if death.node != device.node:
+            raise Reject(
+                "foreign_node",
+                f"{device.path}: a raw death from node {short(death.node)}, but node"
+                f" {short(device.node)} announced the device; still windowing it",
+            )
+        if device.bdseq is not None and (death.bdseq - device.bdseq) % SEQ_MODULUS >= (
+            SEQ_MODULUS // 2
+        ):
+            raise Reject(
+                "stale_death",
+                f"{device.path}: a raw death of session {death.bdseq}, older than the birth's"
+                f" {device.bdseq}; still windowing it",
+            )
+        self._throttled.warning(
+            f"death-{device.path}",
+            "%s: raw stream died (node %s: %s): stops windowing it until it is announced again",
+            device.path,
+            short(death.node),
+            short(death.reason or "no reason given"),
+        )
+        device.dead = True
+        device.speed_rpm = None
+        device.forget("device_death")
+        self._count_device(device)
 
     async def on_data(self, msg: Inbound[DeviceData]) -> None:
         device = self._device(msg.topic)
+        assert device is not None  # created
         data = msg.payload
+        if device.node is None:  # no birth seen (yet): the first node to send owns the device
+            device.node = data.node
+        elif data.node != device.node:
+            raise Reject(
+                "foreign_node",
+                f"{device.path}: raw data from node {short(data.node)}, but node"
+                f" {short(device.node)} announced the device",
+            )
+        if device.dead:
+            raise Reject(
+                "unannounced",
+                f"{device.path}: raw data from node {short(data.node)} after the device's death,"
+                " without a new birth",
+            )
         s = self.settings
+        now = now_ms()
+        seq = data.seq if isinstance(data.seq, int) and 0 <= data.seq < SEQ_MODULUS else None
         slow: list[_Features] = []
         for m in data.metrics:
-            value, good = m.value, m.quality == "good"
-            if m.name in s.speed_tags and good and isinstance(value, (int, float)):
-                device.speed_rpm = float(value)
+            value, good, name = m.value, m.quality == "good", m.name
+            declared = device.datatypes.get(name)
+            if len(name) > MAX_NAME:
+                self._exclude("name", f"{device.path}: a metric name of {len(name)} characters")
+                continue
             if isinstance(value, Waveform):
-                window = device.wave.get(m.name)
+                if declared is not None and declared != "waveform":
+                    self._exclude("type", f"{device.path} {name}: a waveform, declared {declared}")
+                    continue
+                window = device.wave.get(name)
                 if window is None:
-                    window = device.wave[m.name] = WaveformWindow(s.waveform.window, self._wave_hop)
+                    if not self._room(device, name):
+                        continue
+                    window = device.wave[name] = WaveformWindow(
+                        s.waveform.window,
+                        self._wave_hop,
+                        bounds=self._bounds,
+                        min_rate_hz=s.waveform.min_rate_hz,
+                        max_rate_hz=s.waveform.max_rate_hz,
+                        max_block=s.waveform.max_block,
+                    )
                 for samples, rate, prov in window.add(
                     value,
-                    seq=data.seq,
+                    seq=seq,
                     node=data.node,
                     good=good,
+                    now_ms=now,
+                    rate_hz=device.rates.get(name),
                 ):
-                    await self._waveform(device, m.name, samples, rate, prov)
-                self._count(window.excluded.counts)
-            elif m.name not in s.ignore and (
-                value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+                    await self._waveform(device, name, samples, rate, prov)
+                self._count(device, name, window.excluded)
+                continue
+            if name in s.ignore:
+                continue
+            if declared == "waveform":
+                self._exclude(
+                    "type", f"{device.path} {name}: a {type(value).__name__}, declared waveform"
+                )
+                continue
+            raw: float | None = None
+            refuse = None
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                raw = value
+            elif value is not None:
+                if declared not in NUMERIC:
+                    continue  # strings and states: not trended
+                refuse = ("type", f"a {type(value).__name__} value, declared {declared}")
+            number = as_number(raw)
+            if name in s.speed_tags and good and number is not None and 0 < number <= MAX_RPM:
+                device.speed_rpm = number  # NaN, inf and absurd speeds are no speed
+            window_s = device.slow.get(name)
+            if window_s is None:
+                if not self._room(device, name):
+                    continue
+                window_s = device.slow[name] = SlowWindow(
+                    *self._slow_ms, device.phase_ms, bounds=self._bounds
+                )
+            ts = m.ts if m.ts is not None else data.ts
+            for ts_arr, values, prov in window_s.add(
+                ts, raw, good=good, seq=seq, node=data.node, now_ms=now, refuse=refuse
             ):
-                window_s = device.slow.get(m.name)
-                if window_s is None:
-                    window_s = device.slow[m.name] = SlowWindow(*self._slow_ms, device.phase_ms)
-                ts = m.ts if m.ts is not None else data.ts
-                for ts_arr, values, prov in window_s.add(
-                    ts,
-                    value,
-                    good=good,
-                    seq=data.seq,
-                    node=data.node,
-                ):
-                    slow.append(self._slow(device, m.name, ts_arr, values, prov))
-                self._count(window_s.excluded.counts)
+                slow.append(self._slow(device, name, ts_arr, values, prov))
+            self._count(device, name, window_s.excluded)
         if slow:  # the tags of a message close their windows together: one birth for all
             await self._publish_all(device, slow, "slow")
 
-    def _count(self, counts: dict[str, int]) -> None:
-        for reason, n in counts.items():
+    def _room(self, device: _Device, name: str) -> bool:
+        """Whether the device may have one more signal windowed (excluded when not)."""
+        if len(device.wave) + len(device.slow) < self.settings.max_signals:
+            return True
+        self._exclude(
+            "too_many_signals",
+            f"{device.path} {name}: already windowing {self.settings.max_signals} signals"
+            " (max_signals)",
+        )
+        return False
+
+    def _exclude(self, reason: str, detail: str, n: int = 1) -> None:
+        self.excluded.labels(self.node.service, reason).inc(n)
+        self._throttled.warning(reason, "%s: excluded (%s): %s", self.node.id, reason, detail)
+
+    def _count_device(self, device: _Device) -> None:
+        windows: list[tuple[str, WaveformWindow | SlowWindow]] = [
+            *device.wave.items(),
+            *device.slow.items(),
+        ]
+        for name, w in windows:
+            self._count(device, name, w.excluded)
+
+    def _count(self, device: _Device, signal: str, excluded: Excluded) -> None:
+        """Move a window's exclusions to the metric; log the ones a sender got wrong."""
+        for reason, n in excluded.counts.items():
             self.excluded.labels(self.node.service, reason).inc(n)
-        counts.clear()
+            detail = excluded.details.pop(reason, None)
+            if detail is not None and reason in LOGGED:
+                self._throttled.warning(
+                    reason,
+                    "%s: %s of %s %s excluded (%s): %s",
+                    self.node.id,
+                    f"{n} samples" if n != 1 else "1 sample",
+                    device.path,
+                    signal,
+                    reason,
+                    detail,
+                )
+        excluded.counts.clear()
+        excluded.details.clear()
 
     async def _waveform(
         self, device: _Device, signal: str, samples: np.ndarray, rate: float, window: Window
@@ -171,6 +405,7 @@ class Featurizer(Service[FeaturizerSettings]):
             envelope_band=s.waveform.envelope_band,
         )
         self.compute.labels(self.node.service, "waveform").observe(time.perf_counter() - started)
+        feats = self._finite(device, signal, feats)
         unit = device.units.get(signal, "")
         defs = {}
         for name in feats:
@@ -183,7 +418,7 @@ class Featurizer(Service[FeaturizerSettings]):
     def _slow(
         self, device: _Device, tag: str, ts: np.ndarray, values: np.ndarray, window: Window
     ) -> _Features:
-        feats = slow_features(ts, values)
+        feats = self._finite(device, tag, slow_features(ts, values))
         unit = device.units.get(tag, "")
         defs = {
             f"{tag}.{k}": (
@@ -193,6 +428,15 @@ class Featurizer(Service[FeaturizerSettings]):
             for k in feats
         }
         return _Features(feats, tag, defs, window)
+
+    def _finite(self, device: _Device, signal: str, feats: dict[str, float]) -> dict[str, float]:
+        """Only finite features go out (JSON has no inf: it would arrive as null); values
+        so large that their statistics overflow are counted, not published."""
+        kept = {k: v for k, v in feats.items() if math.isfinite(v)}
+        if len(kept) != len(feats):
+            bad = sorted(set(feats) - set(kept))
+            self._exclude("overflow", f"{device.path} {signal}: {', '.join(bad)} not finite")
+        return kept
 
     async def _publish_all(self, device: _Device, results: list[_Features], kind: str) -> None:
         """One features message per window; features never announced before go into one

@@ -5,27 +5,154 @@ missing, repeated or out-of-order block breaks the run: the samples before it
 are dropped and counted, so no window ever spans a hole). A slow-tag window is a
 time span of good, finite, strictly increasing samples; everything else is
 counted by reason.
+
+Nothing a message carries is trusted to be sane: a block whose bytes are not whole
+samples, whose rate is zero or absurd, or a timestamp years away is refused and
+counted, never an exception, and no loop runs over a gap in time (a sample an hour
+after the last one closes the windows that hold data and jumps to the one holding
+it). With `TimeBounds` (the service always gives them) a timestamp must also be
+near the box's clock, and a jump far beyond what the clock moved is held until
+``resync_after`` samples agree on the new time, so one forged or garbled stamp can
+neither move a tag's windows away nor stop them.
 """
 
 from __future__ import annotations
 
 import collections
+import math
 from dataclasses import dataclass, field
+from typing import Final, Generic, TypeVar
 
 import numpy as np
 
 from uns import Waveform, Window
 
+EPOCH_FLOOR_MS: Final = 946_684_800_000
+"""2000-01-01T00:00:00Z: nothing a plant records is older (0, negative or garbage stamps)."""
+SAMPLE_BYTES: Final = {"f32": 4, "f64": 8, "i16": 2}
+_NUMPY_DTYPES: Final = {"f32": "<f4", "f64": "<f8", "i16": "<i2"}
+LOGGED: Final = frozenset({"timestamp", "rate", "samples", "scale", "type", "range", "overflow"})
+"""Reasons that mean a sender (or a forger) is wrong, not the process: worth a log line."""
+
+T = TypeVar("T")
+
 
 @dataclass
 class Excluded:
-    """Samples kept out of the features, by reason."""
+    """Samples kept out of the features, by reason, and what the last of each was."""
 
     counts: collections.Counter[str] = field(default_factory=collections.Counter)
+    details: dict[str, str] = field(default_factory=dict)
+    """For reasons in `LOGGED`: why, in words, for the service's log line."""
 
-    def add(self, reason: str, n: int = 1) -> None:
+    def add(self, reason: str, n: int = 1, detail: str = "") -> None:
+        """Count ``n`` samples under ``reason``; ``detail`` says why, for the log."""
         if n:
             self.counts[reason] += n
+            if detail:
+                self.details[reason] = detail
+
+
+def short(value: object, limit: int = 64) -> str:
+    """A value from a message for a log line: never its whole size (a 1 MB node name, an
+    integer of 4,000 digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**20:
+        return f"<an integer of {value.bit_length()} bits>"
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _span(ms: float) -> str:
+    """A duration for a log line: 3.2 s, 4.0 min, 31.0 years."""
+    if abs(ms) >= 10**20:
+        return "aeons"  # 3 billion years and more: float division would overflow
+    s = abs(ms) / 1000
+    for unit, size in (("years", 365.25 * 86400), ("days", 86400), ("h", 3600), ("min", 60)):
+        if s >= size:
+            return f"{s / size:.3g} {unit}"
+    return f"{s:.3g} s"
+
+
+@dataclass(frozen=True)
+class TimeBounds:
+    """What a sample's timestamp may be: near the box's clock, and near its own stream."""
+
+    max_future_ms: int = 300_000
+    max_past_ms: int | None = None
+    """None: anything since `EPOCH_FLOOR_MS` (a replay of an old recording is fine)."""
+    max_jump_ms: int = 3_600_000
+    resync_after: int = 3
+
+    def refuse(self, ts_ms: int, now_ms: int) -> str | None:
+        """Why ``ts_ms`` is refused outright (words for the log), or None."""
+        if ts_ms > now_ms + self.max_future_ms:
+            return (
+                f"{_span(ts_ms - now_ms)} ahead of this box's clock"
+                f" (max_future_s {self.max_future_ms / 1000:g}; check the sender's clock)"
+            )
+        if ts_ms < EPOCH_FLOOR_MS:
+            return "before the year 2000"
+        if self.max_past_ms is not None and ts_ms < now_ms - self.max_past_ms:
+            return (
+                f"{_span(now_ms - ts_ms)} behind this box's clock"
+                f" (max_past_s {self.max_past_ms / 1000:g})"
+            )
+        return None
+
+    def jumps(self, ref_ms: int, ref_wall_ms: int, ts_ms: int, now_ms: int) -> bool:
+        """Whether a stream last at ``ref_ms`` (seen at wall time ``ref_wall_ms``) jumps to
+        ``ts_ms``: back by more than ``max_jump_ms``, or ahead by more than that beyond
+        what the box's clock moved meanwhile (a machine silent over a weekend is not a
+        jump; a replay at speed moves a little faster than the clock, well within)."""
+        moved = ts_ms - ref_ms
+        return moved < -self.max_jump_ms or moved - max(0, now_ms - ref_wall_ms) > self.max_jump_ms
+
+
+@dataclass
+class _Clock(Generic[T]):
+    """Where one stream is in event time, and samples held after a jump until confirmed."""
+
+    last_ms: int | None = None
+    last_wall_ms: int = 0
+    held: list[tuple[int, int, T]] = field(default_factory=list)
+    """(ts, wall time, item) of each sample since a jump, oldest first."""
+
+    def seen(self, ts_ms: int, now_ms: int) -> None:
+        if self.last_ms is None or ts_ms > self.last_ms:
+            self.last_ms, self.last_wall_ms = ts_ms, now_ms
+
+
+@dataclass
+class _Verdict(Generic[T]):
+    take: list[T]
+    """Items to window now, in order (one, or the confirmed held ones after a resync)."""
+    dropped: list[T]
+    """Held items given up: counted as ``timestamp`` by the caller."""
+    resync: str = ""
+    """Non-empty when the stream's time moved: "ahead" or "back"."""
+
+
+def _judge(clock: _Clock[T], bounds: TimeBounds, ts_ms: int, now_ms: int, item: T) -> _Verdict[T]:
+    """What to do with a sample at ``ts_ms`` (within ``bounds.refuse``) on this stream."""
+    if clock.last_ms is None or not bounds.jumps(clock.last_ms, clock.last_wall_ms, ts_ms, now_ms):
+        dropped = [i for _, _, i in clock.held]
+        clock.held.clear()
+        clock.seen(ts_ms, now_ms)
+        return _Verdict([item], dropped)
+    dropped = []
+    if clock.held:
+        prev_ts, prev_wall, _ = clock.held[-1]
+        if ts_ms <= prev_ts or bounds.jumps(prev_ts, prev_wall, ts_ms, now_ms):
+            dropped = [i for _, _, i in clock.held]  # the held ones do not agree: start again
+            clock.held.clear()
+    clock.held.append((ts_ms, now_ms, item))
+    if len(clock.held) < bounds.resync_after:
+        return _Verdict([], dropped)
+    direction = "back" if clock.held[0][0] < clock.last_ms else "ahead"
+    take = [i for _, _, i in clock.held]
+    clock.last_ms, clock.last_wall_ms = clock.held[-1][0], clock.held[-1][1]
+    clock.held.clear()
+    return _Verdict(take, dropped, direction)
 
 
 @dataclass
@@ -35,28 +162,116 @@ class WaveformWindow:
     length: int
     hop: int
     excluded: Excluded = field(default_factory=Excluded)
+    bounds: TimeBounds | None = None
+    """Timestamp checks against the box's clock (given ``now_ms``); none in pure use."""
+    min_rate_hz: float = 1.0
+    max_rate_hz: float = 1_000_000.0
+    max_block: int = 100_000
+    """Samples in one block at most (10 s at 10 kHz): more is refused, not windowed."""
     _buffer: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
     _t0_us: int = 0
     _rate: float = 0.0
     _next_us: float | None = None
     _seqs: collections.deque[tuple[int, int, int]] = field(default_factory=collections.deque)
     """(sample offset in the buffer, length, source seq) of each buffered block."""
+    _clock: _Clock[tuple[np.ndarray, int, float, int | None, bool]] = field(default_factory=_Clock)
 
     def add(
-        self, block: Waveform, *, seq: int | None, node: str, good: bool = True
+        self,
+        block: Waveform,
+        *,
+        seq: int | None,
+        node: str,
+        good: bool = True,
+        now_ms: int | None = None,
+        rate_hz: float | None = None,
     ) -> list[tuple[np.ndarray, float, Window]]:
-        """Take one block; return the windows it completes (samples, rate, provenance)."""
-        samples = np.frombuffer(
-            block.samples, dtype={"f32": "<f4", "f64": "<f8", "i16": "<i2"}[block.dtype]
-        )
-        samples = samples.astype(np.float32) * np.float32(block.scale)
+        """Take one block; return the windows it completes (samples, rate, provenance).
+
+        ``rate_hz``: the rate the birth announced; a block at another rate is refused.
+        """
+        checked = self._check(block, rate_hz)
+        if isinstance(checked, str):
+            return []
+        samples, rate = checked
+        t0_us = block.t0_us
+        if self.bounds is None or now_ms is None:
+            return self._take(samples, t0_us, rate, seq, node, good)
+        n = len(samples)
+        t0_ms = t0_us // 1000
+        end_ms = (t0_us + int(n * 1e6 / rate)) // 1000  # the rate is bounded: finite
+        why = self.bounds.refuse(t0_ms, now_ms) or self.bounds.refuse(end_ms, now_ms)
+        if why is not None:
+            self.excluded.add("timestamp", n, f"a block at t0_us {short(t0_us)}: {why}")
+            return []
+        verdict = _judge(self._clock, self.bounds, t0_ms, now_ms, (samples, t0_us, rate, seq, good))
+        for x, *_ in verdict.dropped:
+            self.excluded.add(
+                "timestamp", len(x), "blocks far from the stream's time, not confirmed by more"
+            )
+        if verdict.resync == "back":  # the buffered samples are of another time
+            self._reset("timestamp")
+        if verdict.resync:
+            self.excluded.details["timestamp"] = (
+                f"the stream's time moved {verdict.resync} by more than"
+                f" {_span(self.bounds.max_jump_ms)} for {self.bounds.resync_after} blocks in a"
+                " row: windowing restarts there"
+            )
+        out = []
+        for x, t0, r, s, g in verdict.take:
+            out += self._take(x, t0, r, s, node, g)
+        return out
+
+    def _check(self, block: Waveform, rate_hz: float | None) -> tuple[np.ndarray, float] | str:
+        """The block's samples in engineering units and its rate, or why it is refused
+        (counted here)."""
+        size = SAMPLE_BYTES.get(block.dtype)
+        raw = block.samples
+        if size is None or not isinstance(raw, bytes) or not raw or len(raw) % size:
+            n = len(raw) if isinstance(raw, bytes) else 0
+            return self._refuse("samples", 1, f"{n} bytes are not whole {block.dtype} samples")
+        n = len(raw) // size
+        if n > self.max_block:
+            return self._refuse("samples", n, f"{n} samples in one block (max {self.max_block})")
+        rate = block.rate_hz
+        if (
+            isinstance(rate, bool)
+            or not isinstance(rate, (int, float))
+            or not self.min_rate_hz <= rate <= self.max_rate_hz  # NaN fails this too
+        ):
+            return self._refuse(
+                "rate",
+                n,
+                f"rate_hz {short(rate)} (need {self.min_rate_hz:g} to {self.max_rate_hz:g})",
+            )
+        if rate_hz is not None and abs(rate - rate_hz) > 1e-9 * rate_hz:
+            return self._refuse("rate", n, f"rate_hz {short(rate)}, but the birth says {rate_hz:g}")
+        scale = block.scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            return self._refuse("scale", n, f"scale {short(scale)}")
+        if not math.isfinite(scale) or scale == 0:
+            return self._refuse("scale", n, f"scale {short(scale)}")
+        if isinstance(block.t0_us, bool) or not isinstance(block.t0_us, int):
+            return self._refuse("timestamp", n, f"t0_us {short(block.t0_us)} is not an integer")
+        with np.errstate(over="ignore", invalid="ignore"):  # inf/NaN are counted below
+            samples = np.frombuffer(raw, dtype=_NUMPY_DTYPES[block.dtype]).astype(np.float32)
+            samples *= np.float32(scale)
+        return samples, float(rate)
+
+    def _refuse(self, reason: str, n: int, detail: str) -> str:
+        self.excluded.add(reason, n, detail)
+        return reason
+
+    def _take(
+        self, samples: np.ndarray, t0_us: int, rate: float, seq: int | None, node: str, good: bool
+    ) -> list[tuple[np.ndarray, float, Window]]:
         if not good:
             self.excluded.add("bad_quality", len(samples))
             self._reset("bad_quality")
             return []
-        period_us = 1e6 / block.rate_hz
-        if self._next_us is not None and block.rate_hz == self._rate:
-            drift = block.t0_us - self._next_us
+        period_us = 1e6 / rate
+        if self._next_us is not None and rate == self._rate:
+            drift = t0_us - self._next_us
             if drift < -period_us / 2:  # a repeat or an older block
                 self.excluded.add(
                     "duplicate"
@@ -70,14 +285,14 @@ class WaveformWindow:
         elif self._next_us is not None:
             self._reset("rate_change")
         if len(self._buffer) == 0:
-            self._t0_us = block.t0_us
-            self._rate = block.rate_hz
+            self._t0_us = t0_us
+            self._rate = rate
         finite = np.isfinite(samples)
         if not finite.all():
             self.excluded.add("nan", int((~finite).sum()))
         self._seqs.append((len(self._buffer), len(samples), -1 if seq is None else seq))
         self._buffer = np.concatenate([self._buffer, samples])
-        self._next_us = block.t0_us + len(samples) * period_us
+        self._next_us = t0_us + len(samples) * period_us
         out = []
         while len(self._buffer) >= self.length:
             window = self._buffer[: self.length]
@@ -109,6 +324,13 @@ class WaveformWindow:
             (off - n, length, s) for off, length, s in self._seqs if off - n + length > 0
         )
 
+    def reset(self, reason: str) -> None:
+        """Forget the buffered samples (counted under ``reason``) and the stream's time."""
+        self._reset(reason)
+        for x, *_ in (i for _, _, i in self._clock.held):
+            self.excluded.add(reason, len(x))
+        self._clock = _Clock()
+
     def _reset(self, reason: str) -> None:
         self.excluded.add(reason, len(self._buffer))
         self._buffer = np.zeros(0, dtype=np.float32)
@@ -126,28 +348,101 @@ class SlowWindow:
     hop_ms: int
     phase_ms: int = 0
     excluded: Excluded = field(default_factory=Excluded)
+    bounds: TimeBounds | None = None
+    """Timestamp checks against the box's clock (given ``now_ms``); none in pure use."""
     _ts: collections.deque[int] = field(default_factory=collections.deque)
     _values: collections.deque[float] = field(default_factory=collections.deque)
     _seqs: collections.deque[int] = field(default_factory=collections.deque)
     _last_ts: int | None = None
     _next_end: int | None = None
     _total: int = 0
+    _clock: _Clock[tuple[int, float | None, bool, int | None, tuple[str, str] | None]] = field(
+        default_factory=_Clock
+    )
 
     def add(
-        self, ts: int, value: float | None, *, good: bool, seq: int | None, node: str
+        self,
+        ts: int,
+        value: float | None,
+        *,
+        good: bool,
+        seq: int | None,
+        node: str,
+        now_ms: int | None = None,
+        refuse: tuple[str, str] | None = None,
     ) -> list[tuple[np.ndarray, np.ndarray, Window]]:
-        """Take one sample; return the windows that closed before it."""
+        """Take one sample; return the windows that closed before it.
+
+        ``refuse``: (reason, detail) of a sample the caller knows is bad (a string where the
+        birth declared a number): it still moves the windows on and counts in their total.
+        """
+        if isinstance(ts, bool) or not isinstance(ts, int):
+            self._total += 1
+            self.excluded.add("timestamp", 1, f"ts {short(ts)} is not an integer")
+            return []
+        if self.bounds is None or now_ms is None:
+            if not -(2**62) < ts < 2**62:  # no clock to compare with: still never overflow
+                self._total += 1
+                self.excluded.add("timestamp", 1, f"ts {short(ts)}")
+                return []
+            return self._take(ts, value, good, seq, node, refuse)
+        why = self.bounds.refuse(ts, now_ms)
+        if why is not None:
+            self._total += 1  # a sample seen, bad: in the window's total like out-of-order ones
+            self.excluded.add("timestamp", 1, f"ts {short(ts)}: {why}")
+            return []
+        verdict = _judge(self._clock, self.bounds, ts, now_ms, (ts, value, good, seq, refuse))
+        if verdict.dropped:
+            self._total += len(verdict.dropped)
+            self.excluded.add(
+                "timestamp", len(verdict.dropped), "samples far from the tag's time, not confirmed"
+            )
+        if verdict.resync == "back":  # the buffered samples are of another time: forget them
+            self.reset("timestamp")
+        if verdict.resync:
+            self.excluded.details["timestamp"] = (
+                f"the tag's time moved {verdict.resync} by more than"
+                f" {_span(self.bounds.max_jump_ms)} for {self.bounds.resync_after} samples in a"
+                " row: windowing restarts there"
+            )
+        out = []
+        for t, v, g, s, r in verdict.take:
+            out += self._take(t, v, g, s, node, r)
+        return out
+
+    def _take(
+        self,
+        ts: int,
+        value: float | None,
+        good: bool,
+        seq: int | None,
+        node: str,
+        refuse: tuple[str, str] | None = None,
+    ) -> list[tuple[np.ndarray, np.ndarray, Window]]:
         out = []
         if self._next_end is None:
-            hops = (ts - self.phase_ms) // self.hop_ms + 1
-            self._next_end = hops * self.hop_ms + self.phase_ms
+            self._next_end = self._end_after(ts)
         while ts >= self._next_end:  # windows ending before this sample are complete
             out.extend(self._close(self._next_end, node))
             self._next_end += self.hop_ms
+            if not self._ts or self._ts[-1] < self._next_end - self.length_ms:
+                # Nothing buffered reaches the next window: jump straight to the one
+                # holding this sample instead of closing empty windows hop by hop (a
+                # stamp a year on is 3 million hops of 10 s).
+                self._ts.clear()
+                self._values.clear()
+                self._seqs.clear()
+                self._next_end = max(self._next_end, self._end_after(ts))
         self._total += 1
-        if not good:
+        number = as_number(value)
+        if refuse is not None:
+            self.excluded.add(refuse[0], 1, refuse[1])
+        elif not good:
             self.excluded.add("bad_quality")
-        elif value is None or not np.isfinite(value):
+        elif number is None and value is not None:
+            bits = value.bit_length() if isinstance(value, int) else 0
+            self.excluded.add("range", 1, f"an integer of {bits} bits: no 64-bit type holds it")
+        elif number is None or not math.isfinite(number):
             self.excluded.add("nan")
         elif self._last_ts is not None and ts == self._last_ts:
             self.excluded.add("duplicate")
@@ -155,10 +450,27 @@ class SlowWindow:
             self.excluded.add("out_of_order")
         else:
             self._ts.append(ts)
-            self._values.append(float(value))
+            self._values.append(number)
             self._seqs.append(-1 if seq is None else seq)
             self._last_ts = ts
         return out
+
+    def _end_after(self, ts: int) -> int:
+        """The end of the first window that ends after ``ts``."""
+        hops = (ts - self.phase_ms) // self.hop_ms + 1
+        return hops * self.hop_ms + self.phase_ms
+
+    def reset(self, reason: str) -> None:
+        """Forget every buffered sample (counted under ``reason``) and the tag's time."""
+        held = len(self._clock.held)
+        self.excluded.add(reason, len(self._ts) + held)
+        self._total += held
+        self._ts.clear()
+        self._values.clear()
+        self._seqs.clear()
+        self._last_ts = None
+        self._next_end = None
+        self._clock = _Clock()
 
     def _close(self, end: int, node: str) -> list[tuple[np.ndarray, np.ndarray, Window]]:
         start = end - self.length_ms
@@ -190,3 +502,13 @@ class SlowWindow:
                 ),
             )
         ]
+
+
+def as_number(value: object) -> float | None:
+    """A sample as a float; None for no number: JSON allows 10**400, no integer datatype
+    holds more than 64 bits, and numpy cannot even test such an int for NaN."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, int) and not -(2**63) <= value < 2**64:
+        return None
+    return float(value)
