@@ -81,15 +81,41 @@ class ServiceMetrics:
             ["service"],
             registry=r,
         )
+        self.handler_errors = Counter(
+            "uns_handler_errors_total",
+            "Messages a handler failed on with an unexpected exception (a bug: see the log);"
+            ' each is also a drop with reason="error"',
+            ["service"],
+            registry=r,
+        )
+        self.newer_version = Counter(
+            "uns_messages_newer_version_total",
+            "Messages of a schema version newer than this service's, handled by the"
+            " forward-compatibility rules (unknown fields ignored)",
+            ["service"],
+            registry=r,
+        )
 
         # Export zeros from the start, so rates and alerts work before the first event.
-        for metric in (self.reconnects, self.connected, self.handler_seconds, self.births):
+        for metric in (
+            self.reconnects,
+            self.connected,
+            self.handler_seconds,
+            self.births,
+            self.handler_errors,
+            self.newer_version,
+        ):
             metric.labels(service)
-        for reason in ("decode", "overflow", "offline"):
+        for reason in ("decode", "overflow", "offline", "error"):
             self.dropped.labels(service, reason)
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.dropped.labels(self.service, reason).inc(n)
+
+    def count(self, name: str, **labels: str) -> float:
+        """Current value of one of this service's series (for health checks and tests)."""
+        value = self.registry.get_sample_value(name, {"service": self.service, **labels})
+        return value or 0.0
 
     def dropped_count(self, reason: str) -> float:
         """Current value of the dropped counter for ``reason`` (for health checks and tests)."""

@@ -9,6 +9,12 @@ Schema evolution (written down in ``uns-schema/README.md`` too):
 1. a new field always has a default, so old messages still decode;
 2. unknown fields are ignored, so old consumers read new messages;
 3. a field never changes its type or meaning; a breaking change gets a new tag.
+
+Decoding is safe on hostile input: every failure is a `PayloadError` with the reason,
+never another exception, and the limits below hold (``uns-schema/README.md`` states
+them): at most `MAX_PAYLOAD_BYTES`, JSON nested at most `MAX_DEPTH` deep, at most
+`MAX_ITEMS` elements in an array or object the codec builds, integers within 64 bits,
+sequence numbers within 0..255.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import functools
 import sys
 import time
 from collections.abc import Iterable
-from typing import Any, Final, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 import msgspec
 
@@ -26,6 +32,22 @@ from uns.errors import PayloadError
 
 SCHEMA_VERSION: Final = 1
 SEQ_MODULUS: Final = 256
+
+MAX_PAYLOAD_BYTES: Final = 1_048_576
+"""Largest message decoded (1 MiB): a 1,000-sample waveform block is ~5.5 kB, a birth of
+300 fully described metrics ~50 kB."""
+MAX_DEPTH: Final = 32
+"""Deepest nesting of JSON arrays and objects; the contract's own types nest 4 deep."""
+MAX_ITEMS: Final = 10_000
+"""Most elements of one array or object the codec builds (a birth's metrics, a command's
+args); unknown fields are skipped, never built."""
+INT_MIN: Final = -(2**63)
+INT_MAX: Final = 2**64 - 1
+"""Integers in free-form values (``args``, ``result``): int64 to uint64."""
+
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+Seq = Annotated[int, msgspec.Meta(ge=0, le=SEQ_MODULUS - 1)]
+Version = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
 
 Quality = Literal["good", "uncertain", "bad"]
 DataType = Literal[
@@ -64,7 +86,7 @@ class Waveform(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_f
     1,000-sample float32 block costs about 5.5 kB instead of ~20 kB of decimals.
     """
 
-    t0_us: int
+    t0_us: Int64
     """Time of the first sample, microseconds since the Unix epoch."""
     rate_hz: float
     """Sample rate; sample ``i`` was taken at ``t0_us + i * 1e6 / rate_hz``."""
@@ -72,7 +94,7 @@ class Waveform(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_f
     dtype: SampleType = "f32"
     scale: float = 1.0
     """Engineering value = stored value * scale (lets i16 carry a calibrated signal)."""
-    block: int = 0
+    block: Int64 = 0
     """Block counter of this signal, so a consumer sees a missing or reordered block."""
 
     @classmethod
@@ -119,7 +141,7 @@ class MetricDef(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_
 
     name: str
     datatype: DataType
-    alias: int | None = None
+    alias: Int64 | None = None
     unit: str = ""
     """SI / UCUM-style symbol: degC, bar, A, mm/s, g, kN, rpm, 1 (dimensionless)."""
     low: float | None = None
@@ -138,28 +160,28 @@ class Metric(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fie
 
     name: str
     value: MetricValue
-    ts: int | None = None
+    ts: Int64 | None = None
     """Source timestamp (ms since epoch); absent means the message's ``ts``."""
     quality: Quality = "good"
     reason: str | None = None
     """E.g. ``BadCommunicationError``, ``ModbusException:2``, ``stale``."""
-    alias: int | None = None
+    alias: Int64 | None = None
 
 
 class Window(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=False):
     """Provenance of a derived message: which raw data it was computed from."""
 
-    start: int
+    start: Int64
     """Time of the window's first sample (ms since epoch)."""
-    end: int
+    end: Int64
     """Time just after its last sample (ms since epoch)."""
-    good: int
+    good: Int64
     """Samples that went into the result."""
-    total: int
+    total: Int64
     """Samples seen in the window, good or not (bad quality, NaN, duplicated, out of order)."""
-    seq_first: int | None = None
+    seq_first: Seq | None = None
     """``seq`` of the first and last source messages (0..255, wrapping)."""
-    seq_last: int | None = None
+    seq_last: Seq | None = None
     node: str = ""
     """The node that published the source data."""
 
@@ -175,8 +197,8 @@ class ModelRef(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_f
 class _Envelope(
     msgspec.Struct, frozen=True, kw_only=True, tag_field="type", forbid_unknown_fields=False
 ):
-    v: int = SCHEMA_VERSION
-    ts: int
+    v: Version = SCHEMA_VERSION
+    ts: Int64
     """When the message was created (ms since epoch)."""
 
 
@@ -186,20 +208,20 @@ class NodeBirth(_Envelope, tag="nbirth", kw_only=True, frozen=True):
     node: str
     service: str
     version: str = ""
-    bdseq: int
+    bdseq: Seq
     """Birth/death sequence: the matching death carries the same number."""
-    seq: int = 0
+    seq: Seq = 0
     host: str = ""
     metrics_url: str = ""
     """Where its Prometheus metrics are served, if anywhere."""
-    metrics: list[MetricDef] = []
+    metrics: Annotated[list[MetricDef], msgspec.Meta(max_length=MAX_ITEMS)] = []
 
 
 class NodeDeath(_Envelope, tag="ndeath", kw_only=True, frozen=True):
     """The node went away: its MQTT Last Will (``reason="lost"``) or a clean stop."""
 
     node: str
-    bdseq: int
+    bdseq: Seq
     reason: str = "lost"
 
 
@@ -208,17 +230,17 @@ class DeviceBirth(_Envelope, tag="dbirth", kw_only=True, frozen=True):
 
     node: str
     device: str
-    bdseq: int
-    seq: int
-    metrics: list[MetricDef]
+    bdseq: Seq
+    seq: Seq
+    metrics: Annotated[list[MetricDef], msgspec.Meta(max_length=MAX_ITEMS)]
 
 
 class DeviceData(_Envelope, tag="ddata", kw_only=True, frozen=True):
     """Values of the metrics that changed (report by exception) or a waveform block."""
 
     node: str
-    seq: int
-    metrics: list[Metric]
+    seq: Seq
+    metrics: Annotated[list[Metric], msgspec.Meta(max_length=MAX_ITEMS)]
     window: Window | None = None
     """Features and scores: the raw data they were computed from."""
     model: ModelRef | None = None
@@ -230,8 +252,8 @@ class DeviceDeath(_Envelope, tag="ddeath", kw_only=True, frozen=True):
 
     node: str
     device: str
-    bdseq: int
-    seq: int
+    bdseq: Seq
+    seq: Seq
     reason: str = ""
 
 
@@ -246,22 +268,22 @@ class Event(_Envelope, tag="event", kw_only=True, frozen=True):
     kind: str
     state: EventState
     device: str
-    started: int
+    started: Int64
     """When the condition began (ms since epoch)."""
     severity: Severity = "warning"
     summary: str = ""
     score: float | None = None
     threshold: float | None = None
-    count: int = 1
+    count: Int64 = 1
     """How many breaches this open event has absorbed."""
-    details: dict[str, float | str] = {}
+    details: Annotated[dict[str, float | str], msgspec.Meta(max_length=MAX_ITEMS)] = {}
 
 
 class Command(_Envelope, tag="cmd", kw_only=True, frozen=True):
     """A request to a node or device, e.g. ``rebirth`` or ``fault``."""
 
     name: str
-    args: dict[str, Any] = {}
+    args: Annotated[dict[str, Any], msgspec.Meta(max_length=MAX_ITEMS)] = {}
     id: str = ""
     sender: str = ""
 
@@ -272,7 +294,7 @@ class Reply(_Envelope, tag="reply", kw_only=True, frozen=True):
     id: str = ""
     """The command's id."""
     ok: bool = True
-    result: dict[str, Any] = {}
+    result: Annotated[dict[str, Any], msgspec.Meta(max_length=MAX_ITEMS)] = {}
     error: str = ""
 
 
@@ -302,12 +324,92 @@ def _decoder(kind: Any) -> msgspec.json.Decoder[Any]:
     return msgspec.json.Decoder(kind)
 
 
+# The depth check keeps only brackets and quotes (C-speed bytes methods, no Python loop
+# over characters): a scanner in Python cost 5-10x the decode of a 50 kB birth.
+_NOT_STRUCTURE: Final = bytes(b for b in range(256) if b not in b'[]{}"')
+_AS_PARENS: Final = bytes.maketrans(b"[{]}", b"(())")
+_TOO_DEEP_RUN: Final = b"(" * (MAX_DEPTH + 1)
+
+
+def _check_depth(data: bytes) -> None:
+    """Refuse JSON nested deeper than `MAX_DEPTH`, wherever it is (unknown fields too).
+
+    Brackets inside strings do not count. Malformed JSON is left to the decoder, which
+    says where it is malformed.
+    """
+    if data.count(b"[") + data.count(b"{") <= MAX_DEPTH:
+        return  # most messages: too few brackets to be too deep
+    if b"\\" in data:  # escapes first, so that a quote left over always delimits a string
+        data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    shape = data.translate(_AS_PARENS, _NOT_STRUCTURE)
+    brackets = shape.replace(b'""', b"")  # strings without brackets in them
+    if b'"' in brackets:
+        brackets = b"".join(shape.split(b'"')[::2])
+    for _ in range(MAX_DEPTH):
+        if not brackets:
+            return
+        if _TOO_DEEP_RUN in brackets:
+            break
+        inner_removed = brackets.replace(b"()", b"")  # one level per pass
+        if len(inner_removed) == len(brackets):
+            return  # unbalanced: malformed, the decoder says where
+        brackets = inner_removed
+    if brackets:
+        raise PayloadError(f"JSON nested deeper than {MAX_DEPTH} levels")
+
+
+def _check_free_form(value: Any, at: str) -> None:
+    """Limits on a value of any shape (a command's ``args``, a reply's ``result``)."""
+    todo = [(value, at)]
+    while todo:
+        v, where = todo.pop()
+        if isinstance(v, (dict, list)):
+            if len(v) > MAX_ITEMS:
+                raise PayloadError(
+                    f"{len(v)} elements, over the limit of {MAX_ITEMS} - at `{where}`"
+                )
+            if isinstance(v, dict):
+                todo.extend((x, f"{where}.{k}") for k, x in v.items())
+            else:
+                todo.extend((x, f"{where}[{i}]") for i, x in enumerate(v))
+        elif type(v) is int and not INT_MIN <= v <= INT_MAX:
+            raise PayloadError(f"integer out of range (64 bits) - at `{where}`")
+
+
 def decode(data: bytes | str, kind: type[T] | Any = Payload) -> T:
-    """Decode and type-check a payload; raise `PayloadError` naming where it is wrong."""
+    """Decode and type-check a payload; raise `PayloadError` naming where it is wrong.
+
+    Nothing else escapes, whatever the input: the limits of this module are checked
+    first, and what the decoder raises on hostile input (deep recursion, invalid UTF-8)
+    becomes a `PayloadError` too.
+    """
+    decoder = _decoder(kind)  # type: ignore[arg-type]  # outside the try: a bad kind is a bug
+    if isinstance(data, str):
+        try:
+            data = data.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise PayloadError(f"not valid UTF-8: {exc.reason}") from None
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise PayloadError(f"{len(data)} bytes, over the limit of {MAX_PAYLOAD_BYTES}")
+    _check_depth(data)
+    if kind is msgspec.Raw and not data.isascii():  # Raw skips strings without reading them
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PayloadError(f"not valid UTF-8: {exc}") from None
     try:
-        return _decoder(kind).decode(data)  # type: ignore[no-any-return,arg-type]
+        decoded = decoder.decode(data)
     except msgspec.DecodeError as exc:  # ValidationError is a subclass
         raise PayloadError(str(exc)) from None
+    except RecursionError:
+        raise PayloadError("JSON nested too deeply to decode") from None
+    except UnicodeError as exc:  # msgspec 0.22 raises UnicodeDecodeError on invalid UTF-8
+        raise PayloadError(f"not valid UTF-8: {exc}") from None
+    if type(decoded) is Command:
+        _check_free_form(decoded.args, "$.args")
+    elif type(decoded) is Reply:
+        _check_free_form(decoded.result, "$.result")
+    return decoded  # type: ignore[no-any-return]
 
 
 def to_builtins(payload: Payload) -> Any:

@@ -9,10 +9,13 @@ the rest:
 * a retained node birth (and every device birth it knows) on each (re)connect,
   its Last Will a retained node death, an explicit death on a clean stop;
 * Sparkplug sequence numbers (0..255 per node) and a birth/death sequence;
-* ``rebirth`` on request (a `Command` on ``{ent}/{site}/_node/{id}/cmd``);
+* ``rebirth`` on request (a `Command` on ``{ent}/{site}/_node/{id}/cmd``), at most
+  one per ``rebirth_min_interval_s``; a reply only on a topic the node may publish to;
 * bounded inbound and outbound queues whose drops are counted by reason;
 * undecodable payloads dropped, counted as ``reason="decode"``, logged without
   a traceback; a handler may ``raise Reject(reason)`` to drop one message;
+* any other exception of a handler drops only that message (``reason="error"``,
+  ``uns_handler_errors_total``, its traceback logged at most once per interval);
 * the standard Prometheus metrics served over HTTP.
 """
 
@@ -26,18 +29,30 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Generic, TypeVar
+from typing import Annotated, Any, ClassVar, Final, Generic, TypeVar
 
 import msgspec
 
 from uns import payloads as p
 from uns.bus import Bus, Message, Will, connect
 from uns.config import BrokerSettings, Port, PositiveFloat, Slug, Strict, UnsConfig
-from uns.errors import BusError, PayloadError, Reject
+from uns.errors import BusError, PayloadError, Reject, TopicError
 from uns.metrics import ServiceMetrics, stream_label
-from uns.topics import DevicePath, Stream, matches, node_topic, validate_filter
+from uns.topics import (
+    NODE_LEVEL,
+    DevicePath,
+    Stream,
+    matches,
+    node_topic,
+    parse,
+    validate_filter,
+)
 
 log = logging.getLogger(__name__)
+
+REPLY_PREFIXES: Final = ("uns-cli/",)
+"""Where a node command may ask for its reply besides the node's own ``{enterprise}/{site}/``."""
+MAX_REPLY_TOPIC_BYTES: Final = 1024
 
 P = TypeVar("P")
 
@@ -56,6 +71,9 @@ class ServiceSettings(Strict, frozen=True):
     """Bound of the inbound and outbound queues."""
     reconnect_min_s: PositiveFloat = 0.25
     reconnect_max_s: PositiveFloat = 5.0
+    rebirth_min_interval_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+    """At most one rebirth per this time on request; requests within it are coalesced into
+    one at its end (the rest counted as ``reason="rebirth_rate"``); 0: no limit."""
 
 
 S = TypeVar("S", bound=ServiceSettings)
@@ -168,11 +186,22 @@ class _Throttled:
         self.suppressed: dict[str, int] = collections.Counter()
 
     def warning(self, key: str, msg: str, *args: object) -> None:
+        self.log(logging.WARNING, key, msg, *args)
+
+    def log(
+        self,
+        level: int,
+        key: str,
+        msg: str,
+        *args: object,
+        exc_info: BaseException | None = None,
+    ) -> None:
+        """Log at ``level`` unless ``key`` was logged within ``every_s`` (then count it)."""
         now = time.monotonic()
         if now - self.last.get(key, -1e9) >= self.every_s:
             n = self.suppressed.pop(key, 0)
             suffix = f" (and {n} more like it since the last report)" if n else ""
-            log.warning(msg + suffix, *args)
+            log.log(level, msg + suffix, *args, exc_info=exc_info)
             self.last[key] = now
         else:
             self.suppressed[key] += 1
@@ -215,6 +244,8 @@ class Node(Generic[S]):
         self.running: Service[S] | None = None
         """The service this node runs, once `serve` has started."""
         self._throttled = _Throttled()
+        self._last_rebirth = -float("inf")  # monotonic time of the last requested rebirth
+        self._rebirth_due: float | None = None  # a coalesced rebirth waits until then
 
     # ---- what services call -------------------------------------------------------
 
@@ -284,8 +315,12 @@ class Node(Generic[S]):
         """Publish the node birth and every device birth again (Sparkplug rebirth)."""
         bus = self._bus
         if bus is not None:
-            async with self._send_lock:
-                await self._births(bus)
+            try:
+                async with self._send_lock:
+                    await self._births(bus)
+            except BusError as exc:  # the reconnect publishes every birth anyway
+                log.info("%s: rebirth cut short: %s", self.id, exc)
+                return
             if self.running is not None:
                 await self.running.on_rebirth()
 
@@ -492,13 +527,33 @@ class Node(Generic[S]):
             depth.set(inbound.qsize())
 
     async def _work(self) -> None:
+        inbound = self._inbound
         while True:
-            message = await self._inbound.get()
-            await self._dispatch(message)
+            due = self._rebirth_due
+            if due is None:
+                message = await inbound.get()
+            elif (wait := due - time.monotonic()) > 0:
+                try:
+                    message = await asyncio.wait_for(inbound.get(), wait)
+                except TimeoutError:
+                    continue
+            else:
+                self._rebirth_due = None
+                await self._rebirth_now("coalesced requests")
+                continue
+            try:
+                await self._dispatch(message)
+            except Exception as exc:  # a bug of ours: that message is lost, not the service
+                self._handler_failed("dispatch", message.topic, exc)
 
     async def _dispatch(self, message: Message) -> None:
         if not message.payload:
-            return  # a retained message being cleared: nothing to handle
+            # A zero-length message deletes a retained one (uns-schema/README.md): on a
+            # death topic the clear a birth sends first; elsewhere it carries nothing to
+            # handle, so it is counted.
+            if not message.topic.endswith("/death"):
+                self.metrics.drop("empty")
+            return
         if message.topic == self.cmd_topic:
             await self._node_command(message)
             return
@@ -517,6 +572,7 @@ class Node(Generic[S]):
                     exc,
                 )
                 continue
+            self._check_version(message.topic, payload)
             started = time.perf_counter()
             try:
                 await sub.handler(Inbound(message.topic, payload, message.retain))
@@ -529,10 +585,79 @@ class Node(Generic[S]):
                     message.topic,
                     exc,
                 )
+            except Exception as exc:
+                self._handler_failed(sub.handler, message.topic, exc)
             finally:
                 self.metrics.handler_seconds.labels(self.service).observe(
                     time.perf_counter() - started
                 )
+
+    def _handler_failed(self, handler: object, topic: str, exc: Exception) -> None:
+        """A bug met one message: that message is dropped and counted, the traceback logged
+        at most once per interval per handler and exception type, and the service goes on."""
+        self.metrics.drop("error")
+        self.metrics.handler_errors.labels(self.service).inc()
+        name = handler if isinstance(handler, str) else getattr(handler, "__qualname__", "?")
+        self._throttled.log(
+            logging.ERROR,
+            f"error-{name}-{type(exc).__name__}",
+            "%s: %s failed on a message on %s, which is dropped (a bug: counted in"
+            " uns_handler_errors_total): %s: %s",
+            self.id,
+            name,
+            topic,
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+        )
+
+    def _check_version(self, topic: str, payload: object) -> None:
+        """A newer schema version is decoded by the evolution rules: counted and logged."""
+        v = getattr(payload, "v", p.SCHEMA_VERSION)
+        if isinstance(v, int) and v > p.SCHEMA_VERSION:
+            self.metrics.newer_version.labels(self.service).inc()
+            self._throttled.warning(
+                "version",
+                "%s: message on %s has schema version %d, newer than this service's %d:"
+                " handled by the forward-compatibility rules (its unknown fields ignored)",
+                self.id,
+                topic,
+                v,
+                p.SCHEMA_VERSION,
+            )
+
+    def _reply_problem(self, reply_to: object) -> str:
+        """Why ``args.reply_to`` is not a topic this node answers on ('' when it is).
+
+        A reply goes under ``uns-cli/`` or the node's own ``{enterprise}/{site}/``, but never
+        on a device or node topic: a command must not make a node publish into the contract.
+        """
+        if not isinstance(reply_to, str):
+            return f"is a {type(reply_to).__name__}, not a topic"
+        if not reply_to:
+            return "is empty"
+        if "+" in reply_to or "#" in reply_to or "\x00" in reply_to:
+            return "has a wildcard or a NUL character"
+        try:
+            size = len(reply_to.encode("utf-8"))
+        except UnicodeEncodeError:
+            return "is not valid UTF-8"
+        if size > MAX_REPLY_TOPIC_BYTES:
+            return f"is longer than {MAX_REPLY_TOPIC_BYTES} bytes"
+        levels = reply_to.split("/")
+        if "" in levels:
+            return "has an empty level"
+        own = f"{self.enterprise}/{self.site}/"
+        if not reply_to.startswith((own, *REPLY_PREFIXES)):
+            return f"is outside {own} and {', '.join(REPLY_PREFIXES)}"
+        if reply_to.startswith(own):
+            try:
+                parse(reply_to)
+            except TopicError:
+                if levels[2] != NODE_LEVEL:
+                    return ""
+            return "is a device or node topic of the namespace"
+        return ""
 
     async def _node_command(self, message: Message) -> None:
         try:
@@ -541,18 +666,88 @@ class Node(Generic[S]):
             self.metrics.drop("decode")
             self._throttled.warning("decode", "%s: dropped undecodable command: %s", self.id, exc)
             return
+        self._check_version(message.topic, command)
+        reply_to = command.args.get("reply_to")
+        if reply_to is not None and (problem := self._reply_problem(reply_to)):
+            self.metrics.drop("reply_to")
+            self._throttled.warning(
+                "reply_to",
+                "%s: refused command %.64r from %.64r: its args.reply_to %.200r %s",
+                self.id,
+                command.name,
+                command.sender,
+                reply_to,
+                problem,
+            )
+            return
         reply = p.Reply(ts=p.now_ms(), id=command.id)
         if command.name == "rebirth":
-            log.info("%s: rebirth requested by %s", self.id, command.sender or "someone")
-            await self.rebirth()
+            due_in_s = await self._rebirth_requested(command.sender)
+            reply = p.Reply(ts=p.now_ms(), id=command.id, result={"rebirth_in_s": due_in_s})
         elif self.running is not None:
             try:
                 result = await self.running.on_node_command(command)
                 reply = p.Reply(ts=p.now_ms(), id=command.id, result=result)
             except Reject as exc:
                 self.metrics.drop(exc.reason)
-                log.warning("%s: command %r refused: %s", self.id, command.name, exc)
+                self._throttled.warning(
+                    f"reject-{exc.reason}",
+                    "%s: command %.64r refused: %s",
+                    self.id,
+                    command.name,
+                    exc,
+                )
                 reply = p.Reply(ts=p.now_ms(), id=command.id, ok=False, error=str(exc))
-        reply_to = command.args.get("reply_to")
-        if isinstance(reply_to, str) and reply_to:
-            await self.publish(reply_to, reply, qos=1)
+            except Exception as exc:
+                self._handler_failed(self.running.on_node_command, message.topic, exc)
+                reply = p.Reply(
+                    ts=p.now_ms(), id=command.id, ok=False, error="internal error (see its log)"
+                )
+        if isinstance(reply_to, str):
+            try:
+                data = p.encode(reply)
+            except (TypeError, ValueError, OverflowError) as exc:  # a result JSON cannot carry
+                self._handler_failed("the reply's encoding", message.topic, exc)
+                return
+            await self.publish(reply_to, data, qos=1)
+
+    async def _rebirth_requested(self, sender: str) -> float:
+        """Rebirth now, or at the end of the rate limit's window; the seconds until then.
+
+        One rebirth costs every birth of the node (hundreds of kB, forwarded to the cloud):
+        a burst of requests must not multiply that. The first request within the window
+        is served at its end, the others are coalesced into it and counted.
+        """
+        now = time.monotonic()
+        if self._rebirth_due is not None:
+            self.metrics.drop("rebirth_rate")
+            self._throttled.warning(
+                "rebirth_rate",
+                "%s: rebirth requested by %.64r within %g s of the last: coalesced with the"
+                " one due (counted as rebirth_rate)",
+                self.id,
+                sender or "someone",
+                self.settings.rebirth_min_interval_s,
+            )
+            return round(self._rebirth_due - now, 3)
+        due = self._last_rebirth + self.settings.rebirth_min_interval_s
+        if now >= due:
+            await self._rebirth_now(f"requested by {(sender or 'someone')[:64]!r}")
+            return 0.0
+        self._rebirth_due = due
+        log.info(
+            "%s: rebirth requested by %.64r: due in %.1f s (at most one per %g s)",
+            self.id,
+            sender or "someone",
+            due - now,
+            self.settings.rebirth_min_interval_s,
+        )
+        return round(due - now, 3)
+
+    async def _rebirth_now(self, why: str) -> None:
+        log.info("%s: rebirth (%s)", self.id, why)
+        self._last_rebirth = time.monotonic()
+        try:
+            await self.rebirth()
+        except Exception as exc:  # the service's on_rebirth
+            self._handler_failed("on_rebirth", self.cmd_topic, exc)
