@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import random
 import signal
 import sys
+import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Final, TypeVar
 
 import msgspec
 import typer
@@ -19,11 +21,13 @@ import typer
 from uns import payloads as p
 from uns import schema as schema_files
 from uns.bus import Bus, Message, connect
-from uns.config import BrokerSettings, LoadedConfig, load, parse_broker_url
+from uns.config import BrokerSettings, LoadedConfig, load, parse_broker_url, redact_url
 from uns.errors import BusError, ConfigError, PayloadError, TopicError, UnsError
 from uns.runtime import Node, Service
-from uns.topics import DevicePath, node_topic, validate_filter
+from uns.topics import DevicePath, matches, node_topic, validate_filter
 from uns.tree import NamespaceView
+
+T = TypeVar("T")
 
 log = logging.getLogger("uns")
 
@@ -105,14 +109,32 @@ def _watch_target(
     return _broker(_load(config), broker)
 
 
-def _run(main: Callable[[asyncio.Event], Any]) -> Any:
-    """Run a coroutine with SIGINT/SIGTERM setting its stop event."""
+class Stop(asyncio.Event):
+    """Set by SIGINT/SIGTERM; ``signal`` says which (None while running, or when the work
+    ended by itself)."""
+
+    signal: signal.Signals | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's code for a process ended by this signal: 130 (SIGINT), 143 (SIGTERM)."""
+        return 128 + int(self.signal) if self.signal is not None else 0
+
+
+def _run(main: Callable[[Stop], Any], *, grace_s: float | None = None) -> Any:
+    """Run a coroutine with SIGINT/SIGTERM setting its stop event.
+
+    ``grace_s`` (the commands that watch or publish; not services, which publish their
+    death, nor the broker): once stopped, the process ends at the latest ``grace_s`` later
+    whatever it is waiting for (a connect blocked in a thread, a stuck broker), and at
+    once on a second signal, with exit code 128 + the signal.
+    """
 
     async def runner() -> Any:
-        stop = asyncio.Event()
+        stop = Stop()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, _stopper(stop, sig))
+            loop.add_signal_handler(sig, _stopper(stop, sig, grace_s))
         return await main(stop)
 
     try:
@@ -121,12 +143,31 @@ def _run(main: Callable[[asyncio.Event], Any]) -> Any:
         raise _fail(f"config: {exc}") from None
 
 
-def _stopper(stop: asyncio.Event, sig: signal.Signals) -> Callable[[], None]:
+def _stopper(stop: Stop, sig: signal.Signals, grace_s: float | None) -> Callable[[], None]:
     def handler() -> None:
+        if stop.is_set() and grace_s is not None:
+            _hard_exit(128 + int(sig))
         log.info("%s received: stopping", sig.name)
+        stop.signal = stop.signal or sig
         stop.set()
+        if grace_s is not None:
+            # a daemon thread, not the loop: it fires even if the loop cannot run again
+            timer = threading.Timer(grace_s, _hard_exit, (stop.exit_code,))
+            timer.daemon = True
+            timer.start()
 
     return handler
+
+
+def _hard_exit(code: int) -> None:
+    """End the process now: what is printed so far is kept, nothing else is waited for (an
+    executor thread in a blocking connect would hold a normal exit for up to its timeout)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def service_classes() -> dict[str, Any]:
@@ -349,8 +390,9 @@ def up(
                 env=env,
             )
         )
-    log.info("namespace on %s; services: %s", url, ", ".join(c.name for c in children) or "none")
-    log.info("watch it with: uns sub '#' --json --broker %s", url)
+    shown = redact_url(url)  # the log must not carry the broker password
+    log.info("namespace on %s; services: %s", shown, ", ".join(c.name for c in children) or "none")
+    log.info("watch it with: uns sub '#' --json --broker %s", shown)
     target = parse_broker_url(url)
     asyncio.run(
         supervise(
@@ -364,28 +406,72 @@ def up(
 # ---- looking at the namespace ---------------------------------------------------------
 
 
-@asynccontextmanager
-async def _client(url: str, settings: BrokerSettings, stop: asyncio.Event) -> AsyncIterator[Bus]:
-    """Connect, retrying with a message (never a traceback) while the broker is unreachable."""
-    delay = 0.5
+RETRY_MIN_S: Final = 0.5
+RETRY_MAX_S: Final = 5.0
+GRACE_S: Final = 1.5
+"""How long a command that talks to the broker may take to end after SIGINT/SIGTERM."""
+
+
+async def _on_broker(
+    url: str, settings: BrokerSettings, stop: Stop, work: Callable[[Bus], Awaitable[T]]
+) -> T | None:
+    """``work(bus)`` on a connection to the broker, and again on a new connection whenever
+    the broker refuses or drops it, until it returns (its result) or ``stop`` is set (None).
+
+    Each failed attempt is one line on stderr (never a traceback), then a wait that doubles
+    from 0.5 s to 5 s: nothing spins while the broker is away. ``stop`` wins over a connect,
+    a wait or ``work`` in progress. The attempts run in a task of their own because a
+    cancellation can be lost inside them (Python 3.11's `asyncio.wait_for` drops one that
+    races its result): a lost one must not keep the process alive, as it did the old
+    retry helper (35 minutes at 0.7 core after SIGTERM).
+    """
+    task = asyncio.create_task(_attempts(url, settings, work))
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=1.0)  # then abandoned (`GRACE_S` ends it)
+    if task.done() and not task.cancelled():
+        return task.result()  # work's own errors are raised here
+    return None
+
+
+async def _attempts(url: str, settings: BrokerSettings, work: Callable[[Bus], Awaitable[T]]) -> T:
+    loop = asyncio.get_running_loop()
+    delay = RETRY_MIN_S
     while True:
+        connected_at: float | None = None
         try:
             async with connect(
                 url, settings=settings, client_id=f"uns-cli-{uuid.uuid4().hex[:8]}"
             ) as bus:
-                yield bus
-                return
+                connected_at = loop.time()
+                return await work(bus)
         except BusError as exc:
-            if stop.is_set():
-                raise
+            if connected_at is not None and loop.time() - connected_at >= RETRY_MAX_S:
+                delay = RETRY_MIN_S  # it worked for a while: the broker restarted
             typer.echo(f"{exc}; retrying in {delay:.1f} s", err=True)
-            try:
-                await asyncio.wait_for(stop.wait(), delay)
-            except TimeoutError:
-                pass
-            if stop.is_set():
-                raise
-            delay = min(delay * 2, 5.0)
+        # jittered, so that every client of a restarted broker does not come back at once
+        await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+        delay = min(delay * 2, RETRY_MAX_S)
+
+
+def _run_client(main: Callable[[Stop], Awaitable[T]]) -> T:
+    """`_run` for a command that talks to the broker: it ends within `GRACE_S` of SIGINT or
+    SIGTERM, with exit code 130 or 143 when the signal stopped it before it was done."""
+    stops: list[Stop] = []
+
+    async def run(stop: Stop) -> T:
+        stops.append(stop)
+        return await main(stop)
+
+    result: T = _run(run, grace_s=GRACE_S)
+    if stops and stops[0].signal is not None:
+        raise typer.Exit(stops[0].exit_code)
+    return result
 
 
 def _describe(message: Message) -> dict[str, Any]:
@@ -416,62 +502,54 @@ def sub(
     """Print decoded messages. Exits 1 if the broker was never reached or --count was not
     reached before --timeout."""
     url, settings = _watch_target(topic_filter, config, broker)
-
     seen = 0
-    connected = False
+    connections = 0
 
-    async def receive(stop: asyncio.Event) -> None:
-        nonlocal seen, connected
-        while True:
-            try:
-                async with _client(url, settings, stop) as bus:
-                    await bus.subscribe(topic_filter, qos=1)
-                    connected = True
-                    async for message in bus.messages():
-                        line = _describe(message)
-                        if as_json:
-                            sys.stdout.write(_json.encode(line).decode() + "\n")
-                        else:
-                            flag = " (retained)" if message.retain else ""
-                            body = _json.encode(line.get("payload")).decode()
-                            sys.stdout.write(f"{message.topic}{flag} {body}\n")
-                        sys.stdout.flush()
-                        seen += 1
-                        if count is not None and seen >= count:
-                            return
-            except BusError as exc:
-                typer.echo(f"{exc}; reconnecting", err=True)
+    async def work(bus: Bus) -> None:
+        nonlocal seen, connections
+        await bus.subscribe(topic_filter, qos=1)
+        connections += 1
+        if connections > 1:
+            typer.echo(f"reconnected; subscribed to {topic_filter!r} again", err=True)
+        async for message in bus.messages():
+            line = _describe(message)
+            if as_json:
+                sys.stdout.write(_json.encode(line).decode() + "\n")
+            else:
+                flag = " (retained)" if message.retain else ""
+                body = _json.encode(line.get("payload")).decode()
+                sys.stdout.write(f"{message.topic}{flag} {body}\n")
+            sys.stdout.flush()
+            seen += 1
+            if count is not None and seen >= count:
+                return
 
-    async def main(stop: asyncio.Event) -> int:
+    async def main(stop: Stop) -> int:
         try:
             async with asyncio.timeout(timeout):
-                await _until_stopped(receive(stop), stop)
+                await _on_broker(url, settings, stop, work)
         except TimeoutError:
             pass
-        if not connected:
-            typer.echo(f"never reached the broker at {url}", err=True)
+        if not connections:
+            typer.echo(f"never reached the broker at {redact_url(url)}", err=True)
             return 1
         if count is not None and seen < count:
             typer.echo(f"received {seen} of {count} messages", err=True)
             return 1
         return 0
 
-    code = _run(main)
+    # a stop by signal keeps the codes above (0 after a reached broker): ending `uns sub`
+    # with Ctrl-C is its normal end
+    code = _run(main, grace_s=GRACE_S)
     raise typer.Exit(code)
 
 
-async def _until_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> None:
-    """Run ``work`` until it returns or ``stop`` is set (Ctrl-C), whichever comes first."""
-    task = asyncio.create_task(work)
-    stopper = asyncio.create_task(stop.wait())
-    try:
-        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in (task, stopper):
-            t.cancel()
-        await asyncio.gather(task, stopper, return_exceptions=True)
-    if task.done() and not task.cancelled() and task.exception() is not None:
-        raise task.exception()  # type: ignore[misc]
+TREE_FILTERS: Final = (
+    "+/+/+/+/+/+/+/birth",
+    "+/+/+/+/+/+/+/death",
+    "+/+/_node/+/birth",
+    "+/+/_node/+/death",
+)
 
 
 @app.command()
@@ -482,42 +560,51 @@ def tree(
     config: ConfigOpt = None,
 ) -> None:
     """The namespace as a tree: nodes, devices, streams, metrics with units, online state."""
-    url, settings = _watch_target(topic_filter, config, broker)
+    try:
+        validate_filter(topic_filter)
+    except TopicError as exc:
+        raise _fail(str(exc)) from None
+    loaded = _load(config)
+    url, settings = _broker(loaded, broker)
     view = NamespaceView()
+    # The end of the retained burst: a command to a node id of our own, sent after the
+    # subscriptions, comes back after every retained message they brought. It is a valid
+    # `cmd` on a `_node/{id}/cmd` topic, so an app watching `#` sees nothing outside the
+    # contract (a plain `uns-cli/tree/<id>` "end" marker crashed naive apps); no node has
+    # that id, so nobody acts on it.
+    ns = loaded.config.namespace
+    marker_topic = node_topic(ns.enterprise, ns.site, f"uns-tree-{uuid.uuid4().hex[:12]}", "cmd")
+    marker = p.Command(ts=p.now_ms(), name="sync", sender="uns-cli", id=uuid.uuid4().hex)
 
-    async def main(stop: asyncio.Event) -> None:
-        from uns.topics import matches
+    def is_marker(message: Message) -> bool:
+        try:
+            return p.decode(message.payload, p.Command).id == marker.id
+        except PayloadError:
+            return False
 
-        sentinel = f"uns-cli/tree/{uuid.uuid4().hex}"
+    async def work(bus: Bus) -> None:
+        for f in TREE_FILTERS:
+            await bus.subscribe(f, qos=1)
+        await bus.subscribe(marker_topic, qos=1)
+        await bus.publish(marker_topic, p.encode(marker), qos=1)
+        try:
+            async with asyncio.timeout(timeout):
+                async for message in bus.messages():
+                    if message.topic == marker_topic:
+                        if is_marker(message):
+                            return
+                    elif message.retain and matches(topic_filter, message.topic):
+                        view.add(message.topic, message.payload)
+        except TimeoutError:
+            pass
 
-        async def collect(bus: Bus) -> None:
-            async for message in bus.messages():
-                if message.topic == sentinel:
-                    return
-                if message.retain and matches(topic_filter, message.topic):
-                    view.add(message.topic, message.payload)
-
-        async with _client(url, settings, stop) as bus:
-            for f in (
-                "+/+/+/+/+/+/+/birth",
-                "+/+/+/+/+/+/+/death",
-                "+/+/_node/+/birth",
-                "+/+/_node/+/death",
-            ):
-                await bus.subscribe(f, qos=1)
-            await bus.subscribe(sentinel, qos=1)
-            await bus.publish(sentinel, b"end", qos=1)
-            try:
-                async with asyncio.timeout(timeout):
-                    await _until_stopped(collect(bus), stop)
-            except TimeoutError:
-                pass
-
-    _run(main)
+    _run_client(lambda stop: _on_broker(url, settings, stop, work))
     from rich.console import Console
 
     if not view.nodes and not view.devices:
-        typer.echo(f"nothing under {topic_filter!r} on {url} (no retained births)", err=True)
+        typer.echo(
+            f"nothing under {topic_filter!r} on {redact_url(url)} (no retained births)", err=True
+        )
         raise typer.Exit(1)
     Console().print(view.render())
 
@@ -539,14 +626,15 @@ def pub(
             p.decode(data)
         except PayloadError as exc:
             raise _fail(f"payload: {exc} (use --no-check to send it anyway)") from None
+    if "+" in topic or "#" in topic or not topic:
+        raise _fail(f"topic: {topic!r} is not a topic to publish to (no wildcards)")
     loaded = _load(config)
     url, settings = _broker(loaded, broker)
 
-    async def main(stop: asyncio.Event) -> None:
-        async with _client(url, settings, stop) as bus:
-            await bus.publish(topic, data, qos=qos, retain=retain)
+    async def work(bus: Bus) -> None:
+        await bus.publish(topic, data, qos=qos, retain=retain)
 
-    _run(main)
+    _run_client(lambda stop: _on_broker(url, settings, stop, work))
 
 
 @app.command()
@@ -691,15 +779,17 @@ def _device(text: str) -> DevicePath:
 async def _command_and_wait(
     url: str,
     settings: BrokerSettings,
-    stop: asyncio.Event,
+    stop: Stop,
     topic: str,
     command: p.Command,
     answer: str,
     match: Callable[[Any], bool],
     timeout: float,
 ) -> Any:
-    """Publish ``command`` to ``topic`` and return the first payload on ``answer`` that matches."""
-    async with _client(url, settings, stop) as bus:
+    """Publish ``command`` to ``topic`` and return the first payload on ``answer`` that matches
+    within ``timeout`` of the connection (None if none); again after a reconnect."""
+
+    async def work(bus: Bus) -> Any:
         await bus.subscribe(answer, qos=1)
         await bus.publish(topic, p.encode(command), qos=1)
         try:
@@ -715,7 +805,9 @@ async def _command_and_wait(
                         return payload
         except TimeoutError:
             return None
-    return None
+        return None
+
+    return await _on_broker(url, settings, stop, work)
 
 
 @sim_app.command("fault")
@@ -746,7 +838,7 @@ def sim_fault(
         id=uuid.uuid4().hex,
         args={"kind": kind, "severity": severity, "ramp_s": ramp, "tag": tag},
     )
-    event = _run(
+    event = _run_client(
         lambda stop: _command_and_wait(
             url,
             settings,
@@ -784,7 +876,7 @@ def sim_clear(
         args={"kind": kind} if kind else {},
     )
 
-    async def main(stop: asyncio.Event) -> Any:
+    async def main(stop: Stop) -> Any:
         return await _command_and_wait(
             url,
             settings,
@@ -796,7 +888,7 @@ def sim_clear(
             timeout,
         )
 
-    if _run(main) is None:
+    if _run_client(main) is None:
         raise _fail(
             f"no fault cleared on {path} within {timeout:g} s (none active, or no simulator)",
             code=1,
@@ -824,7 +916,7 @@ def sim_status(
         id=uuid.uuid4().hex,
         args={"reply_to": reply_to},
     )
-    reply = _run(
+    reply = _run_client(
         lambda stop: _command_and_wait(
             url,
             settings,
