@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import re
 import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -442,6 +443,21 @@ _CAUSES: Final = (
     ("network is unreachable", "the network is down"),
     ("timed out", "no answer in time (network down or filtered)"),
 )
+
+
+_LOGIN_REFUSALS: Final = re.compile(
+    r"\[code:(134|135|138|140)\]|bad user ?name or password|not authori[sz]ed|\bbanned\b"
+    r"|bad authentication method",
+    re.IGNORECASE,
+)
+"""CONNACK refusals of who we are: 0x86 bad user name or password, 0x87 not authorized,
+0x8A banned, 0x8C bad authentication method (MQTT 3.1.1's return codes 4 and 5 arrive as
+0x86 and 0x87). Retrying those every few seconds locks accounts on many brokers."""
+
+
+def login_refused(error: str) -> bool:
+    """Whether a failed *connect* (not a refused publish) was a refusal of our credentials."""
+    return _LOGIN_REFUSALS.search(error) is not None
 
 
 def explain(error: str) -> str | None:

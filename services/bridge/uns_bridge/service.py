@@ -98,6 +98,11 @@ class BridgeMetrics:
         self.connected = gauge(
             "uns_bridge_remote_connected", "1 while connected to the remote"
         ).labels(service)
+        self.login_refusals = counter(
+            "uns_bridge_login_refusals_total",
+            "Connection attempts the remote refused for our credentials (each backs off"
+            " remote.login_retry_min_s, doubling)",
+        ).labels(service)
         self.cert_days_left = Gauge(
             "uns_bridge_cert_days_left",
             "Days until the client certificate (remote.cert_file) expires",
@@ -257,12 +262,14 @@ class Bridge(Service[BridgeSettings]):
         remote = self.settings.remote
         assert remote is not None
         attempt = 0
+        refusals = 0  # logins refused in a row: their own, much longer backoff
         while True:
             if self.sessions or attempt:
                 self.metrics.reconnects.inc()
             self._check_certificate()
             started = time.monotonic()
             forwarded = self.forwarded
+            sessions = self.sessions
             try:
                 async with connect(
                     remote.url,
@@ -294,9 +301,28 @@ class Bridge(Service[BridgeSettings]):
             # a session that did something resets the backoff, one refused at once does not
             if self.forwarded > forwarded or (time.monotonic() - started > 30):
                 attempt = 0
+            cause = logic.explain(error)
+            if self.sessions > sessions:
+                refusals = 0
+            elif logic.login_refused(error):
+                delay = logic.backoff(refusals, remote.login_retry_min_s, remote.login_retry_max_s)
+                refusals += 1
+                self.metrics.login_refusals.inc()
+                log.error(
+                    "%s: remote %s refused our login (%s: %s); %d messages kept in the journal;"
+                    " next attempt in %.1f s (remote.login_retry_min_s doubling to"
+                    " remote.login_retry_max_s: retrying sooner could lock the account)",
+                    self.node.id,
+                    remote.url,
+                    cause or "refused",
+                    error,
+                    self.journal.count if self.journal else 0,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
             delay = logic.backoff(attempt, remote.reconnect_min_s, remote.reconnect_max_s)
             attempt += 1
-            cause = logic.explain(error)
             log.warning(
                 "%s: remote %s: %s%s; %d messages kept in the journal; retrying in %.1f s",
                 self.node.id,

@@ -59,6 +59,11 @@ class Remote(Strict, frozen=True):
     """Connect and PUBACK timeout; past it the connection is dropped and redialled."""
     reconnect_min_s: PositiveFloat = 1.0
     reconnect_max_s: PositiveFloat = 15.0
+    login_retry_min_s: PositiveFloat = 60.0
+    """After the remote refused our login (bad username or password, not authorized,
+    banned): the first wait, doubling per refusal up to ``login_retry_max_s``, so that a
+    wrong or expired secret does not lock the account."""
+    login_retry_max_s: PositiveFloat = 1800.0
 
     def __post_init__(self) -> None:
         try:
@@ -76,6 +81,8 @@ class Remote(Strict, frozen=True):
             raise ValueError("password and password_file: give one")
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s is below reconnect_min_s")
+        if self.login_retry_max_s < self.login_retry_min_s:
+            raise ValueError("login_retry_max_s is below login_retry_min_s")
         preset = logic.PRESETS[self.preset]
         if self.inflight > preset.max_inflight:
             raise ValueError(
