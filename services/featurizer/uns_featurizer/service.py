@@ -165,13 +165,18 @@ class Featurizer(Service[FeaturizerSettings]):
         )
         self._throttled = _Throttled()
 
-    def _device(self, topic: str, *, create: bool = True) -> _Device | None:
+    @staticmethod
+    def _path(topic: str) -> DevicePath:
+        """The device of a raw topic; a level that is no slug matches ``+`` too: refused."""
         try:
-            path = DevicePath.parse(topic.rsplit("/", 2)[0])
+            return DevicePath.parse(topic.rsplit("/", 2)[0])
         except TopicError as exc:
             raise Reject("topic", str(exc)) from None
+
+    def _device(self, topic: str) -> _Device:
+        path = self._path(topic)
         device = self.devices.get(path)
-        if device is None and create:
+        if device is None:
             if len(self.devices) >= self.settings.max_devices and str(path) not in self.assets:
                 # the plant's own devices always get in: made-up paths cannot crowd them out
                 raise Reject(
@@ -185,8 +190,9 @@ class Featurizer(Service[FeaturizerSettings]):
 
     async def on_birth(self, msg: Inbound[DeviceBirth]) -> None:
         device = self._device(msg.topic)
-        assert device is not None  # created
         birth = msg.payload
+        if not 0 <= birth.bdseq < SEQ_MODULUS:
+            raise Reject("bdseq", f"{device.path}: a raw birth of bdseq {short(birth.bdseq)}")
         if birth.device and birth.device != str(device.path):
             raise Reject(
                 "topic_mismatch", f"a raw birth for {short(birth.device)} on {device.path}'s topic"
@@ -226,7 +232,7 @@ class Featurizer(Service[FeaturizerSettings]):
         }
 
     async def on_death(self, msg: Inbound[DeviceDeath]) -> None:
-        device = self._device(msg.topic, create=False)
+        device = self.devices.get(self._path(msg.topic))
         if device is None or device.node is None or device.dead:
             return  # nothing windowed: e.g. the retained death of a device gone before we began
         death = msg.payload
@@ -236,6 +242,8 @@ class Featurizer(Service[FeaturizerSettings]):
                 f"{device.path}: a raw death from node {short(death.node)}, but node"
                 f" {short(device.node)} announced the device; still windowing it",
             )
+        if not 0 <= death.bdseq < SEQ_MODULUS:
+            raise Reject("bdseq", f"{device.path}: a raw death of bdseq {short(death.bdseq)}")
         if device.bdseq is not None and (death.bdseq - device.bdseq) % SEQ_MODULUS >= (
             SEQ_MODULUS // 2
         ):
@@ -258,7 +266,6 @@ class Featurizer(Service[FeaturizerSettings]):
 
     async def on_data(self, msg: Inbound[DeviceData]) -> None:
         device = self._device(msg.topic)
-        assert device is not None  # created
         data = msg.payload
         if device.node is None:  # no birth seen (yet): the first node to send owns the device
             device.node = data.node

@@ -251,8 +251,11 @@ class WaveformWindow:
             return self._refuse("scale", n, f"scale {short(scale)}")
         if not math.isfinite(scale) or scale == 0:
             return self._refuse("scale", n, f"scale {short(scale)}")
-        if isinstance(block.t0_us, bool) or not isinstance(block.t0_us, int):
-            return self._refuse("timestamp", n, f"t0_us {short(block.t0_us)} is not an integer")
+        t0 = block.t0_us
+        if isinstance(t0, bool) or not isinstance(t0, int) or not -(2**62) < t0 < 2**62:
+            # beyond 2**62 us (146,000 years) no clock is needed to refuse it, and the float
+            # arithmetic of the window's end would overflow
+            return self._refuse("timestamp", n, f"t0_us {short(t0)} is no time of this era")
         with np.errstate(over="ignore", invalid="ignore"):  # inf/NaN are counted below
             samples = np.frombuffer(raw, dtype=_NUMPY_DTYPES[block.dtype]).astype(np.float32)
             samples *= np.float32(scale)
