@@ -12,6 +12,7 @@ from uns import ConfigError, Waveform
 from uns.config import load
 from uns_opcua_adapter import OpcUaAdapterSettings, Tag
 from uns_opcua_adapter.logic import (
+    BlockClock,
     BrowsedObject,
     BrowsedVariable,
     Change,
@@ -104,8 +105,9 @@ def test_templates_expand_per_device_with_prefix_substituted_and_own_tags_after(
         'ns=3;s="DB_Press02".Vibration',
         "/Objects/3:Press02/3:OilLevel",
     ]
-    # sampling defaults to the publishing interval; the birth says where each value comes from
-    assert [t.sampling_ms for t in second.tags] == [250, 1000, 250, 250]
+    # sampling defaults to the publishing interval, for a waveform to every change (0: a
+    # timer at the block period misses blocks); the birth says where each value comes from
+    assert [t.sampling_ms for t in second.tags] == [250, 1000, 0, 250]
     birth = first.tags[0].metric_def('ns=3;s="DB_Press01".BearingTemp')
     assert (birth.unit, birth.low, birth.high, birth.source) == (
         "degC",
@@ -276,10 +278,12 @@ def test_a_bad_value_keeps_the_servers_reason() -> None:
 
 def test_an_array_value_becomes_one_waveform_block_timed_by_its_source_timestamp() -> None:
     values = [float(i) / 8 for i in range(1000)]
-    metric, used = waveform_metric(
-        tag("waveform", rate_hz=10_000.0), change(values, ts_us=1_700_000_000_000_250), 41
+    metric, missed = waveform_metric(
+        tag("waveform", rate_hz=10_000.0),
+        change(values, ts_us=1_700_000_000_000_250),
+        BlockClock(next=41),
     )
-    assert used
+    assert missed == 0
     wave = metric.value
     assert isinstance(wave, Waveform)
     assert (wave.t0_us, wave.rate_hz, wave.block, wave.dtype, len(wave)) == (
@@ -294,16 +298,22 @@ def test_an_array_value_becomes_one_waveform_block_timed_by_its_source_timestamp
 
 
 def test_a_double_array_keeps_double_precision_in_its_block() -> None:
-    metric, _ = waveform_metric(tag("waveform", rate_hz=100.0), change([0.1, 0.2], dtype="f64"), 0)
+    metric, _ = waveform_metric(
+        tag("waveform", rate_hz=100.0), change([0.1, 0.2], dtype="f64"), BlockClock()
+    )
     assert isinstance(metric.value, Waveform)
     assert (metric.value.dtype, metric.value.values()) == ("f64", [0.1, 0.2])
 
 
 def test_a_bad_array_value_is_published_bad_and_uses_no_block_number() -> None:
-    metric, used = waveform_metric(tag("waveform", rate_hz=100.0), change(None, 0x80050000), 3)
-    assert not used and (metric.value, metric.reason) == (None, "BadCommunicationError")
-    metric, used = waveform_metric(tag("waveform", rate_hz=100.0), change(1.5), 3)
-    assert not used and metric.reason == "BadTypeMismatch"
+    clock = BlockClock(next=3)
+    metric, missed = waveform_metric(
+        tag("waveform", rate_hz=100.0), change(None, 0x80050000), clock
+    )
+    assert missed is None and (metric.value, metric.reason) == (None, "BadCommunicationError")
+    metric, missed = waveform_metric(tag("waveform", rate_hz=100.0), change(1.5), clock)
+    assert missed is None and metric.reason == "BadTypeMismatch"
+    assert clock.next == 3  # neither used a block number
 
 
 @pytest.mark.parametrize(
@@ -319,7 +329,7 @@ def test_the_server_queue_holds_two_publishing_cycles_of_samples(
 # ---- the starter config of `uns opcua browse` ---------------------------------------------------
 
 
-def test_the_starter_config_has_a_device_per_object_and_validates_once_rates_are_set() -> None:
+def test_the_starter_config_has_a_device_per_object_and_loads_as_a_config_as_it_is() -> None:
     objects = [
         BrowsedObject(
             name="Press 01",
@@ -363,9 +373,9 @@ def test_the_starter_config_has_a_device_per_object_and_validates_once_rates_are
         ("running", "bool"),
         ("vibration", "waveform"),
     ]
-    with pytest.raises(msgspec.ValidationError, match="needs rate_hz"):
-        msgspec.convert(section, OpcUaAdapterSettings)
-    device["tags"][2]["rate_hz"] = 5000.0
+    # the output loads as it is: the rate the server does not give is a marked placeholder
+    assert "rate_hz: 1000  # PLACEHOLDER" in text
+    assert device["tags"][2]["rate_hz"] == 1000
     assert len(msgspec.convert(section, OpcUaAdapterSettings).plan()[0].tags) == 3
 
 

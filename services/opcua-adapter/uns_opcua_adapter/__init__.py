@@ -5,11 +5,25 @@ Subscribes (never polls) to the configured tags of every device under
 NodeIds), then ``<device>/raw/data`` once per publishing cycle with each value's
 SourceTimestamp and OPC UA quality; array nodes of ``waveform`` tags travel as one
 block per message. A lost server is a ``raw/death`` for every device, then a
-reconnect with backoff and births again. ``browse`` writes a starter config.
+reconnect with backoff and births again. ``browse`` writes a starter config,
+``create_certificate`` the client certificate a PLC is to trust.
 """
 
 from uns_opcua_adapter.browse import browse
+from uns_opcua_adapter.certificate import CertificateError, MadeCertificate, create_certificate
+from uns_opcua_adapter.certificate import describe as describe_certificate
 from uns_opcua_adapter.service import OpcUaAdapter
 from uns_opcua_adapter.settings import OpcUaAdapterSettings, Security, Tag, UaDevice
 
-__all__ = ["OpcUaAdapter", "OpcUaAdapterSettings", "Security", "Tag", "UaDevice", "browse"]
+__all__ = [
+    "CertificateError",
+    "MadeCertificate",
+    "OpcUaAdapter",
+    "OpcUaAdapterSettings",
+    "Security",
+    "Tag",
+    "UaDevice",
+    "browse",
+    "create_certificate",
+    "describe_certificate",
+]

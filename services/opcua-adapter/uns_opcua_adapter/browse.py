@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from uns.errors import UnsError
 from uns_opcua_adapter.logic import starter_config
-from uns_opcua_adapter.settings import OpcUaAdapterSettings, Security, read_secrets
-from uns_opcua_adapter.ua import Credentials, UaSession, UaUnavailable, browse_objects
+from uns_opcua_adapter.settings import OpcUaAdapterSettings, Security, credentials
+from uns_opcua_adapter.ua import UaSession, UaUnavailable, browse_objects
 
 
 class BrowseError(UnsError):
@@ -40,17 +40,7 @@ async def browse(
         password=password,
         timeout_s=timeout_s,
     )
-    secrets = read_secrets(settings, prefix="")
-    credentials = Credentials(
-        mode=settings.security.mode,
-        certificate=secrets.certificate,
-        private_key=secrets.private_key,
-        server_certificate=secrets.server_certificate,
-        application_uri=secrets.application_uri,
-        username=secrets.username,
-        password=secrets.password,
-    )
-    session = UaSession(url, credentials, timeout_s=timeout_s)
+    session = UaSession(url, credentials(settings, prefix=""), timeout_s=timeout_s)
     try:
         await session.connect()
         objects = await browse_objects(session, root, max_depth)

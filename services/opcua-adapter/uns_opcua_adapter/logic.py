@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
+import urllib.parse
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -98,6 +101,30 @@ class DevicePlan:
     tags: tuple[TagPlan, ...]
 
 
+def split_nsu(text: str) -> tuple[str, str] | None:
+    """``nsu=<uri>;<id>`` -> (uri, ``<id>``), None for any other text.
+
+    The URI is percent-decoded (a ``;`` in it is written ``%3B``, OPC UA Part 6, 5.3.1.10).
+    """
+    if not text.startswith("nsu="):
+        return None
+    uri, sep, rest = text[4:].partition(";")
+    if not sep:
+        return urllib.parse.unquote(uri), ""
+    return urllib.parse.unquote(uri), rest
+
+
+def nsu_text(uri: str, identifier: str) -> str:
+    """The ``nsu=`` form of a node: stable when the server's namespace indexes change."""
+    escaped = uri.replace("%", "%25").replace(";", "%3B")
+    return f"nsu={escaped};{identifier}"
+
+
+def with_index(identifier: str, index: int) -> str:
+    """``<id>`` of a ``nsu=`` node as a NodeId string for namespace ``index``."""
+    return identifier if index == 0 else f"ns={index};{identifier}"
+
+
 def tag_problem(tag: Tag, node_problem: Callable[[str], str | None]) -> str | None:
     """What is wrong with one tag on its own, if anything (its node once it has no {prefix})."""
     if tag.datatype == "waveform" and tag.rate_hz is None:
@@ -173,14 +200,26 @@ def expand_devices(
                     high=tag.high,
                     description=tag.description,
                     deadband=tag.deadband,
-                    sampling_ms=(
-                        tag.sampling_ms if tag.sampling_ms is not None else publishing_interval_ms
-                    ),
+                    sampling_ms=default_sampling_ms(tag, publishing_interval_ms),
                     rate_hz=tag.rate_hz,
                 )
             )
         plans.append(DevicePlan(DevicePath.parse(device.path), tuple(planned)))
     return plans
+
+
+def default_sampling_ms(tag: Tag, publishing_interval_ms: int) -> int:
+    """The sampling interval to ask for: the tag's, else 0 for a waveform, else publishing.
+
+    A waveform array is rewritten once per block; a server that samples it on a timer at
+    the block period (the old default: the publishing interval) misses a block whenever
+    two writes fall between two samples (1.8 % measured against node-opcua at 100 ms).
+    0 asks for the fastest practical rate, which most servers (node-opcua, asyncua,
+    S7-1500) implement as "report every change", and the queue holds every block.
+    """
+    if tag.sampling_ms is not None:
+        return tag.sampling_ms
+    return 0 if tag.datatype == "waveform" else publishing_interval_ms
 
 
 def queue_size(publishing_interval_ms: int, sampling_ms: int) -> int:
@@ -251,28 +290,113 @@ def scalar_metric(tag: TagPlan, change: Change) -> tuple[Metric, bool]:
     return Metric(name=tag.name, value=value, ts=ts, quality=quality, reason=reason), True
 
 
-def waveform_metric(tag: TagPlan, change: Change, block: int) -> tuple[Metric, bool]:
-    """One waveform block from one array value: t0 = its SourceTimestamp, numbered ``block``.
+def waveform_metric(tag: TagPlan, change: Change, clock: BlockClock) -> tuple[Metric, int | None]:
+    """One waveform block from one array value: t0 = its SourceTimestamp, numbered by ``clock``.
 
-    Returns the metric and whether it carries a block (a bad value without samples does
-    not, and does not use up a block number).
+    Returns the metric and how many blocks were missed just before it, or None when the
+    change carries no block (a bad value without samples, or not an array of numbers):
+    that uses up no block number.
     """
     assert tag.rate_hz is not None
     quality, reason = status_quality(change.status, change.status_name)
     ts = change.ts_us // 1000
     values = change.value
     if values is None:
-        return Metric(name=tag.name, value=None, ts=ts, quality=quality, reason=reason), False
+        return Metric(name=tag.name, value=None, ts=ts, quality=quality, reason=reason), None
     try:
         if not isinstance(values, (list, tuple)):
             raise TypeError(f"a {type(values).__name__}, not an array")
         wave = Waveform.from_values(
-            values, t0_us=change.ts_us, rate_hz=tag.rate_hz, dtype=change.dtype, block=block
+            values, t0_us=change.ts_us, rate_hz=tag.rate_hz, dtype=change.dtype
         )
     except (TypeError, OverflowError):  # not an array of numbers
         bad = Metric(name=tag.name, value=None, ts=ts, quality="bad", reason=TYPE_MISMATCH)
-        return bad, False
-    return Metric(name=tag.name, value=wave, ts=ts, quality=quality, reason=reason), True
+        return bad, None
+    block, missed = clock.number(change.ts_us, overflowed(change.status))
+    wave = msgspec.structs.replace(wave, block=block)
+    return Metric(name=tag.name, value=wave, ts=ts, quality=quality, reason=reason), missed
+
+
+OVERFLOW: Final = 0x0480
+"""InfoType DataValue (bit 10) + Overflow (bit 7): the server's queue dropped a value."""
+MAX_MISSED: Final = 1_000_000
+"""A hole never counts as more blocks than this (a server clock jumping years ahead)."""
+
+
+def overflowed(status: int) -> bool:
+    """Whether a StatusCode says the monitored item's queue overflowed before this value."""
+    return status & 0x0C80 == OVERFLOW
+
+
+@dataclass(slots=True)
+class BlockClock:
+    """Numbers one waveform tag's blocks so that a block the server never sent leaves a hole.
+
+    The number of a block is the previous one + 1 + the blocks missed in between, so a
+    consumer that checks ``block`` sees every loss. Missed blocks are counted from the
+    overflow bit of the StatusCode (the server dropped values from its queue) and from
+    the SourceTimestamps: a step between two blocks' ``t0`` of more than 1.5 times the
+    usual step (the median of the last 15, once 3 are known) is ``round(step / usual) - 1``
+    missed blocks. A server that samples the array on a timer and never saw a block sets
+    no overflow bit; only ``t0`` shows it. So the number is the block's position in the
+    stream: a pause of the stream (or an outage) skips as many numbers as it lasted
+    blocks. The first value after subscribing may be an old array (the last one written
+    before the machine stopped), so nothing is counted until the usual step is known.
+    """
+
+    next: int = 0
+    last_t0_us: int | None = None
+    steps: deque[int] = field(default_factory=lambda: deque(maxlen=15))
+
+    def number(self, t0_us: int, overflow: bool = False) -> tuple[int, int]:
+        """(this block's number, how many blocks were missed just before it)."""
+        missed = 0
+        if self.last_t0_us is not None:
+            step = t0_us - self.last_t0_us
+            if step > 0:
+                usual = statistics.median(self.steps) if len(self.steps) >= 3 else 0
+                if usual > 0 and step > 1.5 * usual:
+                    missed = min(MAX_MISSED, round(step / usual) - 1)
+                self.steps.append(step)
+        if overflow:
+            missed = max(missed, 1)
+        block = self.next + missed
+        self.next = block + 1
+        if self.last_t0_us is None or t0_us > self.last_t0_us:
+            self.last_t0_us = t0_us
+        return block, missed
+
+
+# ---- keeping the session: slow is not dead ----------------------------------------------------
+
+
+@dataclass(slots=True)
+class KeepAlive:
+    """Decides when a session is dead: ``failures`` keep-alive reads in a row without an
+    answer, with no sign of life from the server (a Publish response) in between.
+
+    One slow answer is not a dead server: under load a PLC may take seconds to answer a
+    Read, and killing the session for it republishes every device's death and birth.
+    """
+
+    failures: int = 3
+    missed: int = 0
+
+    def answered(self) -> None:
+        """A keep-alive read or any other response arrived: the server is there."""
+        self.missed = 0
+
+    def unanswered(self) -> bool:
+        """A keep-alive read timed out; True when the session is to be declared dead."""
+        self.missed += 1
+        return self.missed >= self.failures
+
+
+def refused_delay(attempt: int, first_s: float, most_s: float) -> float:
+    """How long to wait after the ``attempt``-th refusal in a row (0-based): doubling from
+    ``first_s`` up to ``most_s``. Many PLCs lock an account after a few failed logins in a
+    few minutes, so a refused login is not retried at the reconnect pace."""
+    return min(most_s, first_s * 2.0 ** min(attempt, 20))
 
 
 # ---- the starter config of `uns opcua browse` ---------------------------------------------
@@ -291,6 +415,8 @@ class BrowsedVariable:
     low: float | None = None
     high: float | None = None
     description: str = ""
+    rate_hz: float | None = None
+    """The sample rate of an array, when the server has it (a ``SampleRate``-like property)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,6 +444,9 @@ VARIANT_DATATYPES: Final[dict[str, DataType]] = {
     "LocalizedText": "string",
 }
 WAVEFORM_VARIANTS: Final = frozenset({"Float", "Double", "Int16"})
+RATE_PLACEHOLDER: Final = 1000.0
+"""rate_hz written for an array whose sample rate the server does not say (commented)."""
+_PLACEHOLDER_MARK: Final = "__uns_rate_placeholder__"
 UNIT_SYMBOLS: Final = {"°C": "degC", "°F": "degF", "℃": "degC", "min⁻¹": "rpm", "1/min": "rpm"}
 
 
@@ -377,7 +506,11 @@ def starter_config(
             if var.description:
                 tag["description"] = var.description
             if datatype == "waveform":
-                waveforms.append(f"{var.node}")
+                if var.rate_hz is not None and math.isfinite(var.rate_hz) and var.rate_hz > 0:
+                    tag["rate_hz"] = var.rate_hz
+                else:  # valid, so the section loads; marked, so nobody mistakes it for real
+                    tag["rate_hz"] = _PLACEHOLDER_MARK
+                    waveforms.append(var.node)
             tags.append(tag)
         if not tags:
             continue
@@ -390,12 +523,19 @@ def starter_config(
         "# not need, and add units where the server has no EngineeringUnits.",
     ]
     if waveforms:
-        header.append("# Arrays became waveform tags: set each one's rate_hz (samples per second):")
+        header.append("# Arrays became waveform tags. The server does not say their sample rate,")
+        header.append(
+            f"# so rate_hz is a placeholder ({RATE_PLACEHOLDER:g}): set each one (samples/s):"
+        )
         header.extend(f"#   {node}" for node in waveforms)
     if skipped:
         header.append("# Skipped (no matching datatype):")
         header.extend(f"#   {item}" for item in skipped)
     body = msgspec.yaml.encode(section).decode("utf-8")
+    body = body.replace(
+        f"rate_hz: {_PLACEHOLDER_MARK}",
+        f"rate_hz: {RATE_PLACEHOLDER:g}  # PLACEHOLDER: the array's samples per second",
+    )
     return "\n".join(header) + "\n" + body
 
 

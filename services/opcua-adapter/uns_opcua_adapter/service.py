@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 
@@ -20,12 +21,24 @@ from prometheus_client import Counter, Gauge, Histogram
 from uns import DevicePath, Metric, Node, Service
 from uns_opcua_adapter import logic
 from uns_opcua_adapter.logic import DevicePlan, TagPlan
-from uns_opcua_adapter.settings import OpcUaAdapterSettings, read_secrets
-from uns_opcua_adapter.ua import Credentials, Monitor, UaSession, UaUnavailable
+from uns_opcua_adapter.settings import OpcUaAdapterSettings, credentials
+from uns_opcua_adapter.ua import Monitor, UaSession, UaUnavailable
 
 log = logging.getLogger(__name__)
 
 ERROR_REASONS = ("connect", "rejected", "lost", "node", "value")
+_MISSED_LOG_S = 60.0
+
+
+def _seconds(delay: float) -> str:
+    """60 -> "60", 0.25 -> "0.2": whole seconds once they are many."""
+    return f"{delay:.0f}" if delay >= 10 else f"{delay:.1f}".removesuffix(".0")
+
+
+def _source(configured: str, resolved: str | None) -> str | None:
+    """The NodeId a birth names: a ``nsu=`` node as configured (its index is only this
+    session's), anything else as resolved (a browse path becomes its NodeId)."""
+    return configured if configured.startswith("nsu=") else resolved
 
 
 class OpcUaAdapter(Service[OpcUaAdapterSettings]):
@@ -37,16 +50,7 @@ class OpcUaAdapter(Service[OpcUaAdapterSettings]):
         super().__init__(node)
         s = self.settings
         self.devices: list[DevicePlan] = s.plan()
-        secrets = read_secrets(s)  # a missing certificate or password file stops us here
-        self.credentials = Credentials(
-            mode=s.security.mode,
-            certificate=secrets.certificate,
-            private_key=secrets.private_key,
-            server_certificate=secrets.server_certificate,
-            application_uri=secrets.application_uri,
-            username=secrets.username,
-            password=secrets.password,
-        )
+        self.credentials = credentials(s)  # a missing certificate or password file stops us here
         if s.security.mode != "none" and s.security.server_certificate is None:
             log.info(
                 "%s: no security.server_certificate: trusting the certificate %s presents",
@@ -61,8 +65,11 @@ class OpcUaAdapter(Service[OpcUaAdapterSettings]):
                 handle = len(self.tags) + 1
                 self.tags[handle] = (device, tag)
                 self.handles.setdefault(device.path, []).append(handle)
-        self.blocks: dict[int, int] = {}
-        """Next waveform block number per handle; it keeps counting across sessions."""
+        self.blocks: dict[int, logic.BlockClock] = {}
+        """Block numbering per waveform handle; it keeps counting across sessions, so the
+        blocks lost while the server was away leave a hole in the numbers too."""
+        self._missed_logged: dict[int, tuple[float, int]] = {}
+        """Per waveform handle: when missed blocks were last logged, and how many since."""
         self.born: list[DevicePath] = []
         self.last: dict[DevicePath, dict[str, Metric]] = {}
         """The latest value of every scalar tag, sent again after an MQTT (re)birth."""
@@ -85,6 +92,14 @@ class OpcUaAdapter(Service[OpcUaAdapterSettings]):
         )
         for reason in ERROR_REASONS:
             self.errors.labels(service, reason)
+        self.blocks_missed = Counter(
+            "uns_opcua_blocks_missing_total",
+            "Waveform blocks missing between two delivered ones (the server's queue-overflow"
+            " bit, or a hole in the blocks' SourceTimestamps: lost by the server's sampling or"
+            " queue, or the stream paused); the published block counter skips them",
+            ["service"],
+            registry=r,
+        ).labels(service)
         self.session_up = Gauge(
             "uns_opcua_session_up",
             "1 while the OPC UA session is up and subscribed",
@@ -122,13 +137,19 @@ class OpcUaAdapter(Service[OpcUaAdapterSettings]):
     async def _loop(self, closing: set[asyncio.Task[None]]) -> None:
         s = self.settings
         attempt = 0
+        logins_refused = 0
         while True:
             session = UaSession(
-                s.url, self.credentials, timeout_s=s.timeout_s, watchdog_s=s.watchdog_s
+                s.url,
+                self.credentials,
+                timeout_s=s.timeout_s,
+                watchdog_s=s.watchdog_s,
+                keepalive_failures=s.keepalive_failures,
             )
             started = time.monotonic()
             try:
                 await session.connect()
+                logins_refused = 0
                 await self._serve(session)
                 raise AssertionError("a session ends with UaUnavailable")  # pragma: no cover
             except UaUnavailable as exc:
@@ -142,6 +163,28 @@ class OpcUaAdapter(Service[OpcUaAdapterSettings]):
                 attempt = 0  # it served a while: this is a new outage
             delay = self._backoff(attempt)
             attempt += 1
+            if problem.refusal == "login":  # retrying at the reconnect pace locks the account
+                delay = logic.refused_delay(
+                    logins_refused, s.login_retry_min_s, s.login_retry_max_s
+                )
+                logins_refused += 1
+                log.warning(
+                    "%s: OPC UA server %s: %s; next try in %s s so the PLC does not lock"
+                    " the account",
+                    self.node.id,
+                    s.url,
+                    problem,
+                    _seconds(delay),
+                )
+            elif problem.refusal == "certificate":  # nothing changes until someone acts
+                delay = s.certificate_retry_s
+                log.warning(
+                    "%s: OPC UA server %s: %s; next try in %s s",
+                    self.node.id,
+                    s.url,
+                    problem,
+                    _seconds(delay),
+                )
             if self.born:  # deaths first: closing a session on a dead link takes a timeout
                 reason = f"opcua: {problem}"
                 for path in self.born:
@@ -155,7 +198,7 @@ class OpcUaAdapter(Service[OpcUaAdapterSettings]):
                     problem,
                     delay,
                 )
-            else:
+            elif problem.refusal is None:
                 log.warning(
                     "%s: OPC UA server %s: %s; retrying in %.1f s",
                     self.node.id,
@@ -183,7 +226,10 @@ class OpcUaAdapter(Service[OpcUaAdapterSettings]):
         bad: dict[int, str] = {h: r[1] for h, r in zip(handles, resolved, strict=True) if r[1]}
 
         for device in self.devices:
-            defs = [self.tags[h][1].metric_def(node_ids[h]) for h in self.handles[device.path]]
+            defs = [
+                self.tags[h][1].metric_def(_source(self.tags[h][1].node, node_ids[h]))
+                for h in self.handles[device.path]
+            ]
             await self.node.device_birth(device.path, "raw", defs)
             self.born.append(device.path)
 
@@ -234,8 +280,9 @@ class OpcUaAdapter(Service[OpcUaAdapterSettings]):
                 reason,
             )
             self.errors.labels(self.node.service, "node").inc()
+            code = reason.split(":", 1)[0]  # "BadNodeIdUnknown: the server has no namespace …"
             metrics.setdefault(device.path, []).append(
-                Metric(name=tag.name, value=None, quality="bad", reason=reason)
+                Metric(name=tag.name, value=None, quality="bad", reason=code)
             )
         for path, items in metrics.items():
             await self.node.device_data(path, "raw", items)
@@ -257,10 +304,10 @@ class OpcUaAdapter(Service[OpcUaAdapterSettings]):
                 continue
             device, tag = entry
             if tag.datatype == "waveform":
-                block = self.blocks.get(change.handle, 0)
-                metric, used = logic.waveform_metric(tag, change, block)
-                if used:
-                    self.blocks[change.handle] = block + 1
+                clock = self.blocks.setdefault(change.handle, logic.BlockClock())
+                metric, missed = logic.waveform_metric(tag, change, clock)
+                if missed:
+                    self._missed(device, tag, change.handle, missed)
                 self._check(change, device, tag, metric)
                 await self.node.device_data(device.path, "raw", [metric])
             else:
@@ -275,6 +322,25 @@ class OpcUaAdapter(Service[OpcUaAdapterSettings]):
         for change in batch:
             self.latency.observe(max(0, queued_us - change.ts_us) / 1e6)
         log.debug("%s: %d changes published", self.node.id, len(batch))
+
+    def _missed(self, device: DevicePlan, tag: TagPlan, handle: int, missed: int) -> None:
+        """Count blocks the server never delivered; one line per tag and minute at most."""
+        self.blocks_missed.inc(missed)
+        now = time.monotonic()
+        last, pending = self._missed_logged.get(handle, (-math.inf, 0))
+        pending += missed
+        if now - last < _MISSED_LOG_S:
+            self._missed_logged[handle] = (last, pending)
+            return
+        self._missed_logged[handle] = (now, 0)
+        log.warning(
+            "%s: device %s, waveform %r: %d block(s) missing (the server's queue overflowed,"
+            " or a hole in the blocks' timestamps); the block counter skips them",
+            self.node.id,
+            device.path,
+            tag.name,
+            pending,
+        )
 
     def _check(self, change: logic.Change, device: DevicePlan, tag: TagPlan, m: Metric) -> None:
         if m.reason != logic.TYPE_MISMATCH or change.status_name == logic.TYPE_MISMATCH:

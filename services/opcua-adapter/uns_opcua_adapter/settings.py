@@ -19,7 +19,7 @@ from uns.config import DevicePathText, PositiveFloat, Strict
 from uns.errors import ConfigError
 from uns.payloads import DataType
 from uns_opcua_adapter import logic
-from uns_opcua_adapter.ua import check_node, read_certificate
+from uns_opcua_adapter.ua import Credentials, check_node, read_certificate
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
 
@@ -87,9 +87,20 @@ class OpcUaAdapterSettings(ServiceSettings, frozen=True):
     publishing_interval_ms: Annotated[int, msgspec.Meta(ge=1, le=3_600_000)] = 100
     """How often the server sends what changed; one data message per device per cycle."""
     timeout_s: PositiveFloat = 5.0
-    """Timeout of every request to the server."""
+    """Timeout of every request to the server, the keep-alive reads too."""
     watchdog_s: PositiveFloat = 1.0
-    """How often the session is probed; a dead link is noticed within about twice this."""
+    """Pause between two keep-alive reads of the server's state."""
+    keepalive_failures: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
+    """Keep-alive reads in a row left unanswered (``timeout_s`` each, no Publish response
+    meanwhile) before the session counts as lost: a slow server is not a dead one. A
+    silent link is noticed within about ``watchdog_s + keepalive_failures * timeout_s``."""
+    login_retry_min_s: PositiveFloat = 60.0
+    """Wait after a refused login (user token), doubling on each refusal in a row ..."""
+    login_retry_max_s: PositiveFloat = 1800.0
+    """... up to this: many PLCs lock an account after a few failed logins."""
+    certificate_retry_s: PositiveFloat = 60.0
+    """Wait after the server rejected our certificate (or presented another than the pinned
+    one): someone has to trust it on the PLC first; retrying faster only fills logs."""
     templates: dict[str, list[Tag]] = {}
     """Tag lists shared by devices of one kind; nodes may use ``{prefix}``."""
     devices: list[UaDevice] = []
@@ -99,6 +110,11 @@ class OpcUaAdapterSettings(ServiceSettings, frozen=True):
             raise ValueError(f"url: {self.url!r} is not an OPC UA URL (opc.tcp://host:port[/path])")
         if self.password is not None and self.password_file is not None:
             raise ValueError("password and password_file: give one of them")
+        if self.login_retry_max_s < self.login_retry_min_s:
+            raise ValueError(
+                f"login_retry_max_s ({self.login_retry_max_s:g}) is below"
+                f" login_retry_min_s ({self.login_retry_min_s:g})"
+            )
         self.plan()  # every tag-map error, naming the entry
 
     def plan(self) -> list[logic.DevicePlan]:
@@ -164,4 +180,20 @@ def read_secrets(s: OpcUaAdapterSettings, prefix: str = "services.opcua-adapter"
         application_uri=uri,
         username=s.username,
         password=password,
+    )
+
+
+def credentials(s: OpcUaAdapterSettings, prefix: str = "services.opcua-adapter") -> Credentials:
+    """What a session needs to log in, the files read (`ConfigError` naming a bad one)."""
+    secrets = read_secrets(s, prefix)
+    return Credentials(
+        mode=s.security.mode,
+        certificate_path=s.security.certificate or "",
+        server_certificate_path=s.security.server_certificate or "",
+        certificate=secrets.certificate,
+        private_key=secrets.private_key,
+        server_certificate=secrets.server_certificate,
+        application_uri=secrets.application_uri,
+        username=secrets.username,
+        password=secrets.password,
     )

@@ -9,7 +9,9 @@ It never reconnects by itself: the service decides (deaths, backoff, births).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import datetime as dt
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -26,7 +28,15 @@ from asyncua.ua.uaerrors import UaError, UaStatusCodeError, UaStringParsingError
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from uns_opcua_adapter.logic import BrowsedObject, BrowsedVariable, Change
+from uns_opcua_adapter.logic import (
+    BrowsedObject,
+    BrowsedVariable,
+    Change,
+    KeepAlive,
+    nsu_text,
+    split_nsu,
+    with_index,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +46,13 @@ _SERVER_OBJECT: Final = ua.NodeId(ua.Int32(ObjectIds.Server))
 _HAS_PROPERTY: Final = ua.NodeId(ua.Int32(ObjectIds.HasProperty))
 _ROOT: Final = ua.NodeId(ua.Int32(ObjectIds.RootFolder))
 _SESSION_TIMEOUT_MS: Final = 60_000
+_SUPERVISOR_PROBE_S: Final = 3600.0
+"""asyncua's own probe: hourly. Its timeout is min(watchdog, session timeout / 2) and one
+miss ends the session, which made sessions flap under load (1 s with the old watchdog_s:
+11 drops in 3.4 min); `UaSession` runs its own, tolerant keep-alive. asyncua's supervisor
+still reports a closed socket at once."""
+_SERVER_STATE: Final = ua.NodeId(ua.Int32(ObjectIds.Server_ServerStatus_State))
+_NAMESPACE_ARRAY: Final = ua.NodeId(ua.Int32(ObjectIds.Server_NamespaceArray))
 _CHUNK: Final = 500
 _SAMPLE_TYPES: Final = {ua.VariantType.Double: "f64", ua.VariantType.Int16: "i16"}
 _AUTH_CODES: Final = frozenset(
@@ -55,6 +72,36 @@ _SECURITY_CODES: Final = frozenset(
         "BadCertificateUriInvalid",
         "BadCertificateHostNameInvalid",
         "BadCertificateTimeInvalid",
+        "BadCertificateIssuerTimeInvalid",
+        "BadCertificateUseNotAllowed",
+        "BadCertificateRevoked",
+        "BadCertificateIssuerRevoked",
+        "BadCertificateRevocationUnknown",
+        "BadCertificateChainIncomplete",
+        "BadNonceInvalid",
+    }
+)
+_FIXES: Final = {
+    "BadCertificateUntrusted": "trust {cert} on the server (its trusted client certificates)",
+    # many servers answer this instead of Untrusted, so as not to tell an attacker why
+    "BadSecurityChecksFailed": "trust {cert} on the server; if it is trusted, check"
+    " security.server_certificate and the server's clock",
+    "BadCertificateUriInvalid": "the application URI in {cert} is not the one the server"
+    " expects: make one with `uns opcua cert --uri <uri>` and trust it",
+    "BadCertificateTimeInvalid": "{cert} is expired or not yet valid (check both clocks)",
+    "BadCertificateUseNotAllowed": "{cert} lacks the key usages of an OPC UA client"
+    " certificate: make one with `uns opcua cert`",
+    "BadCertificateHostNameInvalid": "{cert} does not name this host: make one with"
+    " `uns opcua cert`",
+}
+
+_SESSION_GONE: Final = frozenset(
+    {
+        "BadSessionIdInvalid",
+        "BadSessionClosed",
+        "BadSessionNotActivated",
+        "BadSecureChannelIdInvalid",
+        "BadSecureChannelClosed",
     }
 )
 
@@ -65,16 +112,28 @@ _MODES: Final = {
 }
 
 
+Refusal = Literal["certificate", "login"]
+
+
 class UaUnavailable(Exception):
     """The server cannot be reached, refused the session, or the session was lost.
 
     ``kind`` is a metric label: ``connect`` (unreachable, timeout), ``rejected`` (the
-    server said no: credentials, certificates, endpoints) or ``lost``.
+    server said no: credentials, certificates, endpoints) or ``lost``. ``refusal`` says
+    which refusals retrying soon cannot fix: ``certificate`` (the server does not trust
+    ours, or ours does not trust its: a person must act) or ``login`` (the user token: a
+    PLC may lock the account after a few tries).
     """
 
-    def __init__(self, message: str, kind: Literal["connect", "rejected", "lost"]) -> None:
+    def __init__(
+        self,
+        message: str,
+        kind: Literal["connect", "rejected", "lost"],
+        refusal: Refusal | None = None,
+    ) -> None:
         super().__init__(message)
         self.kind = kind
+        self.refusal: Refusal | None = refusal
 
 
 # ---- helpers the pure parts use ----------------------------------------------------------
@@ -92,13 +151,28 @@ def check_node(text: str) -> None:
                 f"node {text!r} is not a browse path; write /Objects/2:Plant/2:Press01/2:Temp"
             )
         return
+    nsu = split_nsu(text)
+    if nsu is not None:
+        uri, identifier = nsu
+        try:
+            node = ua.NodeId.from_string(identifier) if uri and identifier else None
+        except (UaStringParsingError, ValueError):
+            node = None
+        if node is None or identifier.startswith(("ns=", "nsu=", "srv=")):
+            raise ValueError(
+                f"node {text!r} is not a NodeId; write nsu=<namespace URI>;s=Press01.Temp"
+                " (a ';' in the URI as %3B)"
+            )
+        return
     try:
-        ua.NodeId.from_string(text)
+        node = ua.NodeId.from_string(text)
     except (UaStringParsingError, ValueError):
         raise ValueError(
-            f"node {text!r} is not a NodeId; write e.g. ns=2;s=Press01.Temp or ns=3;i=1042"
-            " (or a browse path starting with /)"
+            f"node {text!r} is not a NodeId; write e.g. ns=2;s=Press01.Temp, ns=3;i=1042,"
+            " nsu=urn:plc:ns;s=Press01.Temp (or a browse path starting with /)"
         ) from None
+    if isinstance(node, ua.ExpandedNodeId):  # "i=5;nsu=..." or "srv=1;...": not subscribable
+        raise ValueError(f"node {text!r}: write the namespace URI first, nsu=<uri>;i=5")
 
 
 def status_name(code: int) -> str:
@@ -136,6 +210,27 @@ def _load_cert(data: bytes, field: str) -> x509.Certificate:
         return x509.load_der_x509_certificate(data)
     except ValueError as exc:
         raise ValueError(f"{field}: not a PEM or DER certificate ({exc})") from None
+
+
+def thumbprint(der: bytes) -> str:
+    """The SHA-1 thumbprint of a DER certificate, as PLC web pages and TIA Portal show it."""
+    return hashlib.sha1(der, usedforsecurity=False).hexdigest().upper()
+
+
+def _der(data: bytes) -> bytes:
+    """A certificate file's content (PEM or DER) as DER."""
+    cert = _load_cert(data, "server_certificate")
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def _first_cert(der: bytes) -> bytes:
+    """The leading certificate of a DER blob that may hold a chain (a SEQUENCE each)."""
+    if len(der) < 2 or der[0] != 0x30:
+        return der
+    if der[1] < 0x80:
+        return der[: 2 + der[1]]
+    n = der[1] & 0x7F
+    return der[: 2 + n + int.from_bytes(der[2 : 2 + n], "big")]
 
 
 def _props(data: bytes) -> CertProperties:
@@ -177,15 +272,36 @@ class _TransportNoise(logging.Filter):
         "create_session fault response",
         "Got error status from server",
         "ServiceFault (",
+        "Received an error: ",  # an ERR message: the code is reported as "Got error status"
+        "is already done",  # the late answer to a keep-alive read we stopped waiting for
     )
 
     def filter(self, record: logging.LogRecord) -> bool:
+        _note_refusal(record)
         if logging.getLogger("asyncua").isEnabledFor(logging.DEBUG):
             return True
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, (OSError, TimeoutError, UaError)):
             return False
         return not any(q in str(record.msg) for q in self._QUIET)
+
+
+_STATUS_SEEN: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "uns_opcua_status_seen", default=None
+)
+"""While one `UaSession.connect` runs: the StatusCodes its socket received in an ERR message
+or a failed OpenSecureChannel response. asyncua 2.1 logs them and then fails the call with
+an AssertionError (open_secure_channel), which says nothing; the socket's callbacks run in
+a copy of the connecting task's context, so they see this session's list and no other."""
+
+
+def _note_refusal(record: logging.LogRecord) -> None:
+    seen = _STATUS_SEEN.get()
+    if seen is None or not str(record.msg).startswith("Got error status from server"):
+        return
+    exc = record.args[0] if isinstance(record.args, tuple) and record.args else None
+    if isinstance(exc, UaStatusCodeError):
+        seen.append(status_name(exc.code))
 
 
 def quiet_asyncua() -> None:
@@ -225,6 +341,9 @@ class Monitor:
 @dataclass(frozen=True, slots=True)
 class Credentials:
     mode: Mode = "none"
+    certificate_path: str = ""
+    """Where the client certificate is, for the line that says to trust it."""
+    server_certificate_path: str = ""
     certificate: bytes | None = None
     private_key: bytes | None = None
     server_certificate: bytes | None = None
@@ -243,13 +362,15 @@ class UaSession:
         *,
         timeout_s: float = 5.0,
         watchdog_s: float = 1.0,
+        keepalive_failures: int = 3,
         max_batches: int = 64,
     ) -> None:
         quiet_asyncua()
         self.url = url
         self.credentials = credentials
         self.timeout_s = timeout_s
-        self.client = Client(url, timeout=timeout_s, watchdog_intervall=watchdog_s)
+        self.watchdog_s = watchdog_s
+        self.client = Client(url, timeout=timeout_s, watchdog_intervall=_SUPERVISOR_PROBE_S)
         self.client.session_timeout = _SESSION_TIMEOUT_MS
         self.client.name = self.client.description = "uns opcua-adapter"
         if credentials.application_uri:
@@ -259,6 +380,9 @@ class UaSession:
         self.publishing_interval_ms: float = 0.0
         self._queue: asyncio.Queue[list[Change] | None] = asyncio.Queue(max_batches)
         self._lost = False
+        self._keepalive = KeepAlive(keepalive_failures)
+        self._keepalive_task: asyncio.Task[None] | None = None
+        self._namespaces: list[str] | None = None
 
     async def connect(self) -> None:
         """Open the secure channel and activate the session; `UaUnavailable` if it fails."""
@@ -269,41 +393,136 @@ class UaSession:
         if c.password is not None:
             client.set_password(c.password)
         client.connection_lost_callback = self._on_connection_lost
+        seen: list[str] = []
+        token = _STATUS_SEEN.set(seen)
         try:
             async with asyncio.timeout(self.timeout_s * 3):
                 if c.mode != "none":
-                    assert c.certificate is not None and c.private_key is not None
-                    await client.set_security(
-                        security_policies.SecurityPolicyBasic256Sha256,
-                        certificate=_props(c.certificate),
-                        private_key=_props(c.private_key),
-                        server_certificate=(
-                            _props(c.server_certificate) if c.server_certificate else None
-                        ),
-                        mode=_MODES[c.mode],
-                    )
+                    await self._set_security()
                 await client.connect()
                 self.connected = True
         except UaStatusCodeError as exc:
-            raise UaUnavailable(_refusal(exc), "rejected") from None
+            raise self._refused(status_name(exc.code)) from None
+        except AssertionError:  # asyncua 2.1 when OpenSecureChannel is refused: code logged
+            raise self._refused(seen[-1] if seen else "") from None
         except UaError as exc:  # e.g. "No matching endpoints": security settings differ
             raise UaUnavailable(f"refused: {exc}", "rejected") from None
         except (OSError, TimeoutError) as exc:
+            if seen:  # an ERR message, then the server closed the socket
+                raise self._refused(seen[-1]) from None
             raise UaUnavailable(
                 f"cannot connect: {str(exc) or type(exc).__name__}", "connect"
             ) from None
         finally:
+            _STATUS_SEEN.reset(token)
             if not self.connected:  # timed out or cancelled half-way: leave no socket behind
                 client.disconnect_socket()
+        self._keepalive_task = asyncio.create_task(self._keep_alive(), name="uns-opcua-keepalive")
+
+    async def _set_security(self) -> None:
+        """Basic256Sha256 in the configured mode, after checking the server offers it and
+        presents the pinned certificate (a wrong pin otherwise shows up as the server's
+        BadTcpInternalError: it cannot decrypt what we encrypted for another key)."""
+        c = self.credentials
+        assert c.certificate is not None and c.private_key is not None
+        policy = security_policies.SecurityPolicyBasic256Sha256
+        mode = _MODES[c.mode]
+        endpoints = await self.client.connect_and_get_server_endpoints()
+        matching = [
+            e for e in endpoints if e.SecurityPolicyUri == policy.URI and e.SecurityMode == mode
+        ]
+        if not matching:
+            offered = sorted(
+                {
+                    f"{(e.SecurityPolicyUri or '').rsplit('#', 1)[-1]} {e.SecurityMode.name}"
+                    for e in endpoints
+                }
+            )
+            raise UaUnavailable(
+                f"refused: the server has no Basic256Sha256 {mode.name} endpoint"
+                f" (it offers: {', '.join(offered) or 'none'}); set security.mode to match",
+                "rejected",
+            )
+        presented = _first_cert(matching[0].ServerCertificate or b"")
+        server_cert = presented
+        if c.server_certificate is not None:
+            pinned = _first_cert(_der(c.server_certificate))
+            if presented and presented != pinned:
+                raise UaUnavailable(
+                    f"the server presents certificate {thumbprint(presented)}, not the one"
+                    " pinned in security.server_certificate"
+                    f" ({c.server_certificate_path or 'file'}, {thumbprint(pinned)}):"
+                    " if the server's certificate was renewed, pin the"
+                    " new one; if not, this is not the server you meant",
+                    "rejected",
+                    "certificate",
+                )
+            server_cert = pinned
+        if not server_cert:
+            raise UaUnavailable(
+                f"refused: the server's Basic256Sha256 {mode.name} endpoint has no certificate",
+                "rejected",
+            )
+        await self.client.set_security(
+            policy,
+            certificate=_props(c.certificate),
+            private_key=_props(c.private_key),
+            server_certificate=CertProperties(server_cert, extension="der"),
+            mode=mode,
+        )
+
+    def _refused(self, name: str) -> UaUnavailable:
+        """What the server's refusal means, and what to do about it, in one line."""
+        c = self.credentials
+        if name in _AUTH_CODES:
+            user = c.username if c.username is not None else "anonymous"
+            return UaUnavailable(
+                f"login refused for user {user!r}: {name} (check username and password)",
+                "rejected",
+                "login",
+            )
+        if name in _FIXES or (not name and c.mode != "none"):
+            cert = c.certificate_path or "the client certificate"
+            fix = _FIXES.get(name, _FIXES["BadSecurityChecksFailed"]).format(cert=cert)
+            return UaUnavailable(
+                f"the server rejected our certificate ({name or 'no code given'}): {fix}",
+                "rejected",
+                "certificate",
+            )
+        if name in _SECURITY_CODES:
+            return UaUnavailable(
+                f"refused the secure channel: {name} (check the certificates and trust lists)",
+                "rejected",
+            )
+        return UaUnavailable(f"refused the session: {name or 'no code given'}", "rejected")
+
+    async def namespaces(self) -> list[str]:
+        """The server's NamespaceArray, read once per session (indexes may change between)."""
+        if self._namespaces is None:
+            value = await self._call(self.client.get_node(_NAMESPACE_ARRAY).read_value())
+            self._namespaces = [str(uri) for uri in value or []]
+        return self._namespaces
 
     async def resolve(self, nodes: Sequence[str]) -> list[tuple[str | None, str | None]]:
-        """Each node text as a NodeId string, or None and the StatusCode name why not."""
+        """Each node text as a NodeId string, or None and why not (a StatusCode name first).
+
+        A ``nsu=`` node gets the namespace's index on this server, looked up each session,
+        so a rebuilt PLC project whose namespaces moved is followed on the next connect.
+        """
         out: list[tuple[str | None, str | None]] = []
         paths: list[tuple[int, str]] = []
         for i, text in enumerate(nodes):
+            nsu = split_nsu(text)
             if text.startswith("/"):
                 paths.append((i, text))
                 out.append((None, None))
+            elif nsu is not None:
+                uri, identifier = nsu
+                namespaces = await self.namespaces()
+                if uri in namespaces:
+                    out.append((with_index(identifier, namespaces.index(uri)), None))
+                else:
+                    out.append((None, f"BadNodeIdUnknown: the server has no namespace {uri}"))
             else:
                 out.append((ua.NodeId.from_string(text).to_string(), None))
         for start in range(0, len(paths), _CHUNK):
@@ -357,6 +576,10 @@ class UaSession:
 
     async def close(self) -> None:
         """Close the session (politely if the server is still there, quickly if not)."""
+        task, self._keepalive_task = self._keepalive_task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         if not self.connected:
             return
         self.connected = False
@@ -382,6 +605,38 @@ class UaSession:
             self._mark_lost(f"the server answered {status_name(exc.code)}")
             raise UaUnavailable(self.lost_reason, "rejected") from None
 
+    async def _keep_alive(self) -> None:
+        """Read the server's state every ``watchdog_s``; the session is lost after
+        ``keepalive_failures`` reads in a row without an answer within ``timeout_s`` (and
+        no Publish response in between), or at once when the socket or the session is gone.
+
+        Under load a PLC may answer in seconds: a slow answer is an answer. A silent link
+        is noticed within about ``watchdog_s + keepalive_failures * timeout_s``, well inside
+        the 60 s session timeout, so the server keeps the session for us meanwhile.
+        """
+        node = self.client.get_node(_SERVER_STATE)
+        while not self._lost:
+            await asyncio.sleep(self.watchdog_s)
+            try:
+                await node.read_value()  # asyncua's request timeout: timeout_s
+            except TimeoutError:
+                if self._keepalive.unanswered():
+                    self._mark_lost(
+                        f"no answer to {self._keepalive.failures} keep-alive reads in a row"
+                        f" ({self.timeout_s:g} s each)"
+                    )
+                    return
+                continue
+            except UaStatusCodeError as exc:
+                name = status_name(exc.code)
+                if name in _SESSION_GONE:
+                    self._mark_lost(f"the server answered {name}")
+                    return
+            except (OSError, UaError) as exc:  # the socket is closed
+                self._mark_lost(f"keep-alive read failed: {str(exc) or type(exc).__name__}")
+                return
+            self._keepalive.answered()
+
     # ---- callbacks from asyncua's tasks --------------------------------------------------
 
     async def _on_connection_lost(self, exc: Exception) -> None:
@@ -389,6 +644,7 @@ class UaSession:
 
     async def _on_publish(self, result: ua.PublishResult) -> None:
         """Called by the publish loop with every PublishResponse: one cycle, one batch."""
+        self._keepalive.answered()  # a Publish response (even a keep-alive one): it is there
         notifications = result.NotificationMessage.NotificationData
         if not notifications or self._lost:
             return
@@ -415,15 +671,6 @@ class UaSession:
                 return
             except asyncio.QueueFull:
                 self._queue.get_nowait()  # the session is over: the oldest batch goes
-
-
-def _refusal(exc: UaStatusCodeError) -> str:
-    name = status_name(exc.code)
-    if name in _AUTH_CODES:
-        return f"refused the user: {name} (check username and password)"
-    if name in _SECURITY_CODES:
-        return f"refused the secure channel: {name} (check the certificates and trust lists)"
-    return f"refused the session: {name}"
 
 
 def _monitored_item(m: Monitor) -> ua.MonitoredItemCreateRequest:
@@ -486,6 +733,17 @@ async def browse_objects(session: UaSession, root: str, max_depth: int) -> list[
     client = session.client
     found: list[BrowsedObject] = []
     seen: set[ua.NodeId] = set()
+    namespaces = await session.namespaces()
+
+    def text(node: ua.NodeId) -> str:
+        """``nsu=<uri>;...``: the index of a namespace changes when a PLC project is rebuilt."""
+        index = node.NamespaceIndex
+        if index == 0 or index >= len(namespaces):
+            plain: str = node.to_string()
+            return plain
+        return nsu_text(
+            namespaces[index], ua.NodeId(node.Identifier, 0, node.NodeIdType).to_string()
+        )
 
     async def visit(node: Node, name: str, path: str, depth: int) -> None:
         refs = await node.get_children_descriptions(refs=ObjectIds.HierarchicalReferences)
@@ -497,14 +755,14 @@ async def browse_objects(session: UaSession, root: str, max_depth: int) -> list[
                 continue
             child_path = f"{path}/{ref.BrowseName.to_string()}"
             if ref.NodeClass == ua.NodeClass.Variable:
-                variables.append(await _variable(client.get_node(target), ref))
+                variables.append(await _variable(client.get_node(target), ref, text(target)))
             elif ref.NodeClass == ua.NodeClass.Object:
                 if target == _SERVER_OBJECT or target.NamespaceIndex == 0 or target in seen:
                     continue
                 seen.add(target)
                 objects.append((ref, child_path))
         if variables:
-            found.append(BrowsedObject(name, node.nodeid.to_string(), path or "/", variables))
+            found.append(BrowsedObject(name, text(node.nodeid), path or "/", variables))
         if depth < max_depth:
             for ref, child_path in objects:
                 await visit(client.get_node(ref.NodeId), ref.BrowseName.Name, child_path, depth + 1)
@@ -522,15 +780,26 @@ async def browse_objects(session: UaSession, root: str, max_depth: int) -> list[
     return found
 
 
-async def _variable(node: Node, ref: ua.ReferenceDescription) -> BrowsedVariable:
+_RATE_NAMES: Final = frozenset(
+    {"samplerate", "samplingrate", "samplefrequency", "samplingfrequency", "rate_hz", "ratehz"}
+)
+"""Property names under which servers give an array's sample rate (no standard one exists)."""
+
+
+async def _variable(node: Node, ref: ua.ReferenceDescription, node_text: str) -> BrowsedVariable:
     rank = await node.read_value_rank()
     try:
         variant = (await node.read_data_type_as_variant_type()).name
     except UaError:
         variant = "Unknown"
     unit, low, high, description = "", None, None, ""
+    rate_hz: float | None = None
     for prop in await node.get_properties():
         name = (await prop.read_browse_name()).Name
+        if name.lower() in _RATE_NAMES:
+            rate = await prop.read_value()
+            if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0:
+                rate_hz = float(rate)
         if name == "EngineeringUnits":
             eu = await prop.read_value()
             if isinstance(eu, ua.EUInformation) and eu.DisplayName is not None:
@@ -546,11 +815,12 @@ async def _variable(node: Node, ref: ua.ReferenceDescription) -> BrowsedVariable
         description = ""
     return BrowsedVariable(
         name=ref.BrowseName.Name,
-        node=ref.NodeId.to_string(),
+        node=node_text,
         variant=variant,
         is_array=rank is not None and rank >= 0,  # 0: one or more dimensions
         unit=unit,
         low=low,
         high=high,
         description=description,
+        rate_hz=rate_hz,
     )
