@@ -453,6 +453,8 @@ class Node(Generic[S]):
             metrics_url=self.metrics_url,
         )
         base = node_topic(self.enterprise, self.site, self.id, "birth")
+        # Zero bytes retained delete the last session's death: the one kind of message
+        # outside the payload schema (uns-schema/README.md, "Messages that are not payloads").
         await bus.publish(
             node_topic(self.enterprise, self.site, self.id, "death"), b"", qos=1, retain=True
         )
