@@ -168,6 +168,14 @@ def test_integers_outside_their_range_are_refused(payload, where):
         decode(payload)
 
 
+def test_a_decode_error_quoting_a_huge_value_stays_one_short_line_that_says_where():
+    state = b"x" * 100_000
+    event = b'{"type":"event","ts":1,"id":"a","kind":"k","device":"d","started":1,"state":"'
+    with pytest.raises(PayloadError) as info:
+        decode(event + state + b'"}')
+    assert len(str(info.value)) <= 240 and str(info.value).endswith("- at `$.state`")
+
+
 def test_the_largest_real_messages_pass_every_limit():
     described = dict(
         datatype="double",

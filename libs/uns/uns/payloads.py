@@ -376,6 +376,14 @@ def _check_free_form(value: Any, at: str) -> None:
             raise PayloadError(f"integer out of range (64 bits) - at `{where}`")
 
 
+def _shortened(reason: str, limit: int = 240) -> str:
+    """msgspec quotes a wrong value whole (``Invalid value 'xxx…'``): keep a log line short,
+    and its end, which says where (``- at `$.state```)."""
+    if len(reason) <= limit:
+        return reason
+    return f"{reason[: limit - 100]}…{reason[-99:]}"
+
+
 def decode(data: bytes | str, kind: type[T] | Any = Payload) -> T:
     """Decode and type-check a payload; raise `PayloadError` naming where it is wrong.
 
@@ -400,7 +408,7 @@ def decode(data: bytes | str, kind: type[T] | Any = Payload) -> T:
     try:
         decoded = decoder.decode(data)
     except msgspec.DecodeError as exc:  # ValidationError is a subclass
-        raise PayloadError(str(exc)) from None
+        raise PayloadError(_shortened(str(exc))) from None
     except RecursionError:
         raise PayloadError("JSON nested too deeply to decode") from None
     except UnicodeError as exc:  # msgspec 0.22 raises UnicodeDecodeError on invalid UTF-8

@@ -568,7 +568,7 @@ class Node(Generic[S]):
                 self.metrics.drop("decode")
                 self._throttled.warning(
                     "decode",
-                    "%s: dropped undecodable message on %s: %s",
+                    "%s: dropped undecodable message on %.200s: %s",
                     self.id,
                     message.topic,
                     exc,
@@ -582,7 +582,7 @@ class Node(Generic[S]):
                 self.metrics.drop(exc.reason)
                 self._throttled.warning(
                     f"reject-{exc.reason}",
-                    "%s: dropped message on %s: %s",
+                    "%s: dropped message on %.200s: %s",
                     self.id,
                     message.topic,
                     exc,
@@ -603,7 +603,7 @@ class Node(Generic[S]):
         self._throttled.log(
             logging.ERROR,
             f"error-{name}-{type(exc).__name__}",
-            "%s: %s failed on a message on %s, which is dropped (a bug: counted in"
+            "%s: %s failed on a message on %.200s, which is dropped (a bug: counted in"
             " uns_handler_errors_total): %s: %s",
             self.id,
             name,
@@ -620,7 +620,7 @@ class Node(Generic[S]):
             self.metrics.newer_version.labels(self.service).inc()
             self._throttled.warning(
                 "version",
-                "%s: message on %s has schema version %d, newer than this service's %d:"
+                "%s: message on %.200s has schema version %d, newer than this service's %d:"
                 " handled by the forward-compatibility rules (its unknown fields ignored)",
                 self.id,
                 topic,
