@@ -150,17 +150,36 @@ EXPECTED_TYPE = {  # what each kind of topic may carry
 }
 
 
+class Seen(list[aiomqtt.Message]):
+    """What the app received, with an awaitable 'something arrived'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changed = asyncio.Event()
+
+    async def wait(self, predicate: Any, timeout: float = 20.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not predicate(self):
+                self.changed.clear()
+                await self.changed.wait()
+
+
+def payloads_with(seen: Seen, marker: bytes) -> int:
+    return sum(marker in bytes(m.payload) for m in seen)  # type: ignore[arg-type]
+
+
 @asynccontextmanager
-async def naive_app(url: str) -> AsyncIterator[list[aiomqtt.Message]]:
+async def naive_app(url: str) -> AsyncIterator[Seen]:
     """A new app as an integrator writes one: plain aiomqtt, subscribed to everything."""
     host, port = url.removeprefix("mqtt://").split(":")
-    seen: list[aiomqtt.Message] = []
+    seen = Seen()
     async with aiomqtt.Client(host, int(port), identifier="naive-app") as client:
         await client.subscribe("#", qos=1)
 
         async def collect() -> None:
             async for message in client.messages:
                 seen.append(message)
+                seen.changed.set()
 
         task = asyncio.create_task(collect())
         try:
@@ -182,14 +201,8 @@ async def test_every_message_a_subscriber_to_everything_sees_is_in_the_contract(
             await node.device_birth(service.path, "raw", [MetricDef(name="n", datatype="int32")])
             await pub.publish(node.cmd_topic, status(f"uns-cli/{prefix}/reply"), qos=1)
             await pub.publish(node.cmd_topic, status(f"{prefix}/pune/replies/1"), qos=1)
-            for _ in range(500):  # until the app has seen both replies
-                if sum(b'"reply"' in bytes(m.payload) for m in seen) == 2:  # type: ignore[arg-type]
-                    break
-                await asyncio.sleep(0.02)
-        for _ in range(500):  # and the death of the clean stop
-            if any(b'"shutdown"' in bytes(m.payload) for m in seen):  # type: ignore[arg-type]
-                break
-            await asyncio.sleep(0.02)
+            await seen.wait(lambda s: payloads_with(s, b'"reply"') == 2)
+        await seen.wait(lambda s: payloads_with(s, b'"shutdown"') == 1)  # the clean stop
 
     validator = jsonschema.Draft202012Validator(
         json.loads((SCHEMA_DIR / "payload.schema.json").read_text())

@@ -411,14 +411,15 @@ async def test_a_message_of_a_newer_schema_version_is_handled_counted_and_logged
 async def test_an_empty_payload_is_ignored_on_a_death_topic_and_counted_elsewhere(
     memory_url, prefix
 ):
-    async with running(Target, memory_url, prefix) as node, connect(memory_url) as pub:
+    async with (
+        running(Target, memory_url, prefix) as node,
+        watching(memory_url, f"{prefix}/+/+/+/+/+/raw/data") as w,
+        connect(memory_url) as pub,
+    ):
         await pub.publish(device_cmd(prefix), b"")
         await pub.publish(node.cmd_topic, b"")
         await pub.publish(device_cmd(prefix), command())
-        for _ in range(200):  # handled in order: the echo comes after both
-            if node.running.handled:  # type: ignore[union-attr]
-                break
-            await asyncio.sleep(0.01)
+        await w.wait_topic("/raw/data")  # handled in order: after both empty ones
         assert dropped(node, "empty") == 2
 
 
