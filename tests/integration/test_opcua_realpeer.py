@@ -665,16 +665,16 @@ async def test_a_block_the_server_dropped_leaves_a_hole_in_the_block_counter(
         for k in range(1, 6):  # a few at the pace of the stream: the adapter learns its step
             await write_blocks(plc, t0, range(k, k + 1))
             blocks += await blocks_until(w, prefix, k)
-        await write_blocks(plc, t0, range(6, 46))  # 40 in one cycle: the queue keeps 10
-        blocks += await blocks_until(w, prefix, 45)
+        await write_blocks(plc, t0, range(6, 106))  # 100 in a cycle or two: the queue keeps 10
+        blocks += await blocks_until(w, prefix, 105)
         got = [int(b.values()[0] // 1000) for b in blocks]
-        assert got[:5] == [1, 2, 3, 4, 5] and len(got) < 45  # the server did drop some ...
-        lost = 45 - len(got)
+        assert got[:5] == [1, 2, 3, 4, 5] and len(got) < 105  # the server did drop some ...
+        lost = 105 - len(got)
         # ... and the counter says where: its steps are the steps in the stream
         assert [b.block - blocks[0].block for b in blocks] == [k - 1 for k in got]
         assert counter(node, "uns_opcua_blocks_missing_total") == lost
     [line] = [m for m in adapter_lines(logs) if "block(s) missing" in m]
-    assert f"{lost} block(s) missing" in line
+    assert "the block counter skips them" in line  # one line a minute, however many holes
 
 
 # ---- item 11: nsu= NodeIds and the browse output ------------------------------------------------

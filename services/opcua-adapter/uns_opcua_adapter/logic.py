@@ -362,8 +362,7 @@ class BlockClock:
             missed = max(missed, 1)
         block = self.next + missed
         self.next = block + 1
-        if self.last_t0_us is None or t0_us > self.last_t0_us:
-            self.last_t0_us = t0_us
+        self.last_t0_us = t0_us  # after a step back (the PLC's clock was set) count from here
         return block, missed
 
 
