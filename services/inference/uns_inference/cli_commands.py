@@ -13,17 +13,21 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import IO, TYPE_CHECKING, Final
 
 from uns.bus import connect
 from uns.config import BrokerSettings
 from uns.errors import BusError, UnsError
 from uns.payloads import now_ms
-from uns_inference import audit, build, record, signing, train
+from uns_inference import audit, record, signing
 from uns_inference import card as cards
 from uns_inference.card import KINDS, Card
 from uns_inference.signing import CARD_FILE, MODEL_FILE, SIG_FILE
+
+if TYPE_CHECKING:
+    from uns_inference import train
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,17 @@ class CommandError(UnsError):
 
 
 # ---- uns record ------------------------------------------------------------------------
+
+
+STOP_GRACE_S: Final = 1.0
+"""After Ctrl-C or SIGTERM, how long a clean disconnect may take before it is cut short
+(a broker still sending a backlog must not hold the recorder)."""
+
+
+@dataclass
+class _Recorded:
+    written: int = 0
+    reached: bool = False
 
 
 async def record_messages(
@@ -50,49 +65,83 @@ async def record_messages(
 ) -> int:
     """Append every message matching ``topic_filter`` to ``out`` (JSON lines) until
     ``duration`` seconds, ``count`` messages or ``stop``; return how many were written.
-    An unreachable or lost broker is retried with a jittered backoff, one line per try;
-    `CommandError` if it was never reached."""
-    written = 0
-    reached = False
+
+    ``stop`` ends it at once, whatever it is waiting for (the next message, the broker,
+    a subscription), with every line written so far whole and flushed. An unreachable
+    or lost broker is retried with a jittered backoff, one line per try; `CommandError`
+    if it was never reached."""
+    state = _Recorded()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("ab") as f:
+        work = asyncio.create_task(
+            _record(url, settings, topic_filter, f, state, stop, duration, count, say)
+        )
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+            if not work.done():
+                work.cancel()  # out of the message loop; the connection closes cleanly ...
+                await asyncio.wait({work}, timeout=STOP_GRACE_S)
+                if not work.done():
+                    work.cancel()  # ... unless the broker keeps it waiting
+                await asyncio.wait({work})
+            f.flush()
+        if not work.cancelled() and work.exception() is not None:
+            raise work.exception()  # type: ignore[misc]
+    if not state.reached:
+        raise CommandError(f"never reached the broker at {url}")
+    return state.written
+
+
+async def _record(
+    url: str,
+    settings: BrokerSettings,
+    topic_filter: str,
+    f: IO[bytes],
+    state: _Recorded,
+    stop: asyncio.Event,
+    duration: float | None,
+    count: int | None,
+    say: Callable[[str], None],
+) -> None:
     deadline = time.monotonic() + duration if duration is not None else None
     delay = 0.5
-    out.parent.mkdir(parents=True, exist_ok=True)
 
     def remaining() -> float | None:
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
-    with out.open("ab") as f:
-        while not stop.is_set() and (deadline is None or remaining()):
-            try:
-                async with connect(url, settings=settings) as bus:
-                    await bus.subscribe(topic_filter, qos=1)
-                    reached = True
-                    delay = 0.5
-                    try:
-                        async with asyncio.timeout(remaining()):
-                            async for message in bus.messages():
-                                f.write(
-                                    record.encode_line(
-                                        message.topic, now_ms(), message.retain, message.payload
-                                    )
-                                )
-                                f.flush()
-                                written += 1
-                                if (count is not None and written >= count) or stop.is_set():
-                                    return written
-                    except TimeoutError:
-                        return written
-            except BusError as exc:
-                wait = delay * random.uniform(0.8, 1.2)
-                say(f"{exc}; retrying in {wait:.1f} s")
+    while not stop.is_set() and (deadline is None or remaining()):
+        try:
+            async with connect(url, settings=settings) as bus:
+                await bus.subscribe(topic_filter, qos=1)
+                state.reached = True
+                delay = 0.5
                 try:
-                    await asyncio.wait_for(stop.wait(), min(wait, remaining() or wait))
+                    async with asyncio.timeout(remaining()):
+                        async for message in bus.messages():
+                            # one write of a whole line, flushed before the next await:
+                            # whenever the recorder is stopped, the file is valid
+                            f.write(
+                                record.encode_line(
+                                    message.topic, now_ms(), message.retain, message.payload
+                                )
+                            )
+                            f.flush()
+                            state.written += 1
+                            if count is not None and state.written >= count:
+                                return
                 except TimeoutError:
-                    pass
-                delay = min(delay * 2, 5.0)
-    if not reached:
-        raise CommandError(f"never reached the broker at {url}")
-    return written
+                    return
+        except BusError as exc:
+            wait = delay * random.uniform(0.8, 1.2)
+            say(f"{exc}; retrying in {wait:.1f} s")
+            try:
+                await asyncio.wait_for(stop.wait(), min(wait, remaining() or wait))
+            except TimeoutError:
+                pass
+            delay = min(delay * 2, 5.0)
 
 
 # ---- uns model train -----------------------------------------------------------------
@@ -183,6 +232,9 @@ def model_train(
     ``asset`` is not given, and leaves out recorded devices of other asset types.
     Returns the card and notes for the user (dropped or suspicious features).
     """
+    # onnx and the training maths only here: `uns record` starts (and exits) without them
+    from uns_inference import build, train
+
     if kind not in KINDS:
         raise CommandError(f"--kind: {kind!r} is not one of {', '.join(KINDS)}")
     if rul_unit not in UNITS_S:
