@@ -4,10 +4,12 @@ from another node, data before a birth, a restart with an anomaly open."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -25,6 +27,7 @@ from test_inference import (
     on,
     scores_after,
     window,
+    write_recording,
 )
 
 from clitools import Proc, start
@@ -41,7 +44,7 @@ from uns import (
     connect,
     encode,
 )
-from uns_inference import Inference, record
+from uns_inference import Inference, audit, cli_commands, record
 
 pytestmark = pytest.mark.integration
 __all__ = ["life", "logs"]  # fixtures, imported for use here
@@ -332,3 +335,82 @@ async def test_record_stops_at_once_mid_backlog_and_when_idle_and_keeps_a_valid_
     print(f"recorded {len(recorded)} of 5000, then stopped {took_busy:.2f} s after SIGINT;")
     print(f"idle, stopped {took_idle:.2f} s after SIGTERM")
     assert max(took_busy, took_idle) < 10  # the requirement is 2 s; generous for CI
+
+
+# ---- models refused, the previous one serving ------------------------------------------------
+
+
+async def refused_while_v1_serves(
+    memory_url: str, prefix: str, life: Lifecycle, logs: Records, directory: Path
+) -> tuple[str, Any]:
+    """Promote ``directory`` while v1 scores a device; the refusal line and the node."""
+    dev = device(prefix)
+    async with (
+        running(Inference, memory_url, prefix, plant=[(dev, "press")], **life.settings()) as node,
+        watching(memory_url, f"{prefix}/#") as w,
+        connect(memory_url) as bus,
+    ):
+        await w.wait_for(on(f"{dev}/scores/birth"))
+        feeder = Featurizer(bus, dev)
+        await feeder.birth()
+        await scores_after(w, feeder, features(2, seed=400))
+        life.promote(directory)
+        refused = await logs.wait_for("refused")
+        assert refused.levelno == logging.ERROR
+        assert "1.0.0 keeps serving" in refused.getMessage()
+        scores = await scores_after(w, feeder, features(2, seed=401))
+        assert scores.model is not None and scores.model.sha256 == life.v1.sha256
+    entries = audit.read(life.audit)
+    assert [e["event"] for e in entries][-2:] == ["promote", "refuse"]
+    assert audit.verify(life.audit) is None
+    return refused.getMessage(), node
+
+
+def refusals(node: Any, reason: str) -> float:
+    value = node.metrics.registry.get_sample_value(
+        "uns_inference_models_refused_total", {"service": "inference", "reason": reason}
+    )
+    return value or 0.0
+
+
+async def test_a_model_signed_with_another_key_is_refused_and_the_previous_one_serves(
+    memory_url: str, prefix: str, life: Lifecycle, logs: Records
+) -> None:
+    v2, _ = life.train("2.0.0", seed=2, sign=False)
+    other, _ = cli_commands.model_keygen(life.root / "keys" / "someone-else")
+    cli_commands.model_sign(v2, other)
+    message, node = await refused_while_v1_serves(memory_url, prefix, life, logs, v2)
+    assert "bad signature" in message and refusals(node, "signature") == 1
+
+
+async def test_a_model_whose_graph_does_not_take_its_cards_features_is_refused(
+    memory_url: str, prefix: str, life: Lifecycle, logs: Records
+) -> None:
+    data = life.root / "healthy-wave.jsonl"
+    write_recording(data, features(600, seed=5))
+    v2 = life.root / "build" / "2.0.0"
+    cli_commands.model_train(
+        [data], "anomaly", v2, asset="press", version="2.0.0", include=["vibration.*"]
+    )
+    card = json.loads((v2 / "card.json").read_text())  # a card naming a fourth input
+    card["features"].append("bearing_temp.mean")
+    for name, extra in (("means", 45.0), ("stds", 1.0), ("log", False), ("offsets", 0.0)):
+        card["normalisation"][name].append(extra)
+    (v2 / "card.json").write_text(json.dumps(card))
+    cli_commands.model_sign(v2, life.key)  # signed as it is: the graph check still refuses
+    message, node = await refused_while_v1_serves(memory_url, prefix, life, logs, v2)
+    assert "features[N, 4]" in message and refusals(node, "graph") == 1
+
+
+async def test_a_model_for_features_the_devices_do_not_announce_is_refused(
+    memory_url: str, prefix: str, life: Lifecycle, logs: Records
+) -> None:
+    data = life.root / "healthy-crest.jsonl"
+    write_recording(data, features(600, seed=6))
+    text = data.read_text().replace("vibration.kurtosis", "vibration.crest_factor")
+    data.write_text(text)  # trained where the featurizer publishes another feature
+    v2 = life.root / "build" / "2.0.0"
+    cli_commands.model_train([data], "anomaly", v2, asset="press", version="2.0.0")
+    cli_commands.model_sign(v2, life.key)
+    message, node = await refused_while_v1_serves(memory_url, prefix, life, logs, v2)
+    assert "vibration.crest_factor" in message and refusals(node, "features") == 1

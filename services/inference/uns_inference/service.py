@@ -71,6 +71,10 @@ REBIRTH_MAX_NODES: Final = 16
 Fingerprint = tuple[str, tuple[tuple[int, int] | None, ...]]
 
 
+class FeatureSetError(UnsError):
+    """A model that would stop the scoring of devices the serving model scores."""
+
+
 @dataclass(frozen=True)
 class _Served:
     """A loaded model serving one asset type and kind."""
@@ -260,7 +264,7 @@ class Inference(Service[InferenceSettings]):
         )
         self.m_refused = Counter(
             "uns_inference_models_refused_total",
-            "Models refused (integrity, signature, card or graph)",
+            "Models refused (integrity, signature, card, graph or features)",
             ["service", "reason"],
             registry=r,
         )
@@ -301,7 +305,7 @@ class Inference(Service[InferenceSettings]):
             self.m_scores.labels(svc, kind)
         for state in ("raised", "cleared"):
             self.m_events.labels(svc, state)
-        for reason in ("integrity", "signature", "card", "graph"):
+        for reason in ("integrity", "signature", "card", "graph", "features"):
             self.m_refused.labels(svc, reason)
         self.m_latency.labels(svc)
 
@@ -356,11 +360,13 @@ class Inference(Service[InferenceSettings]):
                 raise CardError(
                     f"the card is for {card.asset}/{card.kind}, promoted under {asset}/{kind}"
                 )
-        except (IntegrityError, CardError, ModelError) as exc:
+            old = self.served.get(slot)
+            if old is not None:
+                self._check_feature_set(slot, old, card)
+        except (IntegrityError, CardError, ModelError, FeatureSetError) as exc:
             await self._refuse(slot, directory, exc)
             return
         ref = ModelRef(name=card.name, version=card.version, sha256=model.sha256)
-        old = self.served.get(slot)
         self.served[slot] = _Served(
             model, ref, frozenset(card.features), self._hysteresis(card), _metric_defs(card, ref)
         )
@@ -386,9 +392,30 @@ class Inference(Service[InferenceSettings]):
                 self._check_features(device)
                 await self._ensure_birth(device)  # its scores stream now exists (or changed)
 
+    def _check_feature_set(self, slot: tuple[str, Kind], old: _Served, card: Card) -> None:
+        """A replacement must score every device the serving model scores: a model trained
+        on other features than the devices announce would silently end their scoring."""
+        lost = []
+        for device in self.devices.values():
+            if device.asset != slot[0] or device.announced is None:
+                continue
+            if not old.features <= device.announced:
+                continue  # not scored today either
+            missing = [f for f in card.features if f not in device.announced]
+            if missing:
+                lost.append(f"{device.path} lacks {', '.join(missing)}")
+        if lost:
+            raise FeatureSetError(
+                "needs features the devices it would score do not announce ("
+                + "; ".join(lost)
+                + "); promote it again once they do"
+            )
+
     async def _refuse(self, slot: tuple[str, Kind], directory: Path, exc: UnsError) -> None:
         reason = (
-            "card"
+            "features"
+            if isinstance(exc, FeatureSetError)
+            else "card"
             if isinstance(exc, CardError)
             else "graph"
             if isinstance(exc, ModelError)
