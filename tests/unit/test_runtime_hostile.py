@@ -697,11 +697,11 @@ def hostile_payload(attack: str, rng: random.Random) -> bytes:
     if attack == "oversize":
         return command("status", pad="x" * (MAX_BYTES + rng.randrange(-150, 50)))
     if attack == "command":
-        doc = {"type": "cmd", "ts": rng.choice([0, 1, -1, 2**64]), "name": "status"}
-        doc["name"] = rng.choice(["rebirth", "rebirth", "status", "bug", "refuse", "nope", ""])
-        if rng.random() < 0.8:
+        names = ["rebirth", "rebirth", "status", "bug", "refuse", "refuse", "nope", ""]
+        doc = {"type": "cmd", "ts": rng.choice([0, 1, -1, 2**64]), "name": rng.choice(names)}
+        if rng.random() < 0.7:
             doc["args"] = {"reply_to": rng.choice([*HOSTILE_TOPICS, hostile_value(rng)])}
-        if rng.random() < 0.2:
+        if rng.random() < 0.1:
             doc["v"] = rng.choice([0, -1, 2, 2**70])
         return dumped(doc, rng)
     if attack == "empty":
