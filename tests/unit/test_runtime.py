@@ -185,18 +185,17 @@ async def test_a_new_birth_clears_the_death_of_the_previous_run(memory_url, pref
 class Crashes(Echo):
     name = "crashes"
 
-    async def on_echo(self, msg: Inbound[Command]) -> None:
+    async def run(self) -> None:
+        await self.node.connected.wait()
         raise ZeroDivisionError("a bug")
 
 
-async def test_a_bug_in_a_handler_crashes_the_service_loudly_after_publishing_its_death(
+async def test_a_bug_in_the_service_loop_crashes_it_loudly_after_publishing_its_death(
     memory_url, prefix
 ):
     async with watching(memory_url, f"{prefix}/pune/_node/+/death") as w:
         with pytest.raises(ExceptionGroup) as info:  # noqa: PT012
             async with running(Crashes, memory_url, prefix):
-                async with connect(memory_url) as pub:
-                    await pub.publish(cmd_topic(prefix), echo_cmd())
                 death = await w.wait_topic("/death")
     assert info.group_contains(ZeroDivisionError)
     assert death.reason == "error"

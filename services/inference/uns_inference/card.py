@@ -17,8 +17,8 @@ from uns.errors import UnsError
 CARD_FORMAT: Final = 1
 Kind = Literal["anomaly", "rul"]
 KINDS: Final = ("anomaly", "rul")
-Slug = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
-Version = Annotated[str, msgspec.Meta(pattern=r"^[0-9A-Za-z][0-9A-Za-z._+-]{0,63}$")]
+Slug = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}(?!\n)$")]
+Version = Annotated[str, msgspec.Meta(pattern=r"^[0-9A-Za-z][0-9A-Za-z._+-]{0,63}(?!\n)$")]
 """A version is a directory name under ``models/<asset>/<kind>/``: no slashes, no dots first."""
 
 
