@@ -662,7 +662,7 @@ async def test_a_block_the_server_dropped_leaves_a_hole_in_the_block_counter(
         await next_data(w, prefix, has("vibration"))
         t0 = dt.datetime.now(dt.UTC)
         blocks: list[Waveform] = []
-        for k in range(1, 6):  # a few at the pace of the stream: the adapter learns its step
+        for k in range(1, 6):  # a few at the pace of the stream
             await write_blocks(plc, t0, range(k, k + 1))
             blocks += await blocks_until(w, prefix, k)
         await write_blocks(plc, t0, range(6, 106))  # 100 in a cycle or two: the queue keeps 10

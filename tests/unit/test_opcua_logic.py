@@ -278,12 +278,12 @@ def test_a_bad_value_keeps_the_servers_reason() -> None:
 
 def test_an_array_value_becomes_one_waveform_block_timed_by_its_source_timestamp() -> None:
     values = [float(i) / 8 for i in range(1000)]
-    metric, missed = waveform_metric(
+    metric, numbered = waveform_metric(
         tag("waveform", rate_hz=10_000.0),
         change(values, ts_us=1_700_000_000_000_250),
         BlockClock(next=41),
     )
-    assert missed == 0
+    assert numbered is not None and numbered.skipped == 0
     wave = metric.value
     assert isinstance(wave, Waveform)
     assert (wave.t0_us, wave.rate_hz, wave.block, wave.dtype, len(wave)) == (

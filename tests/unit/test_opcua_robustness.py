@@ -40,11 +40,11 @@ PATH = "acme/pune/stamping/line-3/cell-a/press-01"
 STEP = 25_000  # µs between two blocks' t0
 
 
-def numbers(clock: BlockClock, t0s: list[int], overflow: set[int] = frozenset()) -> list[int]:
-    return [clock.number(t0, i in overflow)[0] for i, t0 in enumerate(t0s)]
+def numbers(clock: BlockClock, t0s: list[int], overflow: frozenset[int] = frozenset()) -> list[int]:
+    return [clock.number(t0, STEP, i in overflow).block for i, t0 in enumerate(t0s)]
 
 
-# ---- block numbering (item 10) ------------------------------------------------------------------
+# ---- block numbering (item 10) --------------------------------------------------------------
 
 
 def test_back_to_back_blocks_are_numbered_in_a_row() -> None:
@@ -58,31 +58,48 @@ def test_a_block_missing_from_the_stream_leaves_a_hole_in_the_numbers() -> None:
     assert clock.next == 10
 
 
-def test_jitter_in_the_timestamps_is_not_a_hole() -> None:
-    jitter = [0, 4000, -3000, 5000, -4000, 2000, 0, -5000, 3000, 1000]  # up to 20 % of a step
+def test_a_server_sampling_slower_than_the_blocks_come_skips_what_it_never_saw() -> None:
+    seen = [0, 3, 5, 8, 10, 13]  # a 250 ms timer on 100 ms blocks
+    assert numbers(BlockClock(), [k * STEP for k in seen]) == seen
+    numbered = BlockClock(next=1, last_t0_us=0).number(3 * STEP, STEP)
+    assert numbered == (3, 2, 2 * STEP) and numbered.lost == 2
+
+
+def test_jitter_in_the_timestamps_and_overlapping_blocks_are_no_hole() -> None:
+    jitter = [0, 4000, -3000, 5000, -4000, 2000, 0, -5000, 3000, 1000]  # up to 20 % of a block
     assert numbers(BlockClock(), [k * STEP + j for k, j in enumerate(jitter)]) == list(range(10))
+    assert numbers(BlockClock(), [k * 1000 for k in range(10)]) == list(range(10))  # sliding
 
 
-def test_the_old_first_value_after_subscribing_is_no_hole() -> None:
-    # the array's value at subscription was written minutes ago; the stream starts now
-    t0s = [0] + [600_000_000 + k * STEP for k in range(5)]
-    assert numbers(BlockClock(), t0s) == list(range(6))
+def test_a_pause_of_the_stream_skips_numbers_but_is_no_loss() -> None:
+    clock = BlockClock()
+    numbers(clock, [0, STEP])
+    paused = clock.number(STEP + 600_000_000, STEP)  # the machine stood for 10 minutes
+    assert paused.skipped == 23_999 and paused.lost == 0
+    short = clock.number(STEP + 600_000_000 + 3 * STEP, STEP)
+    assert short.skipped == 2 and short.lost == 2
 
 
 def test_the_servers_overflow_bit_skips_a_number_even_without_a_time_hole() -> None:
     clock = BlockClock()
-    assert numbers(clock, [k * STEP for k in range(6)], overflow={4}) == [0, 1, 2, 3, 5, 6]
+    assert numbers(clock, [k * STEP for k in range(6)], overflow=frozenset({4})) == [
+        0,
+        1,
+        2,
+        3,
+        5,
+        6,
+    ]
     assert overflowed(0x00000480) and overflowed(0x40000480)
     assert not overflowed(0x00000000) and not overflowed(0x00000080)  # bit 7 of another type
 
 
-def test_a_clock_set_back_counts_nothing_and_a_clock_jump_is_bounded() -> None:
+def test_a_clock_set_back_skips_nothing_and_a_clock_jump_is_bounded() -> None:
     clock = BlockClock()
-    t0s = [0, STEP, 2 * STEP, 3 * STEP, 4 * STEP, -(10**9), -(10**9) + STEP, -(10**9) + 2 * STEP]
-    assert numbers(clock, t0s) == list(range(8))
-    assert numbers(clock, [-(10**9) + 4 * STEP]) == [9]  # the usual step is still known
-    block, missed = clock.number(10**18)  # a server clock years ahead
-    assert missed == 1_000_000 and block == 10 + 1_000_000
+    t0s = [0, STEP, 2 * STEP, -(10**9), -(10**9) + STEP, -(10**9) + 2 * STEP]
+    assert numbers(clock, t0s) == list(range(6))
+    numbered = clock.number(10**18, STEP)  # a server clock years ahead
+    assert numbered.skipped == 1_000_000 and numbered.block == 6 + 1_000_000
 
 
 # ---- the keep-alive (item 9) and the refused-login backoff (item 13) ----------------------------

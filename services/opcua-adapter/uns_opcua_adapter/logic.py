@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import math
 import re
-import statistics
 import urllib.parse
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import msgspec
 
@@ -290,10 +288,12 @@ def scalar_metric(tag: TagPlan, change: Change) -> tuple[Metric, bool]:
     return Metric(name=tag.name, value=value, ts=ts, quality=quality, reason=reason), True
 
 
-def waveform_metric(tag: TagPlan, change: Change, clock: BlockClock) -> tuple[Metric, int | None]:
+def waveform_metric(
+    tag: TagPlan, change: Change, clock: BlockClock
+) -> tuple[Metric, Numbered | None]:
     """One waveform block from one array value: t0 = its SourceTimestamp, numbered by ``clock``.
 
-    Returns the metric and how many blocks were missed just before it, or None when the
+    Returns the metric and its numbering (what was skipped before it), or None when the
     change carries no block (a bad value without samples, or not an array of numbers):
     that uses up no block number.
     """
@@ -312,9 +312,11 @@ def waveform_metric(tag: TagPlan, change: Change, clock: BlockClock) -> tuple[Me
     except (TypeError, OverflowError):  # not an array of numbers
         bad = Metric(name=tag.name, value=None, ts=ts, quality="bad", reason=TYPE_MISMATCH)
         return bad, None
-    block, missed = clock.number(change.ts_us, overflowed(change.status))
-    wave = msgspec.structs.replace(wave, block=block)
-    return Metric(name=tag.name, value=wave, ts=ts, quality=quality, reason=reason), missed
+    numbered = clock.number(
+        change.ts_us, len(values) * 1e6 / tag.rate_hz, overflowed(change.status)
+    )
+    wave = msgspec.structs.replace(wave, block=numbered.block)
+    return Metric(name=tag.name, value=wave, ts=ts, quality=quality, reason=reason), numbered
 
 
 OVERFLOW: Final = 0x0480
@@ -328,42 +330,56 @@ def overflowed(status: int) -> bool:
     return status & 0x0C80 == OVERFLOW
 
 
+PAUSE_US: Final = 10_000_000
+"""A hole longer than this (10 s of signal) is a pause of the stream or an outage (whose
+deaths already said so), not blocks a working server lost."""
+
+
+class Numbered(NamedTuple):
+    block: int
+    skipped: int
+    """Numbers skipped just before this block: the blocks of signal missing."""
+    hole_us: int
+    """The time those skipped blocks span (0 without a hole)."""
+
+    @property
+    def lost(self) -> int:
+        """Skipped blocks that a working server lost (0 for a pause of the stream)."""
+        return self.skipped if self.hole_us <= PAUSE_US else 0
+
+
 @dataclass(slots=True)
 class BlockClock:
-    """Numbers one waveform tag's blocks so that a block the server never sent leaves a hole.
+    """Numbers one waveform tag's blocks by their place in the stream, so that a block the
+    server never delivered leaves a hole in the numbers a consumer checks.
 
-    The number of a block is the previous one + 1 + the blocks missed in between, so a
-    consumer that checks ``block`` sees every loss. Missed blocks are counted from the
-    overflow bit of the StatusCode (the server dropped values from its queue) and from
-    the SourceTimestamps: a step between two blocks' ``t0`` of more than 1.5 times the
-    usual step (the median of the last 15, once 3 are known) is ``round(step / usual) - 1``
-    missed blocks. A server that samples the array on a timer and never saw a block sets
-    no overflow bit; only ``t0`` shows it. So the number is the block's position in the
-    stream: a pause of the stream (or an outage) skips as many numbers as it lasted
-    blocks. The first value after subscribing may be an old array (the last one written
-    before the machine stopped), so nothing is counted until the usual step is known.
+    Blocks are back to back (the contract the featurizer windows on): block k+1 starts
+    where block k ends, one block length (samples / rate_hz) later. A step between two
+    blocks' ``t0`` of more than 1.5 block lengths skips ``round(step / length) - 1``
+    numbers; so does the StatusCode's queue-overflow bit (at least one). A server that
+    samples the array on a timer and misses a block sets no overflow bit; only ``t0``
+    shows it. Jitter of the SourceTimestamps below half a block is no hole; blocks that
+    overlap (a sliding window) never make one. A step back (the PLC's clock was set)
+    skips nothing and numbering goes on from there. The numbers keep counting across
+    sessions, so an outage skips as many numbers as it lasted blocks.
     """
 
     next: int = 0
     last_t0_us: int | None = None
-    steps: deque[int] = field(default_factory=lambda: deque(maxlen=15))
 
-    def number(self, t0_us: int, overflow: bool = False) -> tuple[int, int]:
-        """(this block's number, how many blocks were missed just before it)."""
-        missed = 0
-        if self.last_t0_us is not None:
+    def number(self, t0_us: int, length_us: float, overflow: bool = False) -> Numbered:
+        skipped, hole_us = 0, 0
+        if self.last_t0_us is not None and length_us > 0:
             step = t0_us - self.last_t0_us
-            if step > 0:
-                usual = statistics.median(self.steps) if len(self.steps) >= 3 else 0
-                if usual > 0 and step > 1.5 * usual:
-                    missed = min(MAX_MISSED, round(step / usual) - 1)
-                self.steps.append(step)
-        if overflow:
-            missed = max(missed, 1)
-        block = self.next + missed
+            if step > 1.5 * length_us:
+                skipped = min(MAX_MISSED, round(step / length_us) - 1)
+                hole_us = int(step - length_us)
+        if overflow and not skipped:
+            skipped = 1
+        block = self.next + skipped
         self.next = block + 1
-        self.last_t0_us = t0_us  # after a step back (the PLC's clock was set) count from here
-        return block, missed
+        self.last_t0_us = t0_us
+        return Numbered(block, skipped, hole_us)
 
 
 # ---- keeping the session: slow is not dead ----------------------------------------------------

@@ -95,8 +95,8 @@ class OpcUaAdapter(Service[OpcUaAdapterSettings]):
         self.blocks_missed = Counter(
             "uns_opcua_blocks_missing_total",
             "Waveform blocks missing between two delivered ones (the server's queue-overflow"
-            " bit, or a hole in the blocks' SourceTimestamps: lost by the server's sampling or"
-            " queue, or the stream paused); the published block counter skips them",
+            " bit, or a hole of up to 10 s in the blocks' back-to-back SourceTimestamps);"
+            " the published block counter skips them",
             ["service"],
             registry=r,
         ).labels(service)
@@ -305,9 +305,9 @@ class OpcUaAdapter(Service[OpcUaAdapterSettings]):
             device, tag = entry
             if tag.datatype == "waveform":
                 clock = self.blocks.setdefault(change.handle, logic.BlockClock())
-                metric, missed = logic.waveform_metric(tag, change, clock)
-                if missed:
-                    self._missed(device, tag, change.handle, missed)
+                metric, numbered = logic.waveform_metric(tag, change, clock)
+                if numbered is not None and numbered.skipped:
+                    self._skipped(device, tag, change.handle, numbered)
                 self._check(change, device, tag, metric)
                 await self.node.device_data(device.path, "raw", [metric])
             else:
@@ -323,12 +323,26 @@ class OpcUaAdapter(Service[OpcUaAdapterSettings]):
             self.latency.observe(max(0, queued_us - change.ts_us) / 1e6)
         log.debug("%s: %d changes published", self.node.id, len(batch))
 
-    def _missed(self, device: DevicePlan, tag: TagPlan, handle: int, missed: int) -> None:
-        """Count blocks the server never delivered; one line per tag and minute at most."""
-        self.blocks_missed.inc(missed)
+    def _skipped(
+        self, device: DevicePlan, tag: TagPlan, handle: int, numbered: logic.Numbered
+    ) -> None:
+        """Count blocks the server lost (one line per tag and minute at most); a pause of
+        the stream is one line of its own."""
+        if not numbered.lost:
+            log.info(
+                "%s: device %s, waveform %r: the blocks resume after %.1f s without any;"
+                " the block counter skips %d",
+                self.node.id,
+                device.path,
+                tag.name,
+                numbered.hole_us / 1e6,
+                numbered.skipped,
+            )
+            return
+        self.blocks_missed.inc(numbered.lost)
         now = time.monotonic()
         last, pending = self._missed_logged.get(handle, (-math.inf, 0))
-        pending += missed
+        pending += numbered.lost
         if now - last < _MISSED_LOG_S:
             self._missed_logged[handle] = (last, pending)
             return
