@@ -48,7 +48,7 @@ FAST = {
     "timeout_s": 2.0,
     "keepalive_failures": 2,
 }
-SILENT_DEATH_S = FAST["watchdog_s"] + FAST["keepalive_failures"] * FAST["timeout_s"]
+SILENT_DEATH_S = FAST["keepalive_failures"] * (FAST["watchdog_s"] + FAST["timeout_s"])
 """A silent link is declared lost after this many seconds (keep-alive reads unanswered)."""
 
 

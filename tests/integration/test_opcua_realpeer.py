@@ -122,7 +122,11 @@ class Plc:
         await self.server.stop()
 
 
-OPEN_GATES: dict[int, TrustStore] = {}
+Refusal = str
+"""How a server refuses an untrusted certificate at OpenSecureChannel: "response" (an
+OpenSecureChannelResponse with BadCertificateUntrusted) or "fault" (a ServiceFault with
+BadSecurityChecksFailed, as node-opcua answers)."""
+OPEN_GATES: dict[int, tuple[TrustStore, Refusal]] = {}
 """Servers that check the client certificate at OpenSecureChannel (id of the iserver)."""
 
 
@@ -130,7 +134,7 @@ async def start_plc(
     port: int,
     *,
     pki: Pki | None = None,
-    check_at_open: bool = False,
+    check_at_open: Refusal | None = None,
     users: Users | None = None,
     namespaces_before: int = 0,
 ) -> Plc:
@@ -162,7 +166,7 @@ async def start_plc(
         )
         server.set_certificate_validator(validator.validate)
         if check_at_open:
-            OPEN_GATES[id(server.iserver)] = store
+            OPEN_GATES[id(server.iserver)] = (store, check_at_open)
     if users is not None:
         server.set_identity_tokens([ua.UserNameIdentityToken])
     for i in range(namespaces_before):
@@ -204,12 +208,13 @@ async def restart_plc(port: int, **kwargs: Any) -> Plc:
 @pytest.fixture(autouse=True, scope="module")
 def plcs_check_certificates_at_open() -> Iterator[None]:
     """asyncua's server checks a client certificate at CreateSession; PLCs (and node-opcua)
-    check it at OpenSecureChannel and answer the OpenSecureChannelResponse with a bad
-    ServiceResult. This makes the servers in ``OPEN_GATES`` do what a PLC does."""
+    check it at OpenSecureChannel and answer with a bad ServiceResult (in an
+    OpenSecureChannelResponse, or in a ServiceFault as node-opcua does). This makes the
+    servers in ``OPEN_GATES`` do what a PLC does."""
     original = UaProcessor.open_secure_channel
 
     def open_secure_channel(self: UaProcessor, algohdr: Any, seqhdr: Any, body: Any) -> None:
-        store = OPEN_GATES.get(id(self.iserver))
+        store, refusal = OPEN_GATES.get(id(self.iserver), (None, ""))
         sender = algohdr.SenderCertificate
         if (
             store is not None
@@ -221,10 +226,15 @@ def plcs_check_certificates_at_open() -> Iterator[None]:
             self._connection.select_policy(
                 algohdr.SecurityPolicyURI, sender, request.Parameters.SecurityMode
             )
-            response = ua.OpenSecureChannelResponse()
+            response: Any = ua.OpenSecureChannelResponse()
             response.ResponseHeader.ServiceResult = ua.StatusCode(
                 ua.StatusCodes.BadCertificateUntrusted
             )
+            if refusal == "fault":
+                response = ua.ServiceFault()
+                response.ResponseHeader.ServiceResult = ua.StatusCode(
+                    ua.StatusCodes.BadSecurityChecksFailed
+                )
             self.send_response(
                 request.RequestHeader.RequestHandle, seqhdr, response, ua.MessageType.SecureOpen
             )
@@ -339,14 +349,22 @@ def vibration(plc: Plc, **fields: Any) -> Tag:
 # ---- item 8: an untrusted client certificate ----------------------------------------------------
 
 
-@pytest.mark.parametrize("where", ["open_secure_channel", "create_session"])
+@pytest.mark.parametrize(
+    ("where", "code"),
+    [
+        ("response", "BadCertificateUntrusted"),
+        ("fault", "BadSecurityChecksFailed"),
+        (None, "BadCertificateUntrusted"),
+    ],
+    ids=["at-open-in-a-response", "at-open-in-a-fault", "at-create-session"],
+)
 async def test_an_untrusted_certificate_is_one_clear_line_per_slow_retry_then_trusting_it_connects(
-    pki: Pki, memory_url: str, prefix: str, logs: Records, where: str
+    pki: Pki, memory_url: str, prefix: str, logs: Records, where: str | None, code: str
 ) -> None:
     """Before: at OpenSecureChannel asyncua raised AssertionError and the adapter exited 1
     with a traceback (a restart loop under `uns up`); at CreateSession it logged
     "refused the secure channel" every 0.25-5 s and never said which file to trust."""
-    server = await start_plc(free_port(), pki=pki, check_at_open=where == "open_secure_channel")
+    server = await start_plc(free_port(), pki=pki, check_at_open=where)
     try:
         async with (
             watching(memory_url, f"{prefix}/#") as w,
@@ -365,7 +383,7 @@ async def test_an_untrusted_certificate_is_one_clear_line_per_slow_retry_then_tr
                 lambda: any("rejected our certificate" in m for m in adapter_lines(logs))
             )
             [line] = adapter_lines(logs)
-            assert "BadCertificateUntrusted" in line
+            assert f"rejected our certificate ({code})" in line
             assert f"trust {pki.client_cert} on the server" in line
             assert "next try in 1 s" in line
             await server.trust(pki.client_cert)  # what the README tells the operator to do
@@ -383,7 +401,7 @@ async def test_an_untrusted_certificate_is_retried_once_a_minute_by_default(
 ) -> None:
     """Before: retried at the reconnect pace (0.25 s doubling to 5 s), each try one more
     rejected certificate and error line on the PLC."""
-    server = await start_plc(free_port(), pki=pki, check_at_open=True)
+    server = await start_plc(free_port(), pki=pki, check_at_open="response")
     try:
         async with running(
             OpcUaAdapter,
@@ -407,7 +425,7 @@ async def test_browse_against_a_server_that_does_not_trust_us_says_so_instead_of
     pki: Pki,
 ) -> None:
     """Before: `uns opcua browse` died with an AssertionError from asyncua."""
-    server = await start_plc(free_port(), pki=pki, check_at_open=True)
+    server = await start_plc(free_port(), pki=pki, check_at_open="response")
     try:
         with pytest.raises(BrowseError) as err:
             await browse(server.url, security=secure(pki), timeout_s=3.0)

@@ -93,7 +93,7 @@ class OpcUaAdapterSettings(ServiceSettings, frozen=True):
     keepalive_failures: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
     """Keep-alive reads in a row left unanswered (``timeout_s`` each, no Publish response
     meanwhile) before the session counts as lost: a slow server is not a dead one. A
-    silent link is noticed within about ``watchdog_s + keepalive_failures * timeout_s``."""
+    silent link is noticed within about ``keepalive_failures * (watchdog_s + timeout_s)``."""
     login_retry_min_s: PositiveFloat = 60.0
     """Wait after a refused login (user token), doubling on each refusal in a row ..."""
     login_retry_max_s: PositiveFloat = 1800.0

@@ -13,17 +13,21 @@ import contextvars
 import datetime as dt
 import hashlib
 import logging
+import struct
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any, Final, Literal
 
 from asyncua import ua
 from asyncua.client.client import Client
 from asyncua.common.node import Node
+from asyncua.common.utils import NotEnoughData
 from asyncua.crypto import security_policies
 from asyncua.crypto.uacrypto import CertProperties
 from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.object_ids import ObjectIds
+from asyncua.ua.ua_binary import nodeid_from_binary, struct_from_binary
 from asyncua.ua.uaerrors import UaError, UaStatusCodeError, UaStringParsingError
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -53,6 +57,7 @@ miss ends the session, which made sessions flap under load (1 s with the old wat
 still reports a closed socket at once."""
 _SERVER_STATE: Final = ua.NodeId(ua.Int32(ObjectIds.Server_ServerStatus_State))
 _NAMESPACE_ARRAY: Final = ua.NodeId(ua.Int32(ObjectIds.Server_NamespaceArray))
+_SERVICE_FAULT: Final = ua.FourByteNodeId(ObjectIds.ServiceFault_Encoding_DefaultBinary)
 _CHUNK: Final = 500
 _SAMPLE_TYPES: Final = {ua.VariantType.Double: "f64", ua.VariantType.Int16: "i16"}
 _AUTH_CODES: Final = frozenset(
@@ -277,9 +282,11 @@ class _TransportNoise(logging.Filter):
     )
 
     def filter(self, record: logging.LogRecord) -> bool:
-        _note_refusal(record)
+        refusal = _note_refusal(record)
         if logging.getLogger("asyncua").isEnabledFor(logging.DEBUG):
             return True
+        if refusal:
+            return False
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, (OSError, TimeoutError, UaError)):
             return False
@@ -295,13 +302,44 @@ an AssertionError (open_secure_channel), which says nothing; the socket's callba
 a copy of the connecting task's context, so they see this session's list and no other."""
 
 
-def _note_refusal(record: logging.LogRecord) -> None:
+def _note_refusal(record: logging.LogRecord) -> bool:
+    """Note the StatusCode of a refusal the record reports; whether it did (then the
+    adapter's own line says it, and asyncua's traceback is noise)."""
     seen = _STATUS_SEEN.get()
-    if seen is None or not str(record.msg).startswith("Got error status from server"):
-        return
-    exc = record.args[0] if isinstance(record.args, tuple) and record.args else None
-    if isinstance(exc, UaStatusCodeError):
-        seen.append(status_name(exc.code))
+    if seen is None:
+        return False
+    text = str(record.msg)
+    name: str | None = None
+    if text.startswith("Got error status from server"):
+        exc = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        if isinstance(exc, UaStatusCodeError):
+            name = status_name(exc.code)
+    elif text.startswith("Exception raised while parsing message from server") and record.exc_info:
+        name = _fault_in(record.exc_info[2])
+    if name:
+        seen.append(name)
+    return bool(name)
+
+
+def _fault_in(tb: TracebackType | None) -> str | None:
+    """The StatusCode of a ServiceFault that asyncua failed to parse as the response it
+    expected: node-opcua answers a refused OpenSecureChannel with one, and asyncua reads
+    it as an OpenSecureChannelResponse (NotEnoughData). The message is still in the
+    failing frame of asyncua's receive loop."""
+    while tb is not None:
+        message = tb.tb_frame.f_locals.get("msg")
+        if tb.tb_frame.f_code.co_name == "_process_received_data" and isinstance(
+            message, ua.Message
+        ):
+            try:
+                body = message.body()
+                if nodeid_from_binary(body) == _SERVICE_FAULT:
+                    header = struct_from_binary(ua.ResponseHeader, body)
+                    return status_name(header.ServiceResult.value)
+            except (UaError, NotEnoughData, ValueError, struct.error):  # not a fault after all
+                return None
+        tb = tb.tb_next
+    return None
 
 
 def quiet_asyncua() -> None:
@@ -611,7 +649,7 @@ class UaSession:
         no Publish response in between), or at once when the socket or the session is gone.
 
         Under load a PLC may answer in seconds: a slow answer is an answer. A silent link
-        is noticed within about ``watchdog_s + keepalive_failures * timeout_s``, well inside
+        is noticed within about ``keepalive_failures * (watchdog_s + timeout_s)``, well inside
         the 60 s session timeout, so the server keeps the session for us meanwhile.
         """
         node = self.client.get_node(_SERVER_STATE)
