@@ -760,6 +760,39 @@ def opcua_browse(
         typer.echo(f"wrote {out}", err=True)
 
 
+@opcua_app.command("cert")
+def opcua_cert(
+    out: Annotated[Path, typer.Option(help="Certificate file (DER: import it on the PLC)")] = Path(
+        "pki/opcua-adapter.der"
+    ),
+    key: Annotated[Path, typer.Option(help="Private key file (PEM, mode 0600)")] = Path(
+        "pki/opcua-adapter.key.pem"
+    ),
+    uri: Annotated[
+        str | None, typer.Option(help="Application URI [default: urn:<host>:uns:opcua-adapter]")
+    ] = None,
+    host: Annotated[
+        list[str] | None, typer.Option(help="DNS name or IP of this box (repeatable)")
+    ] = None,
+    days: Annotated[int, typer.Option(min=1)] = 3650,
+    force: Annotated[bool, typer.Option(help="Replace existing files")] = False,
+) -> None:
+    """Create the adapter's OPC UA client certificate and key (then trust it on the PLC)."""
+    try:
+        from uns_opcua_adapter import create_certificate, describe_certificate
+    except ImportError:
+        raise _fail(
+            "the OPC UA adapter is not installed (pip install -e services/opcua-adapter)"
+        ) from None
+    try:
+        made = create_certificate(
+            out, key, application_uri=uri, hostnames=host, days=days, overwrite=force
+        )
+    except UnsError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(describe_certificate(made))
+
+
 # ---- the simulator ---------------------------------------------------------------------
 
 sim_app = typer.Typer(
