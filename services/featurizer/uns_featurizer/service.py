@@ -333,9 +333,10 @@ class Featurizer(Service[FeaturizerSettings]):
                 if declared not in NUMERIC:
                     continue  # strings and states: not trended
                 refuse = ("type", f"a {type(value).__name__} value, declared {declared}")
-            number = as_number(raw)
-            if name in s.speed_tags and good and number is not None and 0 < number <= MAX_RPM:
-                device.speed_rpm = number  # NaN, inf and absurd speeds are no speed
+            if name in s.speed_tags and good:
+                speed = as_number(raw)
+                if speed is not None and 0 < speed <= MAX_RPM:  # not NaN, inf or absurd
+                    device.speed_rpm = speed
             window_s = device.slow.get(name)
             if window_s is None:
                 if not self._room(device, name):
@@ -377,20 +378,24 @@ class Featurizer(Service[FeaturizerSettings]):
 
     def _count(self, device: _Device, signal: str, excluded: Excluded) -> None:
         """Move a window's exclusions to the metric; log the ones a sender got wrong."""
+        if not excluded.counts and not excluded.details:
+            return
         for reason, n in excluded.counts.items():
             self.excluded.labels(self.node.service, reason).inc(n)
-            detail = excluded.details.pop(reason, None)
-            if detail is not None and reason in LOGGED:
-                self._throttled.warning(
-                    reason,
-                    "%s: %s of %s %s excluded (%s): %s",
-                    self.node.id,
-                    f"{n} samples" if n != 1 else "1 sample",
-                    device.path,
-                    signal,
-                    reason,
-                    detail,
-                )
+        for reason, detail in excluded.details.items():
+            if reason not in LOGGED:
+                continue
+            n = excluded.counts.get(reason, 0)
+            what = f"{n} samples excluded ({reason})" if n != 1 else f"1 sample excluded ({reason})"
+            self._throttled.warning(
+                reason,
+                "%s: %s %s: %s: %s",
+                self.node.id,
+                device.path,
+                signal,
+                what if n else reason,
+                detail,
+            )
         excluded.counts.clear()
         excluded.details.clear()
 

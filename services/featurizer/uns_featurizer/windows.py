@@ -121,6 +121,26 @@ class _Clock(Generic[T]):
         if self.last_ms is None or ts_ms > self.last_ms:
             self.last_ms, self.last_wall_ms = ts_ms, now_ms
 
+    def steady(self, bounds: TimeBounds, ts_ms: int, now_ms: int) -> bool:
+        """The hot path, `TimeBounds.refuse` and `_judge` in one: whether ``ts_ms`` is within
+        the bounds and no jump from the stream's last sample, with nothing held (then the
+        stream moves on to it, and the sample is taken as is)."""
+        last = self.last_ms
+        if last is None or self.held:
+            return False
+        if ts_ms > now_ms + bounds.max_future_ms or ts_ms < EPOCH_FLOOR_MS:
+            return False
+        if bounds.max_past_ms is not None and ts_ms < now_ms - bounds.max_past_ms:
+            return False
+        moved = ts_ms - last
+        if moved < -bounds.max_jump_ms:
+            return False
+        if moved > 0:
+            if moved - max(0, now_ms - self.last_wall_ms) > bounds.max_jump_ms:
+                return False
+            self.last_ms, self.last_wall_ms = ts_ms, now_ms
+        return True
+
 
 @dataclass
 class _Verdict(Generic[T]):
@@ -200,6 +220,10 @@ class WaveformWindow:
         n = len(samples)
         t0_ms = t0_us // 1000
         end_ms = (t0_us + int(n * 1e6 / rate)) // 1000  # the rate is bounded: finite
+        if end_ms <= now_ms + self.bounds.max_future_ms and self._clock.steady(
+            self.bounds, t0_ms, now_ms
+        ):
+            return self._take(samples, t0_us, rate, seq, node, good)
         why = self.bounds.refuse(t0_ms, now_ms) or self.bounds.refuse(end_ms, now_ms)
         if why is not None:
             self.excluded.add("timestamp", n, f"a block at t0_us {short(t0_us)}: {why}")
@@ -256,9 +280,11 @@ class WaveformWindow:
             # beyond 2**62 us (146,000 years) no clock is needed to refuse it, and the float
             # arithmetic of the window's end would overflow
             return self._refuse("timestamp", n, f"t0_us {short(t0)} is no time of this era")
-        with np.errstate(over="ignore", invalid="ignore"):  # inf/NaN are counted below
-            samples = np.frombuffer(raw, dtype=_NUMPY_DTYPES[block.dtype]).astype(np.float32)
-            samples *= np.float32(scale)
+        samples = np.frombuffer(raw, dtype=_NUMPY_DTYPES[block.dtype])
+        if block.dtype != "f32" or scale != 1.0:  # else a read-only view is all it takes
+            with np.errstate(over="ignore", invalid="ignore"):  # inf/NaN are counted later
+                samples = samples.astype(np.float32)
+                samples *= np.float32(scale)
         return samples, float(rate)
 
     def _refuse(self, reason: str, n: int, detail: str) -> str:
@@ -389,6 +415,8 @@ class SlowWindow:
                 self.excluded.add("timestamp", 1, f"ts {short(ts)}")
                 return []
             return self._take(ts, value, good, seq, node, refuse)
+        if self._clock.steady(self.bounds, ts, now_ms):
+            return self._take(ts, value, good, seq, node, refuse)
         why = self.bounds.refuse(ts, now_ms)
         if why is not None:
             self._total += 1  # a sample seen, bad: in the window's total like out-of-order ones
@@ -437,7 +465,7 @@ class SlowWindow:
                 self._seqs.clear()
                 self._next_end = max(self._next_end, self._end_after(ts))
         self._total += 1
-        number = as_number(value)
+        number = value if type(value) is float else as_number(value)
         if refuse is not None:
             self.excluded.add(refuse[0], 1, refuse[1])
         elif not good:
