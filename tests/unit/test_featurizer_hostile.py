@@ -495,3 +495,29 @@ def test_logging_is_throttled_for_a_flood_of_bad_stamps(caplog: pytest.LogCaptur
         for _ in range(1000):
             t.warning("timestamp", "bad %s", "stamp")
     assert len(caplog.records) == 1
+
+
+@pytest.mark.parametrize(
+    ("section", "field"),
+    [
+        ("timestamps: {max_future_s: -5}", "services.featurizer.timestamps.max_future_s"),
+        ("timestamps: {resync_after: 0}", "services.featurizer.timestamps.resync_after"),
+        ("waveform: {max_rate_hz: 0}", "services.featurizer.waveform.max_rate_hz"),
+        ("waveform: {min_rate_hz: 5000, max_rate_hz: 100}", "services.featurizer.waveform"),
+        ("max_devices: 0", "services.featurizer.max_devices"),
+    ],
+)
+def test_a_bad_bound_is_refused_naming_the_field(tmp_path: Any, section: str, field: str) -> None:
+    import subprocess
+    import sys
+
+    config = tmp_path / "plant.yaml"
+    config.write_text(f"services:\n  featurizer:\n    {section}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "uns", "run", "featurizer", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert field in result.stderr and "Traceback" not in result.stderr
