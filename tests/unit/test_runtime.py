@@ -194,7 +194,7 @@ async def test_a_bug_in_the_service_loop_crashes_it_loudly_after_publishing_its_
     memory_url, prefix
 ):
     async with watching(memory_url, f"{prefix}/pune/_node/+/death") as w:
-        with pytest.raises(ExceptionGroup) as info:  # noqa: PT012
+        with pytest.raises(ExceptionGroup) as info:
             async with running(Crashes, memory_url, prefix):
                 death = await w.wait_topic("/death")
     assert info.group_contains(ZeroDivisionError)
