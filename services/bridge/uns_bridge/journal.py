@@ -19,12 +19,17 @@ cap needs its room (`append`: the oldest telemetry first, events and births last
 * ``locking_mode=EXCLUSIVE``: a second process opening the same file gets "database is
   locked" instead of sending every message a second time. The OS releases the lock
   when the holder dies, ``kill -9`` included.
+* ``taken`` keeps a digest of the last `TAKEN_KEPT` messages taken (committed with them):
+  a message the local broker sends *again* (``Item.redelivered``: it was journaled but
+  not yet acknowledged when the bridge stopped or was killed) and already taken is
+  not journaled twice, so it keeps its one id and the remote's filter on ids suffices.
 
 Not thread-safe: one thread (the service's journal executor) makes every call.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 import time
@@ -49,8 +54,12 @@ CREATE TABLE IF NOT EXISTS messages (
     payload BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS taken (id INTEGER PRIMARY KEY, digest INTEGER NOT NULL);
 """
 _FORMAT: Final = "1"
+TAKEN_KEPT: Final = 256
+"""Digests of taken messages kept to recognise a redelivery: far more than a local
+broker keeps in flight to one client (Mosquitto: max_inflight_messages, 20)."""
 
 
 class Item(NamedTuple):
@@ -62,6 +71,8 @@ class Item(NamedTuple):
     flags: int = 0
     ts_ms: int = 0
     """When the bridge took it (ms since the epoch); 0 = now."""
+    redelivered: bool = False
+    """Sent again by the local broker (MQTT DUP): journaled only if not taken already."""
 
 
 class Row(NamedTuple):
@@ -81,6 +92,8 @@ class Appended(NamedTuple):
     """Messages dropped to stay under the disk cap (oldest telemetry first)..."""
     cap_event: int
     """...then the oldest events, when nothing else is left."""
+    duplicates: int = 0
+    """Redelivered items already taken: not journaled again."""
 
 
 class JournalFull(Exception):
@@ -142,21 +155,40 @@ class Journal:
     # ---- the queue ---------------------------------------------------------------------
 
     def append(self, items: Sequence[Item]) -> Appended:
-        """Insert ``items`` in one transaction (all or nothing), then respect the cap."""
+        """Insert ``items`` in one transaction (all or nothing), then respect the cap.
+
+        A redelivered item already taken is left out (counted in ``duplicates``)."""
         now = time.time_ns() // 1_000_000
         db = self.db
         with self._transaction():
+            digests = [_digest(i) for i in items]
+            fresh: list[tuple[Item, int]] = []
+            seen: set[int] = set()
+            for item, digest in zip(items, digests):
+                if item.redelivered and (
+                    digest in seen
+                    or db.execute("SELECT 1 FROM taken WHERE digest = ?", (digest,)).fetchone()
+                ):
+                    continue
+                seen.add(digest)
+                fresh.append((item, digest))
             db.executemany(
                 "INSERT INTO messages (ts_ms, priority, flags, topic, payload)"
                 " VALUES (?, ?, ?, ?, ?)",
-                [(i.ts_ms or now, i.priority, i.flags, i.topic, i.payload) for i in items],
+                [(i.ts_ms or now, i.priority, i.flags, i.topic, i.payload) for i, _ in fresh],
             )
             last_id = int(db.execute("SELECT last_insert_rowid()").fetchone()[0])
-            dropped = self._enforce_cap(self.count + len(items))
-        self.count += len(items) - dropped[0] - dropped[1]
+            first_id = last_id - len(fresh) + 1
+            db.executemany(
+                "INSERT INTO taken (id, digest) VALUES (?, ?)",
+                [(first_id + k, d) for k, (_, d) in enumerate(fresh)],
+            )
+            db.execute("DELETE FROM taken WHERE id <= ?", (last_id - TAKEN_KEPT,))
+            dropped = self._enforce_cap(self.count + len(fresh))
+        self.count += len(fresh) - dropped[0] - dropped[1]
         if self.oldest_ts_ms is None or dropped != (0, 0):
             self._refresh_oldest()
-        return Appended(last_id - len(items) + 1, last_id, dropped[0], dropped[1])
+        return Appended(first_id, last_id, dropped[0], dropped[1], len(items) - len(fresh))
 
     def read(self, after_id: int, limit: int) -> list[Row]:
         """The next ``limit`` messages after ``after_id``, in journal order."""
@@ -297,6 +329,15 @@ class Journal:
     def _refresh_oldest(self) -> None:
         row = self.db.execute("SELECT ts_ms FROM messages ORDER BY id LIMIT 1").fetchone()
         self.oldest_ts_ms = None if row is None else int(row[0])
+
+
+def _digest(item: Item) -> int:
+    """64 bits of BLAKE2b of topic and payload: a false match among the last `TAKEN_KEPT`
+    is about 1 in 10^13; 8 bytes a row keep the table a few pages."""
+    h = hashlib.blake2b(item.topic.encode(), digest_size=8)
+    h.update(b"\0")
+    h.update(item.payload)
+    return int.from_bytes(h.digest(), "big", signed=True)
 
 
 def _is_full(exc: sqlite3.OperationalError) -> bool:

@@ -4,7 +4,11 @@ Three loops share one journal (every SQLite call runs on one dedicated thread):
 
 * intake: the Node's handlers queue each selected message; the writer commits what
   arrived during the previous commit as one transaction (group commit). A message is
-  *taken* once committed; only then can it be sent.
+  *taken* once committed; only then can it be sent, and only then is it acknowledged
+  to the local broker: the local session is persistent (`persistent_session`), so what
+  is published while the bridge is down, and what it had received but not committed
+  when it was killed, is delivered to it again; a message sent again that is already
+  in the journal is recognised (`Journal.append`) and keeps its one id.
 * forward: one outbound connection (`uns.bus.connect`, TLS, mutual TLS), redialled
   with jittered backoff. Each session re-reads the journal from its oldest row and
   sends in journal order, ``remote.inflight`` QoS 1 publishes at a time, at most
@@ -42,6 +46,27 @@ from uns_bridge.settings import BridgeSettings
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+Ack = Callable[[], None]
+
+
+def _no_ack() -> None:
+    """Without a persistent session the runtime acknowledges on receipt."""
+
+
+def _ack_of(msg: Inbound[Any]) -> Ack:
+    """The message's acknowledgement to the local broker, and whether it is a redelivery.
+
+    Read with getattr: `Inbound.ack` and ``redelivered`` come with the runtime's
+    persistent sessions (libs/uns, proposed with this change); until the runtime has them
+    it acknowledges every message on receipt, and these are a no-op and False."""
+    ack: Ack | None = getattr(msg, "ack", None)
+    return ack or _no_ack
+
+
+def _redelivered(msg: Inbound[Any]) -> bool:
+    return bool(getattr(msg, "redelivered", False))
+
 
 READ_CHUNK: Final = 1000
 """Rows read from the journal at a time by the sender."""
@@ -98,6 +123,10 @@ class BridgeMetrics:
         self.connected = gauge(
             "uns_bridge_remote_connected", "1 while connected to the remote"
         ).labels(service)
+        self.duplicates = counter(
+            "uns_bridge_duplicates_total",
+            "Messages the local broker sent again that were in the journal already (kept once)",
+        ).labels(service)
         self.login_refusals = counter(
             "uns_bridge_login_refusals_total",
             "Connection attempts the remote refused for our credentials (each backs off"
@@ -124,6 +153,8 @@ class Bridge(Service[BridgeSettings]):
     name = "bridge"
     Settings = BridgeSettings
     default_metrics_port = 9404
+    persistent_session = True
+    """What the local broker delivers stays its until committed (see the module doc)."""
 
     def __init__(self, node: Node[BridgeSettings]) -> None:
         super().__init__(node)
@@ -131,7 +162,7 @@ class Bridge(Service[BridgeSettings]):
         self.metrics = BridgeMetrics(node.metrics.registry, node.service)
         self.journal: Journal | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._intake: collections.deque[Item] = collections.deque()
+        self._intake: collections.deque[tuple[Item, Ack]] = collections.deque()
         self._intake_ready = asyncio.Event()
         self._intake_space = asyncio.Event()
         self._intake_space.set()
@@ -193,8 +224,11 @@ class Bridge(Service[BridgeSettings]):
 
     def _taker(self, index: int) -> Callable[[Inbound[msgspec.Raw]], Awaitable[None]]:
         async def take(msg: Inbound[msgspec.Raw]) -> None:
-            if self.selector.first(msg.topic) != index:
-                return  # excluded, or taken by an earlier include filter
+            first = self.selector.first(msg.topic)
+            if first != index:  # taken (and acknowledged) by an earlier include filter
+                if first is None:  # or excluded: by nobody
+                    _ack_of(msg)()
+                return
             payload = bytes(msg.payload)
             try:
                 self.router.check(msg.topic, len(payload))
@@ -205,7 +239,8 @@ class Bridge(Service[BridgeSettings]):
             while len(self._intake) >= self.settings.queue_size:
                 self._intake_space.clear()
                 await self._intake_space.wait()
-            self._intake.append(Item(msg.topic, payload, priority, flags, _now_ms()))
+            item = Item(msg.topic, payload, priority, flags, _now_ms(), _redelivered(msg))
+            self._intake.append((item, _ack_of(msg)))
             self._intake_ready.set()
 
         return take
@@ -223,11 +258,14 @@ class Bridge(Service[BridgeSettings]):
         journal = self.journal
         assert journal is not None
         n = min(len(self._intake), COMMIT_MAX)
-        items = [self._intake.popleft() for _ in range(n)]
+        taken = [self._intake.popleft() for _ in range(n)]
+        items = [item for item, _ in taken]
         self._intake_space.set()
         try:
             appended = await self._call(journal.append, items)
         except JournalFull as exc:
+            for _, ack in taken:  # dropped (and counted): the broker must not resend them
+                ack()
             self.metrics.drop("disk_full", len(items))
             self.changed.set()
             now = time.monotonic()
@@ -242,6 +280,10 @@ class Bridge(Service[BridgeSettings]):
                     exc,
                 )
             return
+        for _, ack in taken:  # committed: now the local broker may forget them, in order
+            ack()
+        if appended.duplicates:
+            self.metrics.duplicates.inc(appended.duplicates)
         self.metrics.drop("cap_telemetry", appended.cap_telemetry)
         self.metrics.drop("cap_event", appended.cap_event)
         if appended.cap_telemetry or appended.cap_event:
