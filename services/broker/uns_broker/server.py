@@ -2,13 +2,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import warnings
 
-from amqtt.broker import Broker
 from amqtt.errors import BrokerError, PluginError
 from amqtt.plugins.authentication import PasswordFileError
 
 from uns import ConfigError
+from uns.watchdog import HEARTBEAT_ENV, LoopWatchdog
+from uns_broker.amqtt_fixes import PatchedBroker
 from uns_broker.logic import amqtt_config
 from uns_broker.settings import BrokerServerSettings
 
@@ -22,7 +24,7 @@ async def serve(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # amqtt's own 'acl' naming
         try:
-            broker = Broker(amqtt_config(settings))
+            broker = PatchedBroker(amqtt_config(settings))
         except (PasswordFileError, PluginError) as exc:
             raise ConfigError(f"services.broker.password_file: {exc}") from None
         try:
@@ -40,8 +42,14 @@ async def serve(
     )
     if started is not None:
         started.set()
+    # the broker's loop is watched like a service's: stuck, it exits and is restarted
+    watchdog = LoopWatchdog(
+        "broker", settings.loop_watchdog_s, heartbeat_file=os.environ.get(HEARTBEAT_ENV)
+    )
+    beat = asyncio.create_task(watchdog.run(), name="broker-heartbeat")
     try:
         await stop.wait()
     finally:
+        beat.cancel()
         await broker.shutdown()
         log.info("broker stopped")
