@@ -8,14 +8,15 @@ Every aiomqtt/paho error is translated here into `BusError`.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import socket
 import ssl
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -27,6 +28,8 @@ from uns.errors import BusError, ConfigError
 from uns.topics import matches
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class Message:
@@ -95,14 +98,46 @@ _LAST_MID: contextvars.ContextVar[int] = contextvars.ContextVar("uns_bus_last_mi
 
 
 class _MqttBus:
-    def __init__(self, client: aiomqtt.Client, url: str, protocol: int = 4) -> None:
+    def __init__(
+        self,
+        client: aiomqtt.Client,
+        url: str,
+        protocol: int = 4,
+        publish_timeout_s: float | None = None,
+    ) -> None:
         self._client = client
         self._url = url
         self._filters: set[str] = set()
         self._v5 = protocol == 5
         self._refused: dict[int, ReasonCode] = {}
+        self._publish_timeout = publish_timeout_s
+        # aiomqtt resolves this future when the connection drops, but a publish or a
+        # subscribe waiting for its acknowledgement is not told: it waited for its timeout
+        # (10 s) on a dead connection, so a client kept away 10 s more after a broker
+        # restart. Every operation here also ends when the connection does.
+        lost = getattr(client, "_disconnected", None)
+        self._lost: asyncio.Future[None] | None = lost if isinstance(lost, asyncio.Future) else None
         if self._v5:
             self._watch_pubacks()
+
+    async def _unless_lost(self, operation: Coroutine[Any, Any, T], what: str) -> T:
+        """Run ``operation``; raise `BusError` at once if the connection drops meanwhile."""
+        lost = self._lost
+        if lost is None:
+            return await operation
+        if lost.done():
+            operation.close()
+            raise BusError(f"{what} failed: connection to {self._url} lost")
+        task = asyncio.ensure_future(operation)
+        try:
+            await asyncio.wait((task, lost), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if task.done():
+            return task.result()
+        task.cancel()
+        raise BusError(f"{what} failed: connection to {self._url} lost")
 
     def _watch_pubacks(self) -> None:
         """MQTT 5 brokers may refuse a QoS 1 message with a failure PUBACK (0x87 not
@@ -143,13 +178,25 @@ class _MqttBus:
         if user_properties and self._v5:
             properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             properties.UserProperty = list(user_properties.items())
+        await self._unless_lost(
+            self._publish(topic, payload, qos, retain, properties), f"publish to {self._url}"
+        )
+
+    async def _publish(
+        self, topic: str, payload: bytes, qos: int, retain: bool, properties: Any
+    ) -> None:
         try:
             await self._client.publish(
-                topic, payload, qos=qos, retain=retain, properties=properties
+                topic,
+                payload,
+                qos=qos,
+                retain=retain,
+                properties=properties,
+                timeout=self._publish_timeout,
             )
         except aiomqtt.MqttError as exc:
             raise BusError(f"publish to {self._url} failed: {exc}") from None
-        if self._refused:
+        if self._refused:  # (the packet id was noted in this task: see _watch_pubacks)
             code = self._refused.pop(_LAST_MID.get(), None)
             if code is not None:
                 raise BusError(f"{self._url} refused the message on {topic!r}: {code}")
@@ -158,11 +205,17 @@ class _MqttBus:
         known = topic_filter in self._filters
         self._filters.add(topic_filter)  # before: retained messages may beat the SUBACK
         try:
-            granted = await self._client.subscribe(topic_filter, qos=qos)
+            granted = await self._unless_lost(
+                self._client.subscribe(topic_filter, qos=qos), f"subscribe to {topic_filter!r}"
+            )
         except aiomqtt.MqttError as exc:
             if not known:
                 self._filters.discard(topic_filter)
             raise BusError(f"subscribe to {topic_filter!r} failed: {exc}") from None
+        except BusError:
+            if not known:
+                self._filters.discard(topic_filter)
+            raise
         code = granted[0] if granted else 0
         if code.is_failure if isinstance(code, ReasonCode) else code >= 0x80:
             if not known:
@@ -171,7 +224,9 @@ class _MqttBus:
 
     async def unsubscribe(self, topic_filter: str) -> None:
         try:
-            await self._client.unsubscribe(topic_filter)
+            await self._unless_lost(
+                self._client.unsubscribe(topic_filter), f"unsubscribe from {topic_filter!r}"
+            )
             self._filters.discard(topic_filter)
         except aiomqtt.MqttError as exc:
             raise BusError(f"unsubscribe from {topic_filter!r} failed: {exc}") from None
@@ -252,12 +307,18 @@ async def connect(
     timeout_s: float = 10.0,
     protocol: Literal[4, 5] = 4,
     max_inflight: int | None = None,
+    publish_timeout_s: float | None = None,
 ) -> AsyncIterator[Bus]:
     """Connect to the broker at ``url`` (or ``settings.url``) for the body of the block.
 
     ``protocol``: 4 is MQTT 3.1.1, 5 is MQTT 5 (user properties, reason codes).
     ``max_inflight``: QoS 1 messages sent and not yet acknowledged (paho's default: 20);
     that many concurrent `Bus.publish` calls are in flight at once.
+    ``timeout_s`` bounds connecting and each acknowledgement; ``publish_timeout_s``, when
+    given, replaces it for publishing (``math.inf``: wait as long as the connection lives,
+    which keepalive bounds: a slow broker is not a dead one, and tearing the connection
+    down loses what the sockets still hold).
+    Every operation fails at once when the connection drops.
     Raises `BusError` when the broker is unreachable or the connection drops.
     """
     settings = settings or BrokerSettings()
@@ -295,7 +356,7 @@ async def connect(
         async with client:
             client_log.connected = True
             _no_delay(client)
-            yield _MqttBus(client, str(target), protocol)
+            yield _MqttBus(client, str(target), protocol, publish_timeout_s)
     except aiomqtt.MqttError as exc:
         cause = client_log.failure if not client_log.connected and client_log.failure else exc
         raise BusError(f"broker {target} unreachable: {cause}") from None

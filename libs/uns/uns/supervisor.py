@@ -2,6 +2,11 @@
 
 A child that exits is restarted with exponential backoff (reset after a minute
 of good running); SIGINT/SIGTERM stops the services first, then the broker.
+
+Liveness, not only exit: each child's event loop refreshes a heartbeat file every
+second (`uns.watchdog`); a child whose heartbeat is older than ``liveness_s`` is stuck
+(its own watchdog should have ended it already, unless something holds the GIL or the
+watchdog is off) and is killed, which the broker reports as its death, then restarted.
 """
 
 from __future__ import annotations
@@ -9,10 +14,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from uns.watchdog import HEARTBEAT_ENV
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +34,10 @@ class Child:
     env: dict[str, str] = field(default_factory=dict)
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
+    heartbeat: Path | None = None
+    """The file its event loop keeps fresh (set at start when liveness is checked)."""
+    beat_seen: tuple[float, float] | None = None
+    """The heartbeat file's last mtime and the (monotonic) time it was first seen."""
 
 
 def uns_argv(*args: str) -> list[str]:
@@ -31,8 +45,19 @@ def uns_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "uns", *args]
 
 
-async def _start(child: Child) -> None:
+LIVENESS_S = 60.0
+"""A child whose loop has not ticked for this long is killed and restarted (twice the
+services' default ``loop_watchdog_s``: their own watchdog, with a clearer log line, is
+meant to act first)."""
+
+
+async def _start(child: Child, heartbeats: Path | None = None) -> None:
     env = {**os.environ, **child.env}
+    if heartbeats is not None:
+        child.heartbeat = heartbeats / f"{child.name}.heartbeat"
+        child.heartbeat.unlink(missing_ok=True)  # a new process: no beat until it ticks
+        child.beat_seen = None
+        env[HEARTBEAT_ENV] = str(child.heartbeat)
     # its own process group: a terminal's Ctrl-C reaches `uns up` alone, which then stops
     # the services first and the broker last (so nobody sees its broker vanish first)
     child.process = await asyncio.create_subprocess_exec(
@@ -41,13 +66,60 @@ async def _start(child: Child) -> None:
     log.info("started %s (pid %d)", child.name, child.process.pid)
 
 
-async def _keep_running(child: Child, stop: asyncio.Event) -> None:
+def _stuck_for(child: Child) -> float | None:
+    """Seconds since the child's loop last ticked; None before its first tick.
+
+    Measured as how long the file's mtime has not changed, on the monotonic clock: the
+    wall clock may step (NTP at boot) and must not make every child look stuck.
+    """
+    if child.heartbeat is None:
+        return None
+    try:
+        mtime = child.heartbeat.stat().st_mtime
+    except OSError:
+        return None
+    now = time.monotonic()
+    if child.beat_seen is None or child.beat_seen[0] != mtime:
+        child.beat_seen = (mtime, now)
+    return now - child.beat_seen[1]
+
+
+async def _wait_alive(child: Child, liveness_s: float) -> int:
+    """Wait for the child to exit; kill it first if its loop is stuck past ``liveness_s``."""
+    assert child.process is not None
+    exited = asyncio.create_task(child.process.wait())
+    try:
+        while True:
+            done, _ = await asyncio.wait({exited}, timeout=1.0)
+            if done:
+                return exited.result()
+            stuck = _stuck_for(child) if liveness_s > 0 else None
+            if stuck is not None and stuck > liveness_s and child.process.returncode is None:
+                log.warning(
+                    "%s (pid %d) is stuck: its event loop has not run for %.0f s; killing it"
+                    " so that it is restarted",
+                    child.name,
+                    child.process.pid,
+                    stuck,
+                )
+                child.process.kill()
+                return await exited
+    finally:
+        exited.cancel()
+
+
+async def _keep_running(
+    child: Child,
+    stop: asyncio.Event,
+    liveness_s: float = LIVENESS_S,
+    heartbeats: Path | None = None,
+) -> None:
     delay = 0.5
     while not stop.is_set():
         started = time.monotonic()
-        await _start(child)
+        await _start(child, heartbeats)
         assert child.process is not None
-        code = await child.process.wait()
+        code = await _wait_alive(child, liveness_s)
         if stop.is_set():
             return
         if time.monotonic() - started > 60:
@@ -104,20 +176,26 @@ async def supervise(
     *,
     broker_address: tuple[str, int] | None = None,
     stop: asyncio.Event | None = None,
+    liveness_s: float = LIVENESS_S,
 ) -> None:
-    """Run until SIGINT/SIGTERM (or ``stop``), then stop services, then the broker."""
+    """Run until SIGINT/SIGTERM (or ``stop``), then stop services, then the broker.
+
+    ``liveness_s``: a child whose event loop has not ticked for this long is killed and
+    restarted (0: only exits are watched).
+    """
     stop = stop or asyncio.Event()
+    heartbeats = Path(tempfile.mkdtemp(prefix="uns-up-")) if liveness_s > 0 else None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     tasks: list[asyncio.Task[None]] = []
     try:
         if broker is not None:
-            tasks.append(asyncio.create_task(_keep_running(broker, stop)))
+            tasks.append(asyncio.create_task(_keep_running(broker, stop, liveness_s, heartbeats)))
             if broker_address and not await _port_open(*broker_address, timeout_s=15):
                 log.warning("the broker is not accepting connections yet; services will retry")
         for child in services:
-            tasks.append(asyncio.create_task(_keep_running(child, stop)))
+            tasks.append(asyncio.create_task(_keep_running(child, stop, liveness_s, heartbeats)))
         await stop.wait()
         log.info("stopping %d services", len(services))
     finally:
@@ -129,3 +207,5 @@ async def supervise(
         await asyncio.gather(*tasks, return_exceptions=True)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        if heartbeats is not None:
+            shutil.rmtree(heartbeats, ignore_errors=True)
