@@ -6,7 +6,7 @@ Every test here is marked ``system`` (and ``mosquitto``). Long cases are also ma
 The measurements of a run go to ``var/system-report.json`` (``UNS_SYSTEM_REPORT``
 overrides the path); `tests/system/report.py` turns that file into RELIABILITY.md's table.
 The run's files (config, logs of `uns up` and both brokers, journal, audit log) are kept in
-``var/system-run/`` (``UNS_SYSTEM_DIR``) until the next run.
+``var/system-runs/<time>-<pid>/`` (the last three runs; ``UNS_SYSTEM_DIR`` to choose one).
 """
 
 from __future__ import annotations
@@ -91,6 +91,21 @@ def _loadavg() -> list[float]:
         return []
 
 
+def _run_dir(keep: int = 3) -> Path:
+    """A directory of its own for this run (another session may run beside it), the
+    oldest ones beyond ``keep`` removed."""
+    if os.environ.get("UNS_SYSTEM_DIR"):
+        path = Path(os.environ["UNS_SYSTEM_DIR"])
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    runs = ROOT / "var" / "system-runs"
+    path = runs / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    path.mkdir(parents=True)
+    for old in sorted(runs.iterdir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
 @pytest.fixture(scope="session")
 def report() -> Iterator[Report]:
     path = Path(os.environ.get("UNS_SYSTEM_REPORT") or ROOT / "var" / "system-report.json")
@@ -106,9 +121,7 @@ def system(report: Report) -> Iterator[System]:
         if IN_CI:
             pytest.fail("mosquitto is not installed; .ci/run must install it")
         pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
-    workdir = Path(os.environ.get("UNS_SYSTEM_DIR") or ROOT / "var" / "system-run")
-    shutil.rmtree(workdir, ignore_errors=True)  # the previous run's logs, journal, brokers
-    workdir.mkdir(parents=True)
+    workdir = _run_dir()
     plant = System(workdir)
     try:
         plant.start_up()

@@ -325,6 +325,8 @@ class System:
         self.opcua_port, self.modbus_port = free_port(), free_port()
         self.config = self._write_config()
         self.faults: list[Fault] = []
+        self.kills: dict[str, int] = {}
+        """Services the suite killed on purpose, and how often."""
         self.cli_output: list[str] = []
         """What every `uns` command run against the plant printed."""
         self.fuzzed: set[tuple[str, bytes]] = set()
@@ -447,6 +449,13 @@ class System:
                 return pid
             time.sleep(0.1)
         raise AssertionError(f"{service} is not running under uns up")
+
+    def kill(self, service: str) -> int:
+        """``kill -9`` a service (counted: `uns up` restarting it is then no surprise)."""
+        pid = self.pid(service)
+        os.kill(pid, signal.SIGKILL)
+        self.kills[service] = self.kills.get(service, 0) + 1
+        return pid
 
     def restarts(self, since: float = 0.0) -> dict[str, int]:
         """`uns up`'s own account of children that exited (and were restarted)."""

@@ -102,7 +102,8 @@ def lost(case: str, c: dict[str, Any]) -> str:
         return (
             f"publisher->broker {c['unaccounted_publisher_to_watcher']} of {c['published']}; "
             f"broker->featurizer {c['unaccounted_broker_to_featurizer']:.0f}; "
-            f"windows {c['load_features_seen']}/{c['load_windows_expected']}"
+            f"windows {c['load_features_seen']}/{c['load_windows_expected']}; the slow "
+            f"consumer: {c['broker_dropped']:.0f} dropped by Mosquitto (its $SYS only)"
         )
     ledger = c.get("ledger_around_fault") or c.get("ledger_of_outage")
     if not ledger:

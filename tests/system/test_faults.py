@@ -190,9 +190,8 @@ def raw_holes(plant: System, start: float, end: float) -> dict[str, float]:
 def test_each_service_killed_is_restarted_and_reborn(
     plant: System, report: Any, service: str
 ) -> None:
-    pid = plant.pid(service)
     fault = plant.fault(f"{service} kill -9", bridge_down=service == "bridge")
-    os.kill(pid, signal.SIGKILL)
+    pid = plant.kill(service)
     # the broker sees the connection drop at once and publishes the node's Last Will
     death = plant.watch.until(
         lambda st: (
@@ -224,6 +223,15 @@ def test_each_service_killed_is_restarted_and_reborn(
         **gap,
     )
     assert new_pid != pid
+    if service != "bridge":  # the cloud learns it too: the bridge forwards node deaths
+        plant.cloud_watch.until(
+            lambda st: (
+                (d := st.last.get(plant.node_topic(service, "death"))) is not None
+                and d.t >= fault.start
+            ),
+            60,
+            f"{service}'s death at the cloud",
+        )
     if service in ("simulator", "opcua-adapter", "modbus-adapter"):
         # a consumer learns the devices' values are stale: device deaths, or the
         # adapter's own node death (Sparkplug: a node's death covers its devices)
@@ -263,9 +271,8 @@ def test_an_open_event_survives_an_inference_kill_without_duplicate_or_orphan(
         180,
         f"a raised anomaly event on {device}",
     )
-    pid = plant.pid("inference")
     fault = plant.fault("inference kill -9 with an event open")
-    os.kill(pid, signal.SIGKILL)
+    plant.kill("inference")
     plant.pid("inference")
     fault.end = time.time()
     back = plant.wait_online(["inference"], fault.start, timeout=RECOVERY_BOUND_S)
@@ -352,9 +359,8 @@ def test_cloud_link_cut_for_minutes(plant: System, report: Any) -> None:
 
 
 def test_broker_and_bridge_killed_at_once(plant: System, report: Any) -> None:
-    bridge = plant.pid("bridge")
     fault = plant.fault("broker and bridge kill -9 at once", bridge_down=True)
-    os.kill(bridge, signal.SIGKILL)
+    bridge = plant.kill("bridge")
     plant.local.kill()
     time.sleep(3)
     plant.local.start()

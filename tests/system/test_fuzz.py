@@ -11,7 +11,6 @@ not decode), the real plant still scored throughout.
 from __future__ import annotations
 
 import os
-import signal
 import struct
 import subprocess
 import sys
@@ -219,9 +218,8 @@ def test_hostile_payloads_crash_nothing_hang_nothing_and_are_counted(
 def restart_into_retained(plant: System, report: Any, batch: fuzz.Batch) -> None:
     fault = plant.fault("every service kill -9 at once, into retained fuzz", bridge_down=True)
     killed = fault.start
-    pids = plant.pids()
-    for pid in pids.values():
-        os.kill(pid, signal.SIGKILL)
+    for service in SERVICES:
+        plant.kill(service)
     births = plant.wait_online(SERVICES, killed, timeout=180)
     back = fault.end = time.time()
     fault.figures["bridge_back_at"] = killed + births["bridge"]

@@ -92,3 +92,21 @@ def test_every_anomaly_event_of_the_run_was_raised_once_and_cleared_once(
         assert not figures["raised_twice"], (name, figures)
         assert not figures["open"], (name, figures)
         assert not figures["cleared_unraised"], (name, figures)
+
+
+def test_no_service_restarted_but_those_the_suite_killed(plant: System, report: Any) -> None:
+    """`uns up`'s log of the whole run: every restart is one of the suite's kills (no
+    crash, no watchdog exit, no crash loop)."""
+    restarts = plant.restarts(plant.started_at)
+    unplanned = {
+        s: n - plant.kills.get(s, 0) for s, n in restarts.items() if n > plant.kills.get(s, 0)
+    }
+    report.add(
+        "restarts_of_the_run",
+        runs=1,
+        restarts=restarts,
+        killed_by_the_suite=plant.kills,
+        unplanned=unplanned,
+        tracebacks=plant.tracebacks(plant.started_at),
+    )
+    assert not unplanned, f"restarts the suite did not cause: {unplanned}"
