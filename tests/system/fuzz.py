@@ -62,8 +62,10 @@ OPS = (
     "not_object",
 )
 """Mutations, with 'set' (one field hostile) three times as likely as the others."""
-TARGETS = 25
+TARGETS = 28
 """Messages per example (`Builder.targets`)."""
+OPS_PER_EXAMPLE = 7
+"""Mutations drawn per example, taken in turn by its messages (fewer draws, faster)."""
 
 
 def _now_ms() -> int:
@@ -145,7 +147,7 @@ ingredients = st.fixed_dictionaries(
         "cut": st.floats(min_value=0.0, max_value=1.0),
         "sample_bytes": st.integers(min_value=0, max_value=9000),
         "rate": st.one_of(numbers, st.just(10_000.0)),
-        "ops": st.lists(st.sampled_from(OPS), min_size=TARGETS, max_size=TARGETS),
+        "ops": st.lists(st.sampled_from(OPS), min_size=OPS_PER_EXAMPLE, max_size=OPS_PER_EXAMPLE),
         "pick": st.integers(min_value=0, max_value=10**6),
         "retain": st.booleans(),
         "name": st.one_of(st.sampled_from(["rebirth", "status", "fault", "clear", "ping"]), texts),
@@ -336,8 +338,8 @@ class Builder:
         self.oversize_left = {s: 3 for s in (*services, "bridge-node")}
 
     def targets(self) -> list[tuple[str, str]]:
-        """(service, kind) of every message an example yields: about five per service
-        (the bridge also takes every features message)."""
+        """(service, kind) of every message an example yields: five per service (the
+        bridge also takes every features message)."""
         out = [(s, "node/cmd") for s in self.services]
         out += [("featurizer", k) for k in ("raw/data", "raw/data", "raw/birth", "raw/death")]
         out += [
@@ -345,16 +347,17 @@ class Builder:
             for k in ("features/data", "features/data", "features/birth", "features/death")
         ]
         out += [("bridge", "node/birth"), ("bridge", "node/death")]
-        out += [("simulator", "cmd/fault"), ("simulator", "cmd/clear"), ("simulator", "node/cmd")]
-        out += [(s, "node/cmd") for s in ("opcua-adapter", "modbus-adapter") for _ in range(3)]
+        out += [("simulator", k) for k in ("cmd/fault", "cmd/clear", "cmd/clear", "node/cmd")]
+        out += [(s, "node/cmd") for s in ("opcua-adapter", "modbus-adapter") for _ in range(4)]
         return out
 
     def build(self, ing: dict[str, Any], batch: Batch) -> None:
         for i, (service, kind) in enumerate(self.targets()):
-            op = ing["ops"][i % len(ing["ops"])]
+            op = ing["ops"][(i + ing["pick"]) % len(ing["ops"])]
             # each message its own copies of the values a mutation may change in place
             own = {
-                k: copy.deepcopy(v) if isinstance(v, (list, dict)) else v for k, v in ing.items()
+                k: copy.deepcopy(v) if isinstance(v, (list, dict)) and k != "ops" else v
+                for k, v in ing.items()
             }
             batch.messages.append(self._one(service, kind, op, own, i, batch))
         batch.examples += 1

@@ -27,8 +27,8 @@ from system.observer import digest
 from system.plant import DEVICES, SCORED, SERVICES, System, wait_for
 from uns.payloads import Command, DeviceBirth, DeviceData, DeviceDeath, decode
 
-EXAMPLES = int(os.environ.get("UNS_SYSTEM_FUZZ_EXAMPLES") or 2500)
-"""Hypothesis examples; each gives `fuzz.TARGETS` messages (at least 4 per service)."""
+EXAMPLES = int(os.environ.get("UNS_SYSTEM_FUZZ_EXAMPLES") or 2000)
+"""Hypothesis examples; each gives `fuzz.TARGETS` messages (at least 5 per service)."""
 RATE = float(os.environ.get("UNS_SYSTEM_FUZZ_RATE") or 1500)
 """Messages per second published (the real plant's traffic flows alongside)."""
 
