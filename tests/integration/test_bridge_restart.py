@@ -26,19 +26,10 @@ import pytest
 
 from clitools import Proc, start
 from conftest import IN_CI, Mosquitto, _mosquitto_available
-from uns import DeviceData, Metric, Service, connect, decode, encode
+from uns import DeviceData, Metric, connect, decode, encode
 from uns.bus import Message
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.xfail(
-        not hasattr(Service, "persistent_session"),
-        reason="needs persistent sessions and acknowledgements after the handler in libs/uns"
-        " (uns.bus.connect(clean_session=False, manual_ack=True), Bus.ack, Inbound.ack);"
-        " the runtime still acknowledges on receipt over a clean session",
-        strict=True,
-    ),
-]
+pytestmark = pytest.mark.integration
 
 FEATURES_ONLY = ["+/+/+/+/+/+/features/#"]
 

@@ -8,13 +8,13 @@ import asyncio
 import sqlite3
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 import pytest
 
 from harness import running
+from uns import Inbound
 from uns.membus import MemoryBroker
 from uns_bridge import Bridge
 from uns_bridge.journal import TAKEN_KEPT, Item, Journal
@@ -110,16 +110,16 @@ def test_a_journal_written_before_the_digests_existed_opens_and_works(path: Path
 # ---- the bridge acknowledges to the local broker after the commit ------------------------
 
 
-@dataclass(frozen=True)
-class Delivered:
+def Delivered(
+    topic: str,
+    payload: msgspec.Raw,
+    retained: bool,
+    ack: Callable[[], None],
+    redelivered: bool = False,
+) -> Inbound[msgspec.Raw]:
     """What the runtime hands the bridge's handlers for a persistent session: the message
     and its acknowledgement (`Inbound` with ``ack`` and ``redelivered``)."""
-
-    topic: str
-    payload: msgspec.Raw
-    retained: bool
-    ack: Callable[[], None]
-    redelivered: bool = False
+    return Inbound(topic, payload, retained, ack, redelivered)
 
 
 @pytest.fixture

@@ -33,9 +33,12 @@ T = TypeVar("T")
 
 
 class Message:
-    """A message as received from the broker (``user_properties``: MQTT 5 only)."""
+    """A message as received from the broker (``user_properties``: MQTT 5 only).
 
-    __slots__ = ("payload", "qos", "retain", "topic", "user_properties")
+    ``mid`` is its packet id (QoS 1 and 2), what `Bus.ack` acknowledges; ``dup`` is set
+    when the broker sends it again (a persistent session resumed before we acked it)."""
+
+    __slots__ = ("dup", "mid", "payload", "qos", "retain", "topic", "user_properties")
 
     def __init__(
         self,
@@ -45,12 +48,16 @@ class Message:
         qos: int = 0,
         retain: bool = False,
         user_properties: dict[str, str] | None = None,
+        mid: int = 0,
+        dup: bool = False,
     ) -> None:
         self.topic = topic
         self.payload = payload
         self.qos = qos
         self.retain = retain
         self.user_properties = user_properties or {}
+        self.mid = mid
+        self.dup = dup
 
     def __repr__(self) -> str:
         return f"Message({self.topic!r}, {len(self.payload)} bytes, retain={self.retain})"
@@ -92,6 +99,12 @@ class Bus(Protocol):
 
     def messages(self) -> AsyncIterator[Message]: ...
 
+    def ack(self, message: Message) -> None:
+        """Acknowledge a QoS 1 message of a ``manual_ack`` connection (PUBACK); until then
+        the broker keeps it and, in a persistent session, sends it again after a reconnect.
+        A no-op for QoS 0, without ``manual_ack``, or once the connection is gone."""
+        ...
+
 
 # The packet id paho gave the last publish of the current task (see _watch_pubacks).
 _LAST_MID: contextvars.ContextVar[int] = contextvars.ContextVar("uns_bus_last_mid", default=-1)
@@ -104,6 +117,9 @@ class _MqttBus:
         url: str,
         protocol: int = 4,
         publish_timeout_s: float | None = None,
+        *,
+        manual_ack: bool = False,
+        dups: set[int] | None = None,
     ) -> None:
         self._client = client
         self._url = url
@@ -111,6 +127,8 @@ class _MqttBus:
         self._v5 = protocol == 5
         self._refused: dict[int, ReasonCode] = {}
         self._publish_timeout = publish_timeout_s
+        self._manual_ack = manual_ack
+        self._dups = dups if dups is not None else set()
         # aiomqtt resolves this future when the connection drops, but a publish or a
         # subscribe waiting for its acknowledgement is not told: it waited for its timeout
         # (10 s) on a dead connection, so a client kept away 10 s more after a broker
@@ -119,6 +137,13 @@ class _MqttBus:
         self._lost: asyncio.Future[None] | None = lost if isinstance(lost, asyncio.Future) else None
         if self._v5:
             self._watch_pubacks()
+
+    def ack(self, message: Message) -> None:
+        if not self._manual_ack or message.qos == 0:
+            return
+        paho: Any = getattr(self._client, "_client", None)
+        if paho is not None:
+            paho.ack(message.mid, message.qos)  # not connected: paho drops it, the broker resends
 
     async def _unless_lost(self, operation: Coroutine[Any, Any, T], what: str) -> T:
         """Run ``operation``; raise `BusError` at once if the connection drops meanwhile."""
@@ -237,18 +262,25 @@ class _MqttBus:
                 topic = m.topic.value
                 # amqtt 0.12 sends a new client the retained messages of *every* client's
                 # subscriptions; deliver only what we subscribed to, as MQTT says.
-                if not any(matches(f, topic) for f in self._filters):
-                    log.debug("ignored %s: not subscribed to it", topic)
-                    continue
+                dup = m.mid in self._dups
+                if dup:
+                    self._dups.discard(m.mid)
                 payload = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
                 props = getattr(m.properties, "UserProperty", None) if m.properties else None
-                yield Message(
+                message = Message(
                     topic,
                     payload,
                     qos=m.qos,
                     retain=m.retain,
                     user_properties=dict(props) if props else None,
+                    mid=m.mid,
+                    dup=dup,
                 )
+                if not any(matches(f, topic) for f in self._filters):
+                    log.debug("ignored %s: not subscribed to it", topic)
+                    self.ack(message)
+                    continue
+                yield message
         except aiomqtt.MqttError as exc:
             raise BusError(f"connection to {self._url} lost: {exc}") from None
 
@@ -272,6 +304,25 @@ class _ClientLog(logging.LoggerAdapter):  # type: ignore[type-arg]
             self.failure = str(msg) % args if args else str(msg)
             level = logging.DEBUG
         super().log(level, msg, *args, **kwargs)
+
+
+def _watch_dups(client: aiomqtt.Client) -> set[int]:
+    """aiomqtt 2.5 drops paho's DUP flag; a persistent session's consumer needs it to
+    recognise a message the broker sends again (it may have kept it already). Installed
+    before the connect: a resumed session's first messages can come with the CONNACK."""
+    dups: set[int] = set()
+    paho: Any = getattr(client, "_client", None)
+    if paho is None:
+        return dups
+    inner_on_message = paho.on_message
+
+    def on_message(client: Any, userdata: Any, message: Any) -> None:
+        if message.dup and message.qos:
+            dups.add(message.mid)
+        inner_on_message(client, userdata, message)
+
+    paho.on_message = on_message
+    return dups
 
 
 def _tls_context(settings: BrokerSettings) -> ssl.SSLContext:
@@ -308,6 +359,9 @@ async def connect(
     protocol: Literal[4, 5] = 4,
     max_inflight: int | None = None,
     publish_timeout_s: float | None = None,
+    clean_session: bool = True,
+    session_expiry_s: int = 86_400,
+    manual_ack: bool = False,
 ) -> AsyncIterator[Bus]:
     """Connect to the broker at ``url`` (or ``settings.url``) for the body of the block.
 
@@ -318,6 +372,10 @@ async def connect(
     given, replaces it for publishing (``math.inf``: wait as long as the connection lives,
     which keepalive bounds: a slow broker is not a dead one, and tearing the connection
     down loses what the sockets still hold).
+    ``clean_session=False`` (give a stable ``client_id``): the broker keeps our
+    subscriptions and queues QoS 1 messages while we are away (MQTT 5: for
+    ``session_expiry_s``). ``manual_ack``: a QoS 1 message is acknowledged only by
+    `Bus.ack`, so one we have not kept yet is sent again after a crash.
     Every operation fails at once when the connection drops.
     Raises `BusError` when the broker is unreachable or the connection drops.
     """
@@ -326,6 +384,7 @@ async def connect(
     if target.scheme == "memory":
         from uns.membus import MemoryBroker
 
+        # no sessions in memory: a test of a persistent session needs a real broker
         async with MemoryBroker.named(target.host).connect(client_id=client_id, will=will) as bus:
             yield bus
         return
@@ -333,6 +392,15 @@ async def connect(
     username = target.username or username
     password = target.password or password
     client_log = _ClientLog()
+    session: dict[str, Any] = {}
+    if protocol == 5:
+        session["clean_start"] = clean_session
+        if not clean_session:
+            connect_props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            connect_props.SessionExpiryInterval = session_expiry_s
+            session["properties"] = connect_props
+    else:
+        session["clean_session"] = clean_session
     client = aiomqtt.Client(
         target.host,
         target.port,
@@ -349,14 +417,28 @@ async def connect(
         logger=client_log,  # type: ignore[arg-type]
         protocol=aiomqtt.ProtocolVersion.V5 if protocol == 5 else aiomqtt.ProtocolVersion.V311,
         max_inflight_messages=max_inflight,
+        **session,
     )
+    dups: set[int] | None = None
+    if manual_ack:
+        paho: Any = getattr(client, "_client", None)
+        if paho is not None:
+            paho.manual_ack_set(True)
+        dups = _watch_dups(client)
     if max_inflight is not None:  # aiomqtt warns past 10 concurrent publishes by default
         client.pending_calls_threshold = max_inflight + 10
     try:
         async with client:
             client_log.connected = True
             _no_delay(client)
-            yield _MqttBus(client, str(target), protocol, publish_timeout_s)
+            yield _MqttBus(
+                client,
+                str(target),
+                protocol,
+                publish_timeout_s,
+                manual_ack=manual_ack,
+                dups=dups,
+            )
     except aiomqtt.MqttError as exc:
         cause = client_log.failure if not client_log.connected and client_log.failure else exc
         raise BusError(f"broker {target} unreachable: {cause}") from None

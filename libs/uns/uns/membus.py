@@ -59,6 +59,9 @@ class _Client:
         self._check()
         self.filters.pop(topic_filter, None)
 
+    def ack(self, message: Message) -> None:
+        """In memory a message is delivered when queued: nothing to acknowledge."""
+
     async def messages(self) -> AsyncIterator[Message]:
         while True:
             message = await self.queue.get()

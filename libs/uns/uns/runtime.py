@@ -31,7 +31,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Final, Generic, TypeVar
+from typing import Annotated, Any, ClassVar, Final, Generic, Literal, TypeVar
 
 import msgspec
 
@@ -95,6 +95,14 @@ class Inbound(Generic[P]):
     topic: str
     payload: P
     retained: bool
+    ack: Callable[[], None] = lambda: None
+    """For a `Service.persistent_session`: a handler that returns normally owns the
+    message's acknowledgement and calls this once it has kept the message (journaled
+    it); until then the broker keeps it and sends it again after a crash. A no-op for
+    every other service (acknowledged on receipt)."""
+    redelivered: bool = False
+    """The broker sent it again (MQTT DUP): a persistent session resumed before the
+    service acknowledged it, so the service may have kept it already."""
 
 
 Handler = Callable[[Inbound[Any]], Awaitable[None]]
@@ -108,6 +116,22 @@ class _Subscription:
     qos: int
 
 
+class _Ack:
+    """Acknowledges one message once, however often it is called (a packet id is reused
+    after its ack: a second PUBACK could acknowledge another message)."""
+
+    __slots__ = ("bus", "message")
+
+    def __init__(self, bus: Bus, message: Message) -> None:
+        self.bus: Bus | None = bus
+        self.message = message
+
+    def __call__(self) -> None:
+        if self.bus is not None:
+            self.bus.ack(self.message)
+            self.bus = None
+
+
 class Service(Generic[S]):
     """Base class of a service: override `run` for own work, subscribe in ``__init__``."""
 
@@ -115,6 +139,12 @@ class Service(Generic[S]):
     Settings: ClassVar[type[ServiceSettings]] = ServiceSettings
     default_metrics_port: ClassVar[int] = 0
     version: ClassVar[str] = "0.1.0"
+    persistent_session: ClassVar[bool] = False
+    """Its subscriptions outlive the process: the broker session is persistent (the node
+    id is the client id, clean_session false) and QoS 1 messages are acknowledged only
+    through `Inbound.ack`, so what is published while it restarts, or what it received
+    and had not kept when it was killed, is delivered to it again (a duplicate bound:
+    the broker's in-flight window). For a store-and-forward service (the bridge)."""
 
     def __init__(self, node: Node[S]) -> None:
         self.node = node
@@ -135,11 +165,22 @@ class Service(Generic[S]):
         raise Reject("unknown_command", f"{self.name} has no command {command.name!r}")
 
 
+SEND_WINDOW: Final = 20
+"""Publishes in flight at once (paho's QoS 1 in-flight limit): a QoS 1 message waits for
+its PUBACK without holding up the ones behind it (one at a time halved the throughput)."""
+
+
 class _Outbox:
-    """Bounded FIFO of messages to publish: backpressure while connected, drop-oldest offline."""
+    """Bounded FIFO of messages to publish: backpressure while connected, drop-oldest offline.
+
+    A message leaves it only once the broker has it: `take` moves it to ``inflight``,
+    `confirm` forgets the oldest in flight, `requeue` puts every unconfirmed one back at
+    the head (the connection failed: sent again first, at least once).
+    """
 
     def __init__(self, size: int, metrics: ServiceMetrics) -> None:
         self.items: collections.deque[tuple[str, Any, int, bool]] = collections.deque()
+        self.inflight: collections.deque[tuple[str, Any, int, bool]] = collections.deque()
         self.size = size
         self.metrics = metrics
         self._offline_drops = 0  # since the last log line about them
@@ -162,7 +203,7 @@ class _Outbox:
         self.items.append(item)
         self.not_empty.set()
         self.empty.clear()
-        self.depth.set(len(self.items))
+        self.depth.set(len(self.items) + len(self.inflight))
 
     def _dropped_offline(self) -> None:
         self.metrics.drop("offline")
@@ -180,14 +221,39 @@ class _Outbox:
 
     def abandon(self) -> int:
         """Forget every queued message (the node stops); return how many there were."""
-        n = len(self.items)
+        n = len(self.items) + len(self.inflight)
         if n:
             self.items.clear()
+            self.inflight.clear()
             self.not_empty.clear()
             self.empty.set()
             self.not_full.set()
             self.depth.set(0)
         return n
+
+    def take(self) -> tuple[str, Any, int, bool]:
+        """The oldest queued message, now in flight."""
+        item = self.items.popleft()
+        self.inflight.append(item)
+        if not self.items:
+            self.not_empty.clear()
+        if len(self.items) < self.size:
+            self.not_full.set()
+        return item
+
+    def confirm(self) -> None:
+        """The broker has the oldest message in flight."""
+        self.inflight.popleft()
+        if not self.items and not self.inflight:
+            self.empty.set()
+        self.depth.set(len(self.items) + len(self.inflight))
+
+    def requeue(self) -> None:
+        """Every message in flight back at the head, in order."""
+        if self.inflight:
+            self.items.extendleft(reversed(self.inflight))
+            self.inflight.clear()
+            self.not_empty.set()
 
     def discard_deaths(self, topic: str) -> None:
         """A device born again: a death still queued for it would wrongly follow the birth."""
@@ -196,21 +262,27 @@ class _Outbox:
             self.items = collections.deque(kept)
             if not self.items:
                 self.not_empty.clear()
-                self.empty.set()
+                if not self.inflight:
+                    self.empty.set()
             self.not_full.set()
-            self.depth.set(len(self.items))
+            self.depth.set(len(self.items) + len(self.inflight))
 
-    def peek(self) -> tuple[str, Any, int, bool] | None:
-        return self.items[0] if self.items else None
 
-    def pop(self) -> None:
-        self.items.popleft()
-        if not self.items:
-            self.not_empty.clear()
-            self.empty.set()
-        if len(self.items) < self.size:
-            self.not_full.set()
-        self.depth.set(len(self.items))
+class _SendLock(asyncio.Lock):
+    """The node's send lock, which says whether someone waits for it: the sender holds it
+    while it has messages in flight and lets births (which publish around the outbox)
+    go first, so that they never interleave with data numbered before them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = 0
+
+    async def acquire(self) -> Literal[True]:
+        self.waiting += 1
+        try:
+            return await super().acquire()
+        finally:
+            self.waiting -= 1
 
 
 class _Throttled:
@@ -271,11 +343,11 @@ class Node(Generic[S]):
         self._subs: list[_Subscription] = []
         self._devices: dict[tuple[DevicePath, Stream], list[p.MetricDef]] = {}
         self._outbox = _Outbox(settings.queue_size, self.metrics)
-        self._inbound: asyncio.Queue[Message] = asyncio.Queue(settings.queue_size)
+        self._inbound: asyncio.Queue[tuple[Message, Bus]] = asyncio.Queue(settings.queue_size)
         self._bus: Bus | None = None
         self._seq = 0
         self._bdseq = 0
-        self._send_lock = asyncio.Lock()
+        self._send_lock = _SendLock()
         self._closing = False
         self.running: Service[S] | None = None
         """The service this node runs, once `serve` has started."""
@@ -417,6 +489,7 @@ class Node(Generic[S]):
                 node_topic(self.enterprise, self.site, self.id, "death"),
                 p.encode(p.NodeDeath(ts=p.now_ms(), node=self.id, bdseq=self._bdseq)),
             )
+            persistent = self.running is not None and self.running.persistent_session
             try:
                 # A publish waits as long as the connection lives (keepalive bounds that):
                 # a broker that is slow to read (loaded, or a long GC) is not a dead one,
@@ -428,6 +501,9 @@ class Node(Generic[S]):
                     will=will,
                     settings=self.broker,
                     publish_timeout_s=math.inf,
+                    max_inflight=SEND_WINDOW,
+                    clean_session=not persistent,
+                    manual_ack=persistent,
                 ) as bus:
                     await self._session(bus, stop)
                 return
@@ -498,6 +574,7 @@ class Node(Generic[S]):
         finished, _ = await asyncio.wait({sender}, timeout=2.0)
         if sender not in finished:
             sender.cancel()  # what it did not send is counted by _connection_loop
+            await asyncio.wait({sender}, timeout=1.0)
         await self._die(bus, "shutdown")
 
     async def _die(self, bus: Bus, reason: str) -> None:
@@ -562,29 +639,74 @@ class Node(Generic[S]):
         return self._seq
 
     async def _send(self, bus: Bus) -> None:
-        outbox = self._outbox
+        """Publish the outbox in order, up to `SEND_WINDOW` at a time; a message is taken
+        off only once its publish returned (QoS 1: acknowledged). On a failure every one
+        still in flight goes back to the head, to be sent first by the next session."""
+        outbox, lock = self._outbox, self._send_lock
         published = self.metrics.published
-        while True:
-            item = outbox.peek()
-            if item is None:
+        window: collections.deque[tuple[str, asyncio.Future[None] | None]] = collections.deque()
+        held = False
+        try:
+            while True:
+                # Issue while there is room, in order (a sequence number is given here),
+                # unless births wait: they publish around the outbox and must not
+                # interleave with messages numbered before them.
+                while outbox.items and len(window) < SEND_WINDOW and not (held and lock.waiting):
+                    if not held:
+                        await lock.acquire()
+                        held = True
+                        continue
+                    item = outbox.take()
+                    window.append((item[0], self._send_one(bus, item)))
+                if window:
+                    topic, sending = window[0]
+                    if sending is not None:
+                        await sending  # a BusError ends the session
+                    window.popleft()
+                    outbox.confirm()
+                    if sending is not None:
+                        published.labels(self.service, stream_label(topic)).inc()
+                    if not window:
+                        lock.release()
+                        held = False
+                    continue
+                if held:
+                    lock.release()
+                    held = False
+                    if outbox.items:
+                        continue  # births were waiting: they go first, then the rest
                 if self._closing:
                     return
                 outbox.not_empty.clear()
                 await outbox.not_empty.wait()
-                continue
-            async with self._send_lock:
-                await self._send_one(bus, item)
-            outbox.pop()
-            published.labels(self.service, stream_label(item[0])).inc()
+        finally:
+            for _, sending in window:
+                if sending is not None:
+                    sending.cancel()
+            outbox.requeue()
+            if held:
+                lock.release()
 
-    async def _send_one(self, bus: Bus, item: tuple[str, Any, int, bool]) -> None:
+    def _send_one(self, bus: Bus, item: tuple[str, Any, int, bool]) -> asyncio.Future[None] | None:
+        """Number and encode ``item`` now; its publish runs as a task (None: dropped)."""
         topic, payload, qos, retain = item
         if isinstance(payload, (p.DeviceData, p.DeviceDeath)):
             payload = msgspec.structs.replace(payload, seq=self._next_seq())
         elif isinstance(payload, p.DeviceBirth):
             payload = msgspec.structs.replace(payload, seq=self._next_seq(), bdseq=self._bdseq)
-        data = payload if isinstance(payload, bytes) else p.encode(payload)
-        await bus.publish(topic, data, qos=qos, retain=retain)
+        try:
+            data = payload if isinstance(payload, bytes) else p.encode(payload)
+        except (TypeError, ValueError, OverflowError) as exc:  # a value JSON cannot carry
+            self.metrics.drop("encode")
+            self._throttled.warning(
+                "encode",
+                "%s: dropped a message to %.200s it cannot encode: %s",
+                self.id,
+                topic,
+                exc,
+            )
+            return None
+        return asyncio.ensure_future(bus.publish(topic, data, qos=qos, retain=retain))
 
     async def _receive(self, bus: Bus) -> None:
         received = self.metrics.received
@@ -593,8 +715,9 @@ class Node(Generic[S]):
         async for message in bus.messages():
             received.labels(self.service, stream_label(message.topic)).inc()
             try:
-                inbound.put_nowait(message)
+                inbound.put_nowait((message, bus))
             except asyncio.QueueFull:
+                bus.ack(message)  # dropped, and counted: not to be sent again
                 self.metrics.drop("overflow")
                 self._throttled.warning(
                     "overflow",
@@ -610,32 +733,38 @@ class Node(Generic[S]):
         while True:
             due = self._rebirth_due
             if due is None:
-                message = await inbound.get()
+                message, bus = await inbound.get()
             elif (wait := due - time.monotonic()) > 0:
                 try:
-                    message = await asyncio.wait_for(inbound.get(), wait)
+                    message, bus = await asyncio.wait_for(inbound.get(), wait)
                 except TimeoutError:
                     continue
             else:
                 self._rebirth_due = None
                 await self._rebirth_now("coalesced requests")
                 continue
+            owned = False
             try:
-                await self._dispatch(message)
+                owned = await self._dispatch(message, bus)
             except Exception as exc:  # a bug of ours: that message is lost, not the service
                 self._handler_failed("dispatch", message.topic, exc)
+            if not owned:
+                bus.ack(message)
 
-    async def _dispatch(self, message: Message) -> None:
+    async def _dispatch(self, message: Message, bus: Bus) -> bool:
+        """Hand ``message`` to its handlers; True if one of them now owns its ack."""
         if not message.payload:
             # A zero-length message deletes a retained one (uns-schema/README.md): on a
             # death topic the clear a birth sends first; elsewhere it carries nothing to
             # handle, so it is counted.
             if not message.topic.endswith("/death"):
                 self.metrics.drop("empty")
-            return
+            return False
         if message.topic == self.cmd_topic:
             await self._node_command(message)
-            return
+            return False
+        owned = False
+        ack = _Ack(bus, message) if self.running and self.running.persistent_session else None
         for sub in self._subs:
             if not matches(sub.topic_filter, message.topic):
                 continue
@@ -654,7 +783,13 @@ class Node(Generic[S]):
             self._check_version(message.topic, payload)
             started = time.perf_counter()
             try:
-                await sub.handler(Inbound(message.topic, payload, message.retain))
+                if ack is None:
+                    await sub.handler(Inbound(message.topic, payload, message.retain))
+                else:
+                    await sub.handler(
+                        Inbound(message.topic, payload, message.retain, ack, message.dup)
+                    )
+                    owned = True
             except Reject as exc:
                 self.metrics.drop(exc.reason)
                 self._throttled.warning(
@@ -670,6 +805,7 @@ class Node(Generic[S]):
                 self.metrics.handler_seconds.labels(self.service).observe(
                     time.perf_counter() - started
                 )
+        return owned
 
     def _handler_failed(self, handler: object, topic: str, exc: Exception) -> None:
         """A bug met one message: that message is dropped and counted, the traceback logged

@@ -48,24 +48,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 Ack = Callable[[], None]
-
-
-def _no_ack() -> None:
-    """Without a persistent session the runtime acknowledges on receipt."""
-
-
-def _ack_of(msg: Inbound[Any]) -> Ack:
-    """The message's acknowledgement to the local broker, and whether it is a redelivery.
-
-    Read with getattr: `Inbound.ack` and ``redelivered`` come with the runtime's
-    persistent sessions (libs/uns, proposed with this change); until the runtime has them
-    it acknowledges every message on receipt, and these are a no-op and False."""
-    ack: Ack | None = getattr(msg, "ack", None)
-    return ack or _no_ack
-
-
-def _redelivered(msg: Inbound[Any]) -> bool:
-    return bool(getattr(msg, "redelivered", False))
+"""`Inbound.ack`: the message's acknowledgement to the local broker (persistent session)."""
 
 
 READ_CHUNK: Final = 1000
@@ -227,7 +210,7 @@ class Bridge(Service[BridgeSettings]):
             first = self.selector.first(msg.topic)
             if first != index:  # taken (and acknowledged) by an earlier include filter
                 if first is None:  # or excluded: by nobody
-                    _ack_of(msg)()
+                    msg.ack()
                 return
             payload = bytes(msg.payload)
             try:
@@ -239,8 +222,8 @@ class Bridge(Service[BridgeSettings]):
             while len(self._intake) >= self.settings.queue_size:
                 self._intake_space.clear()
                 await self._intake_space.wait()
-            item = Item(msg.topic, payload, priority, flags, _now_ms(), _redelivered(msg))
-            self._intake.append((item, _ack_of(msg)))
+            item = Item(msg.topic, payload, priority, flags, _now_ms(), msg.redelivered)
+            self._intake.append((item, msg.ack))
             self._intake_ready.set()
 
         return take
