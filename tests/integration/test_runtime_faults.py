@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import sys
 import textwrap
@@ -449,3 +450,41 @@ async def test_a_subscribe_on_a_connection_that_drops_fails_at_once_not_at_its_t
                 await bus.subscribe("a/b", qos=1)
             took = time.monotonic() - started
     assert took < 30  # (the acknowledgement's timeout is 60 s here)
+
+
+async def test_births_never_interleave_with_data_in_flight_sequence_numbers_stay_consecutive(
+    mosquitto, prefix
+):
+    """Up to 20 publishes are in flight at once; a rebirth (births published around the
+    queue) waits until they are acknowledged, so that after a node birth (seq 0) and its
+    device births every data message continues the new sequence."""
+    seen: list[tuple[str, int]] = []
+
+    async def record() -> None:
+        async with connect(mosquitto.url) as bus:
+            await bus.subscribe(f"{prefix}/#", qos=1)
+            async for m in bus.messages():
+                if m.payload and m.topic.rsplit("/", 1)[1] in ("birth", "data"):
+                    seen.append((m.topic.rsplit("/", 1)[1], decode(m.payload).seq))
+
+    recorder = asyncio.create_task(record())
+    try:
+        async with (
+            running(FeatureStreamer, mosquitto.url, prefix, rebirth_min_interval_s=0) as node,
+            connect(mosquitto.url) as pub,
+        ):
+            streamer = node.running
+            for share in (0.2, 0.4, 0.6, 0.8):
+                await _until(lambda s=share: streamer.accepted > s * streamer.total, 120)
+                await pub.publish(node.cmd_topic, encode(Command(ts=1, name="rebirth")), qos=1)
+            await _until(lambda: streamer.accepted == streamer.total, 120)
+            await asyncio.wait_for(node.drained(), 120)
+            with contextlib.suppress(TimeoutError):
+                await _until(lambda: sum(k == "data" for k, _ in seen) >= streamer.total, 30)
+    finally:
+        recorder.cancel()
+    births = [i for i, (kind, seq) in enumerate(seen) if kind == "birth" and seq == 0]
+    assert len(births) >= 5  # the first and four rebirths
+    for (_, a), (_, b) in itertools.pairwise(seen):
+        if b != 0:  # a node birth starts the sequence again
+            assert b == (a + 1) % 256, f"seq {a} then {b}"

@@ -193,10 +193,11 @@ class _Outbox:
         self.depth = metrics.queue_depth.labels(metrics.service, "outbound")
 
     async def put(self, item: tuple[str, Any, int, bool], online: asyncio.Event) -> None:
-        while len(self.items) >= self.size:
+        while len(self.items) + len(self.inflight) >= self.size:
             if not online.is_set():
-                self.items.popleft()
-                self._dropped_offline()
+                if self.items:  # (none in flight while offline: the sender put them back)
+                    self.items.popleft()
+                    self._dropped_offline()
                 break
             self.not_full.clear()
             await self.not_full.wait()  # also woken when the connection drops
@@ -237,16 +238,17 @@ class _Outbox:
         self.inflight.append(item)
         if not self.items:
             self.not_empty.clear()
-        if len(self.items) < self.size:
-            self.not_full.set()
         return item
 
     def confirm(self) -> None:
         """The broker has the oldest message in flight."""
         self.inflight.popleft()
-        if not self.items and not self.inflight:
+        n = len(self.items) + len(self.inflight)
+        if not n:
             self.empty.set()
-        self.depth.set(len(self.items) + len(self.inflight))
+        if n < self.size:
+            self.not_full.set()
+        self.depth.set(n)
 
     def requeue(self) -> None:
         """Every message in flight back at the head, in order."""
