@@ -325,6 +325,8 @@ class System:
         self.opcua_port, self.modbus_port = free_port(), free_port()
         self.config = self._write_config()
         self.faults: list[Fault] = []
+        self.unhealthy = False
+        """Set when a case found the plant not recovering (see the plant fixture)."""
         self.kills: dict[str, int] = {}
         """Services the suite killed on purpose, and how often."""
         self.cli_output: list[str] = []
