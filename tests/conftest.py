@@ -13,6 +13,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+# Imported here, not lazily by the first `st.from_regex` inside a test: on Python 3.11.7,
+# pytest rewriting (parsing) this module while hypothesis runs a test deep in its own stack
+# can fail with "SystemError: AST constructor recursion depth mismatch" (seen in a whole-suite
+# run, never alone).
+import hypothesis.strategies._internal.regex  # noqa: F401
 import pytest
 
 from uns.membus import MemoryBroker

@@ -271,8 +271,9 @@ async def test_opcua_browse_writes_a_starter_tag_map_from_the_live_server(
     assert r.returncode == 0, r.stderr
     section = yaml.safe_load(out.read_text())["services"]["opcua-adapter"]
     nodes = {t["node"] for d in section["devices"] for t in d["tags"]}
-    assert "ns=2;s=stamping.line-3.cell-a.press-01.bearing_temp" in nodes
-    assert "ns=2;s=stamping.line-3.cell-b.robot-01.vibration" in nodes
+    # by namespace URI, which survives a rebuilt PLC project (an index may not)
+    assert "nsu=urn:uns:simulator;s=stamping.line-3.cell-a.press-01.bearing_temp" in nodes
+    assert "nsu=urn:uns:simulator;s=stamping.line-3.cell-b.robot-01.vibration" in nodes
 
 
 async def test_after_a_rebirth_request_every_device_sends_its_current_values(line, memory_url):
