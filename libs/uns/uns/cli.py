@@ -386,8 +386,10 @@ def up(
         children.append(
             Child(
                 name,
-                uns_argv("run", name, "--broker", url, "--metrics-port", mport, *common),
-                env=env,
+                uns_argv("run", name, "--metrics-port", mport, *common),
+                # in the environment, not argv: every user of the box can read a command
+                # line (ps), and the URL may carry the broker password
+                env={**env, "UNS_BROKER_URL": url},
             )
         )
     shown = redact_url(url)  # the log must not carry the broker password

@@ -37,7 +37,7 @@ import msgspec
 
 from uns import payloads as p
 from uns.bus import Bus, Message, Will, connect
-from uns.config import BrokerSettings, Port, PositiveFloat, Slug, Strict, UnsConfig
+from uns.config import BrokerSettings, Port, PositiveFloat, Slug, Strict, UnsConfig, redact_url
 from uns.errors import BusError, PayloadError, Reject, TopicError
 from uns.metrics import ServiceMetrics, stream_label
 from uns.topics import (
@@ -542,7 +542,7 @@ class Node(Generic[S]):
             await self._births(bus)
         self.connected.set()
         self.metrics.connected.labels(self.service).set(1)
-        log.info("%s: connected to %s, births published", self.id, self.broker_url)
+        log.info("%s: connected to %s, births published", self.id, redact_url(self.broker_url))
         self._closing = False
         receiver = asyncio.create_task(self._receive(bus), name=f"{self.id}-receive")
         sender = asyncio.create_task(self._send(bus), name=f"{self.id}-send")
