@@ -60,7 +60,7 @@ def check_ledger(plant: System, report: Any, case: str, fault: Fault) -> dict[st
     """Nothing the bridge took since the plant started is missing at the cloud. Also the
     ledger of this fault alone: from just before it until a few seconds after it ended
     (and after the bridge was back, if it was down), so its whole gap is in it."""
-    settled = max(fault.end, fault.figures.get("bridge_back_at", 0.0)) + 5
+    settled = max(fault.end, fault.figures.get("bridge_back_at", 0.0)) + 1
     while time.time() - 3 < settled:
         time.sleep(0.5)
     until = time.time() - 3  # messages of the last seconds may still be on their way

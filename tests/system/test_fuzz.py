@@ -223,8 +223,8 @@ def restart_into_retained(plant: System, report: Any, batch: fuzz.Batch) -> None
     births = plant.wait_online(SERVICES, killed, timeout=180)
     back = fault.end = time.time()
     fault.figures["bridge_back_at"] = killed + births["bridge"]
-    # a crash loop shows within seconds of subscribing; hold on for 20 s and look
-    time.sleep(20)
+    # a crash loop shows within seconds of subscribing; hold on for 15 s and look
+    time.sleep(15)
     restarts = plant.restarts(back)
     now = plant.pids()
     report.add(
