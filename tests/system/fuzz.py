@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import functools
 import json
 import math
 import struct
@@ -74,49 +75,6 @@ def _now_ms() -> int:
 
 # ---- ingredients -------------------------------------------------------------------------
 
-numbers = st.one_of(
-    st.integers(),
-    st.integers(min_value=-(2**70), max_value=2**70),
-    st.sampled_from([0, -1, 1, 255, 256, 2**31, 2**53 + 1, 2**63 - 1, 2**63, 2**64, 10**30]),
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.sampled_from([math.nan, math.inf, -math.inf, 1e308, -0.0, 5e-324, 1e-300]),
-)
-texts = st.one_of(
-    st.text(max_size=24),
-    st.sampled_from(["", " ", "\x00", "\ud800", "é/ü", "..", "a" * 300, "NaN", "Infinity"]),
-)
-topics = st.one_of(
-    st.sampled_from(
-        [
-            "#",
-            "+",
-            "a/#",
-            "a/+/b",
-            "",
-            "/",
-            "//",
-            "$SYS/broker/x",
-            "a\x00b",
-            "acme/pune/_node/featurizer/cmd",
-            "acme/pune/stamping/line-3/cell-a/press-01/raw/data",
-            "acme/pune/stamping/line-3/cell-a/press-01/events/anomaly",
-            "uns-cli/reply/x",
-            LONG_TOPIC,
-        ]
-    ),
-    st.text(max_size=40),
-    st.integers(),
-    st.lists(st.text(max_size=5), max_size=3),
-)
-leaves = st.one_of(st.none(), st.booleans(), numbers, texts)
-nested = st.recursive(
-    leaves,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts, inner, max_size=4),
-    max_leaves=10,
-)
-hostile = st.one_of(numbers, texts, nested, st.sampled_from([None, True, [], {}, "1"]))
-"""A value for any field."""
-
 
 @dataclass(frozen=True)
 class Offset:
@@ -126,33 +84,84 @@ class Offset:
     ms: int
 
 
-timestamps = st.one_of(
-    st.sampled_from([0, -1, 2**63 - 1, 2**63, 2**64]),
-    st.sampled_from([Offset(0), Offset(31 * YEAR_MS), Offset(-31 * YEAR_MS), Offset(1)]),
-    st.integers(min_value=-10 * YEAR_MS, max_value=10 * YEAR_MS).map(Offset),
-    numbers,
-    texts,
-)
+@functools.cache
+def ingredients() -> st.SearchStrategy[dict[str, Any]]:
+    """What one example draws. Built on first use, not at import (hypothesis warns about
+    strategies built while pytest loads its plugins)."""
+    numbers = st.one_of(
+        st.integers(),
+        st.integers(min_value=-(2**70), max_value=2**70),
+        st.sampled_from([0, -1, 1, 255, 256, 2**31, 2**53 + 1, 2**63 - 1, 2**63, 2**64, 10**30]),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.sampled_from([math.nan, math.inf, -math.inf, 1e308, -0.0, 5e-324, 1e-300]),
+    )
+    texts = st.one_of(
+        st.text(max_size=24),
+        st.sampled_from(["", " ", "\x00", "\ud800", "é/ü", "..", "a" * 300, "NaN", "Infinity"]),
+    )
+    topics = st.one_of(
+        st.sampled_from(
+            [
+                "#",
+                "+",
+                "a/#",
+                "a/+/b",
+                "",
+                "/",
+                "//",
+                "$SYS/broker/x",
+                "a\x00b",
+                "acme/pune/_node/featurizer/cmd",
+                "acme/pune/stamping/line-3/cell-a/press-01/raw/data",
+                "acme/pune/stamping/line-3/cell-a/press-01/events/anomaly",
+                "uns-cli/reply/x",
+                LONG_TOPIC,
+            ]
+        ),
+        st.text(max_size=40),
+        st.integers(),
+        st.lists(st.text(max_size=5), max_size=3),
+    )
+    leaves = st.one_of(st.none(), st.booleans(), numbers, texts)
+    nested = st.recursive(
+        leaves,
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts, inner, max_size=4),
+        max_leaves=10,
+    )
+    hostile = st.one_of(numbers, texts, nested, st.sampled_from([None, True, [], {}, "1"]))
+    # hostile: a value for any field
 
+    timestamps = st.one_of(
+        st.sampled_from([0, -1, 2**63 - 1, 2**63, 2**64]),
+        st.sampled_from([Offset(0), Offset(31 * YEAR_MS), Offset(-31 * YEAR_MS), Offset(1)]),
+        st.integers(min_value=-10 * YEAR_MS, max_value=10 * YEAR_MS).map(Offset),
+        numbers,
+        texts,
+    )
 
-ingredients = st.fixed_dictionaries(
-    {
-        "value": hostile,
-        "number": numbers,
-        "ts": timestamps,
-        "text": texts,
-        "topic": topics,
-        "raw": st.binary(max_size=64),
-        "depth": st.integers(min_value=100, max_value=20_000),
-        "cut": st.floats(min_value=0.0, max_value=1.0),
-        "sample_bytes": st.integers(min_value=0, max_value=9000),
-        "rate": st.one_of(numbers, st.just(10_000.0)),
-        "ops": st.lists(st.sampled_from(OPS), min_size=OPS_PER_EXAMPLE, max_size=OPS_PER_EXAMPLE),
-        "pick": st.integers(min_value=0, max_value=10**6),
-        "retain": st.booleans(),
-        "name": st.one_of(st.sampled_from(["rebirth", "status", "fault", "clear", "ping"]), texts),
-    }
-)
+    strategy = st.fixed_dictionaries(
+        {
+            "value": hostile,
+            "number": numbers,
+            "ts": timestamps,
+            "text": texts,
+            "topic": topics,
+            "raw": st.binary(max_size=64),
+            "depth": st.integers(min_value=100, max_value=20_000),
+            "cut": st.floats(min_value=0.0, max_value=1.0),
+            "sample_bytes": st.integers(min_value=0, max_value=9000),
+            "rate": st.one_of(numbers, st.just(10_000.0)),
+            "ops": st.lists(
+                st.sampled_from(OPS), min_size=OPS_PER_EXAMPLE, max_size=OPS_PER_EXAMPLE
+            ),
+            "pick": st.integers(min_value=0, max_value=10**6),
+            "retain": st.booleans(),
+            "name": st.one_of(
+                st.sampled_from(["rebirth", "status", "fault", "clear", "ping"]), texts
+            ),
+        }
+    )
+    return strategy
 
 
 # ---- messages ------------------------------------------------------------------------------
@@ -457,7 +466,7 @@ def generate(
         phases=[Phase.generate],
         suppress_health_check=list(HealthCheck),
     )
-    @given(ingredients)
+    @given(ingredients())
     def draw(ing: dict[str, Any]) -> None:
         first = len(batch.messages)
         builder.build(ing, batch)

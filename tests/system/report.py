@@ -96,7 +96,8 @@ def lost(case: str, c: dict[str, Any]) -> str:
         b = c["bridge"]
         return (
             f"bridge: {b['missing']} of {b['seen_locally']} it could take "
-            f"(counted drops {b['counted_drops']:.0f})"
+            f"(counted drops {b['counted_drops']:.0f}, "
+            f"Mosquitto's {b.get('broker_dropped', 0):.0f})"
         )
     if case.startswith("load_burst"):
         return (
