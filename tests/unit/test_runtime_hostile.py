@@ -720,6 +720,16 @@ def fuzz_batches() -> Any:
     return st.lists(one, min_size=FUZZ_BATCH, max_size=FUZZ_BATCH)
 
 
+class _NoAck:
+    """The bus `_dispatch` is handed: only a persistent session acknowledges (none here)."""
+
+    def ack(self, message: object) -> None:
+        pass
+
+
+NO_ACK = _NoAck()
+
+
 def test_ten_thousand_hostile_payloads_into_every_subscription_crash_nothing_and_are_counted():
     from hypothesis import HealthCheck, Phase, given, settings
 
@@ -767,7 +777,9 @@ def test_ten_thousand_hostile_payloads_into_every_subscription_crash_nothing_and
         for topic, attack, seed in batch:
             payload = hostile_payload(attack, random.Random(seed))
             before = accounted()
-            loop.run_until_complete(node._dispatch(Message(topic, payload)))  # nothing escapes
+            loop.run_until_complete(
+                node._dispatch(Message(topic, payload), NO_ACK)
+            )  # nothing escapes
             seen["messages"] += 1
             if not payload and topic.endswith("/death"):
                 seen["ignored"] += 1  # a retained clear: documented, nothing to handle
@@ -782,7 +794,7 @@ def test_ten_thousand_hostile_payloads_into_every_subscription_crash_nothing_and
         assert rebirths >= 1 and node.metrics.newer_version.labels("fuzz")._value.get() > 0
         handled_before = service.handled
         valid = DeviceData(ts=1, node="n", seq=0, metrics=[Metric("a", 1.0)])
-        loop.run_until_complete(node._dispatch(Message(f"{FZ}/raw/data", encode(valid))))
+        loop.run_until_complete(node._dispatch(Message(f"{FZ}/raw/data", encode(valid)), NO_ACK))
         assert service.handled == handled_before + 1
     finally:
         loop.close()
