@@ -488,9 +488,9 @@ async def test_no_hostile_message_takes_long(memory_url: str, prefix: str) -> No
 
 
 def test_logging_is_throttled_for_a_flood_of_bad_stamps(caplog: pytest.LogCaptureFixture) -> None:
-    from uns_featurizer.service import _Throttled
+    from uns import Throttled
 
-    t = _Throttled(every_s=60)
+    t = Throttled(every_s=60, logger=logging.getLogger("uns_featurizer.service"))
     with caplog.at_level(logging.WARNING, logger="uns_featurizer"):
         for _ in range(1000):
             t.warning("timestamp", "bad %s", "stamp")

@@ -28,7 +28,7 @@ from uns.payloads import (
     encode,
     now_ms,
 )
-from uns.runtime import Inbound, Node, Service, ServiceSettings
+from uns.runtime import Inbound, Node, Service, ServiceSettings, Throttled
 from uns.topics import DevicePath, DeviceTopic, NodeTopic, device_filter, matches, node_topic, parse
 
 __version__ = "0.1.0"
@@ -62,6 +62,7 @@ __all__ = [
     "Reply",
     "Service",
     "ServiceSettings",
+    "Throttled",
     "TopicError",
     "UnsConfig",
     "UnsError",

@@ -287,11 +287,13 @@ class _SendLock(asyncio.Lock):
             self.waiting -= 1
 
 
-class _Throttled:
-    """Logs the first occurrence at once, then at most one line per ``every_s`` with a count."""
+class Throttled:
+    """Logs the first occurrence at once, then at most one line per ``every_s`` with a count
+    (a flood of bad input must not become a flood of log lines); on ``logger``."""
 
-    def __init__(self, every_s: float = 10.0) -> None:
+    def __init__(self, every_s: float = 10.0, *, logger: logging.Logger = log) -> None:
         self.every_s = every_s
+        self.logger = logger
         self.last: dict[str, float] = {}
         self.suppressed: dict[str, int] = collections.Counter()
 
@@ -311,7 +313,7 @@ class _Throttled:
         if now - self.last.get(key, -1e9) >= self.every_s:
             n = self.suppressed.pop(key, 0)
             suffix = f" (and {n} more like it since the last report)" if n else ""
-            log.log(level, msg + suffix, *args, exc_info=exc_info)
+            self.logger.log(level, msg + suffix, *args, exc_info=exc_info)
             self.last[key] = now
         else:
             self.suppressed[key] += 1
@@ -353,7 +355,7 @@ class Node(Generic[S]):
         self._closing = False
         self.running: Service[S] | None = None
         """The service this node runs, once `serve` has started."""
-        self._throttled = _Throttled()
+        self._throttled = Throttled()
         self._last_rebirth = -float("inf")  # monotonic time of the last requested rebirth
         self._rebirth_due: float | None = None  # a coalesced rebirth waits until then
 

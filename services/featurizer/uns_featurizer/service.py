@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import math
 import time
@@ -23,6 +22,7 @@ from uns import (
     Node,
     Reject,
     Service,
+    Throttled,
     TopicError,
     Waveform,
     Window,
@@ -57,26 +57,6 @@ NUMERIC: Final = frozenset(
 )
 MAX_RPM: Final = 600_000.0
 """A shaft speed above this (10 kHz) is no speed: the bearing frequencies ignore it."""
-
-
-class _Throttled:
-    """Logs the first line of a kind at once, then at most one per ``every_s`` with a count
-    (a flood of bad input must not become a flood of log lines)."""
-
-    def __init__(self, every_s: float = 10.0) -> None:
-        self.every_s = every_s
-        self.last: dict[str, float] = {}
-        self.suppressed: collections.Counter[str] = collections.Counter()
-
-    def warning(self, key: str, msg: str, *args: object, level: int = logging.WARNING) -> None:
-        now = time.monotonic()
-        if now - self.last.get(key, -math.inf) >= self.every_s:
-            n = self.suppressed.pop(key, 0)
-            suffix = f" (and {n} more like it since the last report)" if n else ""
-            log.log(level, msg + suffix, *args)
-            self.last[key] = now
-        else:
-            self.suppressed[key] += 1
 
 
 @dataclass
@@ -163,7 +143,7 @@ class Featurizer(Service[FeaturizerSettings]):
             max_jump_ms=int(t.max_jump_s * 1000),
             resync_after=t.resync_after,
         )
-        self._throttled = _Throttled()
+        self._throttled = Throttled(logger=log)
 
     @staticmethod
     def _path(topic: str) -> DevicePath:
@@ -211,12 +191,12 @@ class Featurizer(Service[FeaturizerSettings]):
             device.forget("node_change")
             self._count_device(device)
         elif device.dead:
-            self._throttled.warning(
+            self._throttled.log(
+                logging.INFO,
                 f"alive-{device.path}",
                 "%s: announced again by node %s: windowing resumes",
                 device.path,
                 short(birth.node),
-                level=logging.INFO,
             )
         device.node, device.bdseq, device.dead = birth.node, birth.bdseq, False
         device.units = {m.name: m.unit for m in birth.metrics}
