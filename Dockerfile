@@ -6,9 +6,9 @@ COPY services/ services/
 COPY uns-schema/ uns-schema/
 COPY models/ models/
 COPY keys/models.pub keys/models.pub
-RUN pip install --no-cache-dir ./libs/uns ./services/broker ./services/demo \
-    ./services/simulator ./services/opcua-adapter ./services/modbus-adapter ./services/replay \
-    ./services/featurizer ./services/inference ./services/bridge \
+# Every package: each directory under libs/ and services/ with a pyproject.toml (the
+# Makefile's one list), so a new service is in the image with no edit here.
+RUN pip install --no-cache-dir $(dirname ./libs/*/pyproject.toml ./services/*/pyproject.toml) \
  && useradd --system --uid 10001 uns
 ENV UNS_CONFIG=/opt/uns/uns-schema/plant.yaml
 USER uns
