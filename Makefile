@@ -43,11 +43,11 @@ typecheck: $(STAMP)
 # seed and data -> the same model.onnx sha256 as the shipped, signed ones (checked);
 # with keys/models.key present they are signed and promoted instead.
 model: $(STAMP)
-	$(BIN)/python -m uns_inference.default_models
+	$(BIN)/python -m uns_eval.default_models
 
 # The pipeline's code on real data (UNS_DATASETS, e.g. ../shared/data) and the simulator.
 eval: $(STAMP)
-	$(BIN)/python -m uns_inference.evaluation
+	$(BIN)/python -m uns_eval.evaluation
 
 # The benchmarks (uns bench): every scenario, medians of 3 runs, the table the README carries.
 # Run it when nothing else heavy runs on the machine (check uptime).

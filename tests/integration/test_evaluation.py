@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from uns_inference import evaluation
+from uns_eval import evaluation
 
 pytestmark = pytest.mark.integration
 

@@ -1,7 +1,7 @@
 """``make model``: the example plant's default models, rebuilt reproducibly.
 
 Healthy running of the simulated presses and conveyors (fixed seeds, the
-featurizer's own maths, see ``uns_featurizer.simdata``) -> ``uns model train``
+featurizer's own maths, see ``uns_eval.simdata``) -> ``uns model train``
 (vibration features) -> ``build/models/<asset>-anomaly/``. Same data and code, same
 ``model.onnx`` bytes: the check compares them with the shipped, signed models in
 ``models/``. With the signing key (``keys/models.key``, never committed) it signs
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import msgspec
 
+from uns_eval.simdata import feature_records
 from uns_inference import cli_commands
 
 ASSETS = ("press", "conveyor")
@@ -24,8 +25,6 @@ CREATED = "2026-11-22T00:00:00Z"  # fixed: the card is signed too
 
 
 def build(root: Path) -> list[Path]:
-    from uns_featurizer.simdata import feature_records
-
     out = []
     for asset in ASSETS:
         data = root / "build" / f"sim-healthy-{asset}.jsonl"

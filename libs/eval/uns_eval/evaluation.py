@@ -351,7 +351,7 @@ def cmapss(root: Path, work: Path) -> dict[str, Any]:
 
 def simulator(work: Path) -> dict[str, Any]:
     """Bearing wear ramped over two simulated hours; 24 healthy machine-hours."""
-    from uns_featurizer.simdata import feature_records
+    from uns_eval.simdata import feature_records
 
     current = Path(__file__).resolve().parents[3] / "models" / "press" / "anomaly"
     model = onnxmodel.load(

@@ -14,8 +14,8 @@ from typing import Any
 import msgspec
 
 from uns import DeviceData, DevicePath, Metric, Window
-from uns_featurizer.features import waveform_features
-from uns_featurizer.settings import FeaturizerSettings
+from uns_featurizer import FeaturizerSettings, waveform_features
+from uns_simulator import Machine
 
 
 def feature_records(
@@ -33,8 +33,6 @@ def feature_records(
 
     ``faults``: machine index -> (kind, severity, ramp_s, start_s) injected at start_s.
     """
-    from uns_simulator.physics import Machine  # the simulator is a dev/eval dependency
-
     s = settings or FeaturizerSettings()
     n = s.waveform.window
     fleet = [Machine(asset, seed * 1000 + i) for i in range(machines)]
