@@ -35,6 +35,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check libs services tests
 	$(BIN)/ruff format --check libs services tests
+	$(BIN)/lint-imports --no-logo --no-cache
 
 typecheck: $(STAMP)
 	MYPYPATH=$(MYPYPATH) $(BIN)/mypy $(SOURCES)
