@@ -34,10 +34,20 @@ T = TypeVar("T")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on, never one this process handed out before: the kernel
+    may give the same free port to two binds in a row (the simulator's OPC UA and Modbus
+    servers were once given one port, and the Modbus row measured nothing)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 @dataclass(frozen=True)
