@@ -153,7 +153,16 @@ def _make_lint() -> list[list[str]]:
     """The commands of `make lint`, as make would run them (tools under BIN/; the install
     stamp taken as made, so no install is shown)."""
     out = subprocess.run(
-        ["make", "-n", "--no-print-directory", "lint", "BIN=BIN", "STAMP=no-install", "-o", "no-install"],
+        [
+            "make",
+            "-n",
+            "--no-print-directory",
+            "lint",
+            "BIN=BIN",
+            "STAMP=no-install",
+            "-o",
+            "no-install",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
