@@ -103,7 +103,7 @@ def counted(f: Featurizer) -> float:
     Read from each labelled child of the two counters: ``collect()`` costs ~1 ms, ten
     thousand times; the values are the same."""
     total = 0.0
-    for counter in (f.node.metrics.dropped, f.excluded):
+    for counter in (f.node.metrics.dropped, f.excluded.metric):
         total += sum(child._value.get() for child in counter._metrics.values())
     return total
 

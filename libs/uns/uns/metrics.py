@@ -1,13 +1,16 @@
 """The standard metric set every service exposes, one registry per service node.
 
 Names carry the ``uns_`` prefix and a unit suffix; labels are low-cardinality
-(service, stream, reason), never a full topic.
+(service, stream, reason), never a full topic. A service declares its own metrics
+through the node's (``node.metrics.counter(...)``, ``gauge``, ``histogram``): on its
+registry, the ``service`` label built in and bound.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Final
+from collections.abc import Iterable, Sequence
+from typing import Any, Final, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -16,6 +19,35 @@ from uns.topics import NODE_LEVEL, STREAMS
 log = logging.getLogger(__name__)
 
 _STREAMS: Final = frozenset(STREAMS)
+
+M = TypeVar("M", Counter, Gauge, Histogram)
+
+
+class Family(Generic[M]):
+    """One metric of a service with its ``service`` label bound: ``labels`` takes the rest.
+
+    ``labels(...)`` returns the child to ``inc``/``set``/``observe``, as prometheus_client's
+    own does; a metric with no label but ``service`` is ``labels()``. A series exists from
+    its first ``labels(...)``: the declaration's ``zeros`` export some at zero from the start
+    (so rates and alerts work before the first event); a gauge that means nothing until set
+    (a certificate's days left) is left to its first ``set``.
+    """
+
+    __slots__ = ("metric", "service")
+    metric: M
+    """The prometheus_client metric itself, its first label ``service``."""
+    service: str
+
+    def __init__(self, metric: M, service: str) -> None:
+        self.metric = metric
+        self.service = service
+
+    def labels(self, *values: str) -> M:
+        return self.metric.labels(self.service, *values)
+
+    def remove(self, *values: str) -> None:
+        """Stop exporting one series (a model replaced, a key rotated)."""
+        self.metric.remove(self.service, *values)
 
 
 def stream_label(topic: str) -> str:
@@ -108,6 +140,44 @@ class ServiceMetrics:
             metric.labels(service)
         for reason in ("decode", "overflow", "offline", "error"):
             self.dropped.labels(service, reason)
+
+    # ---- a service's own metrics -------------------------------------------------------------
+
+    def counter(
+        self, name: str, doc: str, labels: Sequence[str] = (), *, zeros: Iterable[Any] = ()
+    ) -> Family[Counter]:
+        """A counter ``name`` of this service, by ``labels`` besides ``service``.
+
+        ``zeros``: the label values (a string for one label, a tuple for several) whose
+        series are exported at zero from the start."""
+        return self._family(Counter(name, doc, ["service", *labels], registry=self.registry), zeros)
+
+    def gauge(
+        self, name: str, doc: str, labels: Sequence[str] = (), *, zeros: Iterable[Any] = ()
+    ) -> Family[Gauge]:
+        """A gauge ``name`` of this service (see ``counter``)."""
+        return self._family(Gauge(name, doc, ["service", *labels], registry=self.registry), zeros)
+
+    def histogram(
+        self,
+        name: str,
+        doc: str,
+        labels: Sequence[str] = (),
+        *,
+        buckets: Sequence[float] = Histogram.DEFAULT_BUCKETS,
+        zeros: Iterable[Any] = (),
+    ) -> Family[Histogram]:
+        """A histogram ``name`` of this service (see ``counter``), with its ``buckets``."""
+        metric = Histogram(name, doc, ["service", *labels], registry=self.registry, buckets=buckets)
+        return self._family(metric, zeros)
+
+    def _family(self, metric: M, zeros: Iterable[Any]) -> Family[M]:
+        family = Family(metric, self.service)
+        for values in zeros:
+            family.labels(*((values,) if isinstance(values, str) else values))
+        return family
+
+    # ---- the runtime's own ---------------------------------------------------------------------
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.dropped.labels(self.service, reason).inc(n)

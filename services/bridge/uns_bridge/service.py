@@ -33,12 +33,12 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import msgspec
-from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from uns import Inbound, Node, Reject, Service
 from uns.bus import Bus, connect
 from uns.config import BrokerSettings, parse_broker_url
 from uns.errors import BusError, ConfigError
+from uns.metrics import ServiceMetrics
 from uns_bridge import logic
 from uns_bridge.journal import Item, Journal, JournalFull, Row
 from uns_bridge.settings import BridgeSettings
@@ -66,68 +66,58 @@ DROP_REASONS: Final = ("expired", "cap_telemetry", "cap_event", "disk_full", "to
 class BridgeMetrics:
     """``uns_bridge_*`` on the node's registry."""
 
-    def __init__(self, registry: CollectorRegistry, service: str) -> None:
-        self.service = service
-
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(name, doc, ["service"], registry=registry)
-
-        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
-            return Counter(name, doc, ["service", *labels], registry=registry)
-
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        gauge, counter = metrics.gauge, metrics.counter
         self.journal_messages = gauge(
             "uns_bridge_journal_messages", "Messages in the journal, not yet acknowledged"
-        ).labels(service)
+        ).labels()
         self.journal_bytes = gauge(
             "uns_bridge_journal_bytes", "Bytes of the journal on disk (database and WAL)"
-        ).labels(service)
+        ).labels()
         self.oldest_age = gauge(
             "uns_bridge_oldest_age_seconds", "Age of the oldest message in the journal"
-        ).labels(service)
+        ).labels()
         self.since_delivery = gauge(
             "uns_bridge_seconds_since_delivery",
             "Seconds since the remote last acknowledged a message; 0 when nothing waits",
-        ).labels(service)
+        ).labels()
         self.forwarded = counter(
             "uns_bridge_forwarded_total", "Messages acknowledged by the remote"
-        ).labels(service)
+        ).labels()
         self.expired = counter(
             "uns_bridge_expired_total", "Messages dropped undelivered after journal.ttl_s"
-        ).labels(service)
+        ).labels()
         self._dropped = counter(
             "uns_bridge_dropped_total",
             "Messages dropped by the bridge: expired, cap_telemetry, cap_event, disk_full,"
             " topic, too_large",
-            ("reason",),
+            ["reason"],
+            zeros=DROP_REASONS,
         )
         self.reconnects = counter(
             "uns_bridge_reconnects_total", "Connection attempts to the remote after the first"
-        ).labels(service)
+        ).labels()
         self.connected = gauge(
             "uns_bridge_remote_connected", "1 while connected to the remote"
-        ).labels(service)
+        ).labels()
         self.duplicates = counter(
             "uns_bridge_duplicates_total",
             "Messages the local broker sent again that were in the journal already (kept once)",
-        ).labels(service)
+        ).labels()
         self.login_refusals = counter(
             "uns_bridge_login_refusals_total",
             "Connection attempts the remote refused for our credentials (each backs off"
             " remote.login_retry_min_s, doubling)",
-        ).labels(service)
-        self.cert_days_left = Gauge(
+        ).labels()
+        self.cert_days_left = gauge(
             "uns_bridge_cert_days_left",
             "Days until the client certificate (remote.cert_file) expires",
-            ["service"],
-            registry=registry,
         )
-        for reason in DROP_REASONS:
-            self._dropped.labels(service, reason)
         self.connected.set(0)
 
     def drop(self, reason: str, n: int = 1) -> None:
         if n:
-            self._dropped.labels(self.service, reason).inc(n)
+            self._dropped.labels(reason).inc(n)
 
 
 class Bridge(Service[BridgeSettings]):
@@ -142,7 +132,7 @@ class Bridge(Service[BridgeSettings]):
     def __init__(self, node: Node[BridgeSettings]) -> None:
         super().__init__(node)
         s = self.settings
-        self.metrics = BridgeMetrics(node.metrics.registry, node.service)
+        self.metrics = BridgeMetrics(node.metrics)
         self.journal: Journal | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._intake: collections.deque[tuple[Item, Ack]] = collections.deque()
@@ -508,7 +498,7 @@ class Bridge(Service[BridgeSettings]):
             days = logic.cert_days_left(Path(remote.cert_file).read_bytes())
         except (OSError, ValueError):
             return  # the connection attempt says why it cannot use it
-        self.metrics.cert_days_left.labels(self.node.service).set(days)
+        self.metrics.cert_days_left.labels().set(days)
         now = time.monotonic()
         if days >= 14 or now - self._cert_warned < 3600:
             return

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import Final
 
 import numpy as np
-from prometheus_client import Counter, Histogram
 
 from uns import (
     DeviceBirth,
@@ -112,28 +111,24 @@ class Featurizer(Service[FeaturizerSettings]):
         node.subscribe(device_filter(stream="raw", message="birth"), DeviceBirth, self.on_birth)
         node.subscribe(device_filter(stream="raw", message="data"), DeviceData, self.on_data)
         node.subscribe(device_filter(stream="raw", message="death"), DeviceDeath, self.on_death)
-        r, svc = node.metrics.registry, node.service
-        self.windows = Counter(
+        m = node.metrics
+        self.windows = m.counter(
             "uns_featurizer_windows_total",
             "Windows turned into features",
-            ["service", "kind"],
-            registry=r,
+            ["kind"],
+            zeros=("waveform", "slow"),
         )
-        self.excluded = Counter(
+        self.excluded = m.counter(
             "uns_featurizer_samples_excluded_total",
             "Samples kept out of features, by reason",
-            ["service", "reason"],
-            registry=r,
+            ["reason"],
         )
-        self.compute = Histogram(
+        self.compute = m.histogram(
             "uns_featurizer_compute_seconds",
             "Time to compute one window's features",
-            ["service", "kind"],
-            registry=r,
+            ["kind"],
             buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1),
         )
-        for kind in ("waveform", "slow"):
-            self.windows.labels(svc, kind)
         self._wave_hop = s.waveform.hop or s.waveform.window
         self._slow_ms = int(s.slow.window_s * 1000), int(s.slow.hop_s * 1000)
         t = s.timestamps
@@ -345,7 +340,7 @@ class Featurizer(Service[FeaturizerSettings]):
         return False
 
     def _exclude(self, reason: str, detail: str, n: int = 1) -> None:
-        self.excluded.labels(self.node.service, reason).inc(n)
+        self.excluded.labels(reason).inc(n)
         self._throttled.warning(reason, "%s: excluded (%s): %s", self.node.id, reason, detail)
 
     def _count_device(self, device: _Device) -> None:
@@ -361,7 +356,7 @@ class Featurizer(Service[FeaturizerSettings]):
         if not excluded.counts and not excluded.details:
             return
         for reason, n in excluded.counts.items():
-            self.excluded.labels(self.node.service, reason).inc(n)
+            self.excluded.labels(reason).inc(n)
         for reason, detail in excluded.details.items():
             if reason not in LOGGED:
                 continue
@@ -396,7 +391,7 @@ class Featurizer(Service[FeaturizerSettings]):
             bearing=geometry,
             envelope_band=s.waveform.envelope_band,
         )
-        self.compute.labels(self.node.service, "waveform").observe(time.perf_counter() - started)
+        self.compute.labels("waveform").observe(time.perf_counter() - started)
         feats = self._finite(device, signal, feats)
         unit = device.units.get(signal, "")
         defs = {}
@@ -460,7 +455,7 @@ class Featurizer(Service[FeaturizerSettings]):
                 ts=r.window.end,
                 window=r.window,
             )
-            self.windows.labels(self.node.service, kind).inc()
+            self.windows.labels(kind).inc()
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,6 @@ from typing import Final
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from prometheus_client import Counter, Gauge, Histogram
 
 from uns import (
     Command,
@@ -249,65 +248,48 @@ class Inference(Service[InferenceSettings]):
         node.subscribe(
             device_filter(stream="features", message="death"), DeviceDeath, self.on_death
         )
-        r, svc = node.metrics.registry, node.service
-        self.m_scores = Counter(
-            "uns_inference_scores_total",
-            "Score messages published",
-            ["service", "kind"],
-            registry=r,
+        m = node.metrics
+        self.m_scores = m.counter(
+            "uns_inference_scores_total", "Score messages published", ["kind"], zeros=KINDS
         )
-        self.m_events = Counter(
+        self.m_events = m.counter(
             "uns_inference_events_total",
             "Anomaly events published",
-            ["service", "state"],
-            registry=r,
+            ["state"],
+            zeros=("raised", "cleared"),
         )
-        self.m_refused = Counter(
+        self.m_refused = m.counter(
             "uns_inference_models_refused_total",
             "Models refused (integrity, signature, card, graph or features)",
-            ["service", "reason"],
-            registry=r,
+            ["reason"],
+            zeros=("integrity", "signature", "card", "graph", "features"),
         )
-        self.m_skipped = Counter(
+        self.m_skipped = m.counter(
             "uns_inference_rows_skipped_total",
             "Feature messages a model could not score yet (missing, stale)",
-            ["service", "reason"],
-            registry=r,
+            ["reason"],
         )
-        self.m_latency = Histogram(
+        self.m_latency = m.histogram(
             "uns_inference_latency_seconds",
             "Features message received to its scores published",
-            ["service"],
-            registry=r,
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
-        )
-        self.m_info = Gauge(
+        ).labels()
+        self.m_info = m.gauge(
             "uns_inference_model_info",
             "1 for each model serving an asset type",
-            ["service", "asset", "name", "version"],
-            registry=r,
+            ["asset", "name", "version"],
         )
-        self.m_audit_lines = Gauge(
+        self.m_audit_lines = m.gauge(
             "uns_inference_audit_lines",
             "Lines of the model audit log (it only grows: a drop means it was cut)",
-            ["service"],
-            registry=r,
         )
-        self.m_audit_key = Gauge(
+        self.m_audit_key = m.gauge(
             "uns_inference_audit_key_info",
             "1 for the id of the key the model audit log is chained under",
-            ["service", "key"],
-            registry=r,
+            ["key"],
         )
         self._audit_key = ""
         self._restore_events()
-        for kind in KINDS:
-            self.m_scores.labels(svc, kind)
-        for state in ("raised", "cleared"):
-            self.m_events.labels(svc, state)
-        for reason in ("integrity", "signature", "card", "graph", "features"):
-            self.m_refused.labels(svc, reason)
-        self.m_latency.labels(svc)
 
     # ---- models ---------------------------------------------------------------------
 
@@ -371,8 +353,8 @@ class Inference(Service[InferenceSettings]):
             model, ref, frozenset(card.features), self._hysteresis(card), _metric_defs(card, ref)
         )
         if old is not None:
-            self.m_info.remove(self.node.service, asset, old.ref.name, old.ref.version)
-        self.m_info.labels(self.node.service, asset, ref.name, ref.version).set(1)
+            self.m_info.remove(asset, old.ref.name, old.ref.version)
+        self.m_info.labels(asset, ref.name, ref.version).set(1)
         await self._audit("load", ref.name, ref.version, ref.sha256, str(directory))
         log.info(
             "%s/%s: serving %s %s (sha256 %s, %s)%s",
@@ -423,7 +405,7 @@ class Inference(Service[InferenceSettings]):
             if isinstance(exc, SignatureError)
             else "integrity"
         )
-        self.m_refused.labels(self.node.service, reason).inc()
+        self.m_refused.labels(reason).inc()
         name, version, sha = await asyncio.to_thread(_peek, directory)
         await self._audit("refuse", name, version, sha, str(exc))
         current = self.served.get(slot)
@@ -478,12 +460,12 @@ class Inference(Service[InferenceSettings]):
     def _audit_head(self, head: audit.Head) -> None:
         """Export the head, so a scraper off the box keeps a copy: a log cut short or
         re-keyed shows as the line count going down or a new key id."""
-        self.m_audit_lines.labels(self.node.service).set(head.lines)
+        self.m_audit_lines.labels().set(head.lines)
         if head.key and head.key != self._audit_key:
             if self._audit_key:
-                self.m_audit_key.remove(self.node.service, self._audit_key)
+                self.m_audit_key.remove(self._audit_key)
             self._audit_key = head.key
-            self.m_audit_key.labels(self.node.service, head.key).set(1)
+            self.m_audit_key.labels(head.key).set(1)
 
     # ---- open events across restarts ------------------------------------------------------
 
@@ -744,12 +726,12 @@ class Inference(Service[InferenceSettings]):
             if not updated & served.features:
                 continue
             if kind in device.missing:
-                self.m_skipped.labels(self.node.service, "missing").inc()
+                self.m_skipped.labels("missing").inc()
                 continue
             row = device.latest.row(served.card.features, at, self.max_age_ms)
             if isinstance(row, NotReady):
                 stale = bool(row.stale and not row.missing)
-                self.m_skipped.labels(self.node.service, "stale" if stale else "missing").inc()
+                self.m_skipped.labels("stale" if stale else "missing").inc()
                 if stale and kind not in device.waiting:
                     device.waiting[kind] = tuple(row.stale)
                     log.warning(
@@ -789,12 +771,12 @@ class Inference(Service[InferenceSettings]):
             await self.node.device_data(
                 device.path, "scores", metrics, window=data.window, model=served.ref
             )
-            self.m_scores.labels(self.node.service, kind).inc()
+            self.m_scores.labels(kind).inc()
             scored = True
             if kind == "anomaly":
                 await self._event(device, served, at, score, contributions)
         if scored:
-            self.m_latency.labels(self.node.service).observe(time.perf_counter() - received)
+            self.m_latency.observe(time.perf_counter() - received)
 
     async def _ensure_birth(self, device: _Device) -> None:
         models = self._models(device.asset)
@@ -867,5 +849,5 @@ class Inference(Service[InferenceSettings]):
             },
         )
         await self.node.publish(device.path.topic("events", "anomaly"), event, qos=1)
-        self.m_events.labels(self.node.service, t.state).inc()
+        self.m_events.labels(t.state).inc()
         log.info("%s: anomaly %s (%s), score %.3g", device.path, t.state, event.id, t.score)

@@ -17,7 +17,6 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from prometheus_client import Counter, Histogram
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException
 from pymodbus.pdu import ModbusPDU
@@ -186,41 +185,29 @@ class ModbusAdapter(Service[ModbusAdapterSettings]):
                     reporter=Reporter({r.name: r.deadband for r in registers}, s.heartbeat_s),
                 )
             )
-        registry = node.metrics.registry
-        service = node.service
-        self.reads = Counter(
+        m = node.metrics
+        self.reads = m.counter(
             "uns_modbus_reads_total",
             "Modbus read requests, by result (ok, error)",
-            ["service", "result"],
-            registry=registry,
+            ["result"],
+            zeros=("ok", "error"),
         )
-        self.errors = Counter(
+        self.errors = m.counter(
             "uns_modbus_errors_total",
             "Modbus failures, by reason (timeout, exception, connection)",
-            ["service", "reason"],
-            registry=registry,
+            ["reason"],
+            zeros=("timeout", "exception", "connection"),
         )
-        self.read_seconds = Histogram(
+        self.read_seconds = m.histogram(
             "uns_modbus_read_seconds",
             "Duration of one Modbus read request",
-            ["service"],
-            registry=registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
-        )
-        self.publish_latency = Histogram(
+        ).labels()
+        self.publish_latency = m.histogram(
             "uns_modbus_publish_latency_seconds",
             "From a device's last read done to its data message queued for the broker",
-            ["service"],
-            registry=registry,
             buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
-        )
-        for result in ("ok", "error"):
-            self.reads.labels(service, result)
-        for reason in ("timeout", "exception", "connection"):
-            self.errors.labels(service, reason)
-        self.read_seconds.labels(service)
-        self.publish_latency.labels(service)
-        self._service = service
+        ).labels()
         self._spare = _Spare(self)
         if not log.isEnabledFor(logging.DEBUG):
             # pymodbus logs every failed connect and every timeout itself (with a frame dump);
@@ -266,7 +253,7 @@ class ModbusAdapter(Service[ModbusAdapterSettings]):
             finally:
                 client.close()
                 self._spare.close()
-            self.errors.labels(self._service, "connection").inc()
+            self.errors.labels("connection").inc()
             await self._all_dead("connection")
             delay = min(s.reconnect_max_s, s.reconnect_min_s * 2 ** min(attempt, 16))
             delay *= random.uniform(0.8, 1.2)
@@ -442,7 +429,7 @@ class ModbusAdapter(Service[ModbusAdapterSettings]):
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s: %s", dev.path, metrics)
         await self.node.device_data(dev.path, "raw", metrics, ts=ts)
-        self.publish_latency.labels(self._service).observe(time.perf_counter() - read_done)
+        self.publish_latency.observe(time.perf_counter() - read_done)
 
     async def _read(
         self, client: AsyncModbusTcpClient, dev: _Device, read: Read, *, spare: bool = False
@@ -493,7 +480,7 @@ class ModbusAdapter(Service[ModbusAdapterSettings]):
         return words, ts
 
     def _spare_lost(self) -> _SpareLost:
-        self.errors.labels(self._service, "connection").inc()
+        self.errors.labels("connection").inc()
         self._spare.refused()
         return _SpareLost()
 
@@ -510,7 +497,7 @@ class ModbusAdapter(Service[ModbusAdapterSettings]):
         return await client.read_discrete_inputs(read.address, count=read.count, device_id=unit)
 
     def _count(self, started: float, *, ok: bool, reason: str = "") -> None:
-        self.read_seconds.labels(self._service).observe(time.perf_counter() - started)
-        self.reads.labels(self._service, "ok" if ok else "error").inc()
+        self.read_seconds.observe(time.perf_counter() - started)
+        self.reads.labels("ok" if ok else "error").inc()
         if reason:
-            self.errors.labels(self._service, reason).inc()
+            self.errors.labels(reason).inc()

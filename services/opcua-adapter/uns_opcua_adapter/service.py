@@ -16,8 +16,6 @@ import math
 import random
 import time
 
-from prometheus_client import Counter, Gauge, Histogram
-
 from uns import DevicePath, Metric, Node, Service
 from uns_opcua_adapter import logic
 from uns_opcua_adapter.logic import DevicePlan, TagPlan
@@ -75,44 +73,31 @@ class OpcUaAdapter(Service[OpcUaAdapterSettings]):
         """The latest value of every scalar tag, sent again after an MQTT (re)birth."""
         self._warned: set[int] = set()
 
-        r = node.metrics.registry
-        service = node.service
-        self.notifications = Counter(
-            "uns_opcua_notifications_total",
-            "Data changes received from the OPC UA server",
-            ["service"],
-            registry=r,
-        ).labels(service)
-        self.errors = Counter(
+        m = node.metrics
+        self.notifications = m.counter(
+            "uns_opcua_notifications_total", "Data changes received from the OPC UA server"
+        ).labels()
+        self.errors = m.counter(
             "uns_opcua_errors_total",
             "OPC UA problems: connect (unreachable), rejected (by the server), lost (session),"
             " node (a tag's node unknown or not monitorable), value (does not fit the datatype)",
-            ["service", "reason"],
-            registry=r,
+            ["reason"],
+            zeros=ERROR_REASONS,
         )
-        for reason in ERROR_REASONS:
-            self.errors.labels(service, reason)
-        self.blocks_missed = Counter(
+        self.blocks_missed = m.counter(
             "uns_opcua_blocks_missing_total",
             "Waveform blocks missing between two delivered ones (the server's queue-overflow"
             " bit, or a hole of up to 10 s in the blocks' back-to-back SourceTimestamps);"
             " the published block counter skips them",
-            ["service"],
-            registry=r,
-        ).labels(service)
-        self.session_up = Gauge(
-            "uns_opcua_session_up",
-            "1 while the OPC UA session is up and subscribed",
-            ["service"],
-            registry=r,
-        ).labels(service)
-        self.latency = Histogram(
+        ).labels()
+        self.session_up = m.gauge(
+            "uns_opcua_session_up", "1 while the OPC UA session is up and subscribed"
+        ).labels()
+        self.latency = m.histogram(
             "uns_opcua_publish_latency_seconds",
             "From a value's SourceTimestamp to its data message queued for publishing",
-            ["service"],
-            registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
-        ).labels(service)
+        ).labels()
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -153,7 +138,7 @@ class OpcUaAdapter(Service[OpcUaAdapterSettings]):
                 await self._serve(session)
                 raise AssertionError("a session ends with UaUnavailable")  # pragma: no cover
             except UaUnavailable as exc:
-                self.errors.labels(self.node.service, exc.kind).inc()
+                self.errors.labels(exc.kind).inc()
                 problem = exc
             finally:
                 self.session_up.set(0)
@@ -279,7 +264,7 @@ class OpcUaAdapter(Service[OpcUaAdapterSettings]):
                 tag.node,
                 reason,
             )
-            self.errors.labels(self.node.service, "node").inc()
+            self.errors.labels("node").inc()
             code = reason.split(":", 1)[0]  # "BadNodeIdUnknown: the server has no namespace …"
             metrics.setdefault(device.path, []).append(
                 Metric(name=tag.name, value=None, quality="bad", reason=code)
@@ -359,7 +344,7 @@ class OpcUaAdapter(Service[OpcUaAdapterSettings]):
     def _check(self, change: logic.Change, device: DevicePlan, tag: TagPlan, m: Metric) -> None:
         if m.reason != logic.TYPE_MISMATCH or change.status_name == logic.TYPE_MISMATCH:
             return
-        self.errors.labels(self.node.service, "value").inc()
+        self.errors.labels("value").inc()
         if change.handle not in self._warned:  # once per tag and session
             self._warned.add(change.handle)
             log.warning(
