@@ -38,11 +38,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Final, Literal, NamedTuple
 
-TELEMETRY: Final = 0
-EVENT: Final = 1
-"""Priorities: at the disk cap telemetry is dropped first, events (and births) last."""
-RETAIN: Final = 1
-"""Flag bit: a birth or death, published retained where the remote keeps them."""
+from uns_bridge.records import EVENT, RETAIN, TELEMETRY, Item, Row
+
+__all__ = [
+    "EVENT",
+    "RETAIN",
+    "TAKEN_KEPT",
+    "TELEMETRY",
+    "Appended",
+    "Item",
+    "Journal",
+    "JournalFull",
+    "Row",
+]
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -60,29 +68,6 @@ _FORMAT: Final = "1"
 TAKEN_KEPT: Final = 256
 """Digests of taken messages kept to recognise a redelivery: far more than a local
 broker keeps in flight to one client (Mosquitto: max_inflight_messages, 20)."""
-
-
-class Item(NamedTuple):
-    """A message to journal."""
-
-    topic: str
-    payload: bytes
-    priority: int = TELEMETRY
-    flags: int = 0
-    ts_ms: int = 0
-    """When the bridge took it (ms since the epoch); 0 = now."""
-    redelivered: bool = False
-    """Sent again by the local broker (MQTT DUP): journaled only if not taken already."""
-
-
-class Row(NamedTuple):
-    """A journaled message."""
-
-    id: int
-    ts_ms: int
-    flags: int
-    topic: str
-    payload: bytes
 
 
 class Appended(NamedTuple):

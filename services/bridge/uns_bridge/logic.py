@@ -15,7 +15,7 @@ from urllib.parse import quote
 import msgspec
 
 from uns.topics import NODE_LEVEL, matches
-from uns_bridge.journal import EVENT, RETAIN, TELEMETRY, Row
+from uns_bridge.records import EVENT, RETAIN, TELEMETRY, Row
 
 TOPIC_FIELDS: Final = (
     "topic",

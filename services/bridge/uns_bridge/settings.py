@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Final, Literal
+from typing import Annotated, ClassVar, Final, Literal
 
 import msgspec
 
@@ -121,6 +121,8 @@ class JournalSettings(Strict, frozen=True):
 
 class BridgeSettings(ServiceSettings, frozen=True):
     """``services.bridge``. Without ``remote`` the bridge idles (``uns up`` may start it)."""
+
+    default_metrics_port: ClassVar[int] = 9404
 
     remote: Remote | None = None
     include: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_INCLUDE))
