@@ -7,7 +7,25 @@ It is the service the foundation's tests and ``uns up`` use until the simulator
 and adapters exist; set ``services.demo.enabled: false`` once a plant is attached.
 """
 
-from uns_demo.service import DemoService
-from uns_demo.settings import DemoSettings
+from __future__ import annotations
 
-__all__ = ["DemoService", "DemoSettings"]
+from typing import TYPE_CHECKING
+
+from uns.plugins import lazy_exports
+
+if TYPE_CHECKING:
+    from uns_demo.service import DemoService
+    from uns_demo.settings import DemoSettings
+
+__all__ = [
+    "DemoService",
+    "DemoSettings",
+]
+
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "DemoService": "service",
+        "DemoSettings": "settings",
+    },
+)

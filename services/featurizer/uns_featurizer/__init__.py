@@ -8,14 +8,42 @@ max and slope per minute. Every features message carries its window's
 provenance (start, end, good and total samples, source sequence range).
 """
 
-from uns_featurizer.features import BearingGeometry, slow_features, waveform_features
-from uns_featurizer.service import Featurizer
-from uns_featurizer.settings import FeaturizerSettings
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from uns.plugins import lazy_exports
+
+if TYPE_CHECKING:
+    from uns_featurizer.features import (
+        WAVEFORM_UNITS,
+        BearingGeometry,
+        slow_features,
+        waveform_features,
+    )
+    from uns_featurizer.service import Featurizer
+    from uns_featurizer.settings import FeaturizerSettings
+    from uns_featurizer.windows import SlowWindow
 
 __all__ = [
+    "WAVEFORM_UNITS",
     "BearingGeometry",
     "Featurizer",
     "FeaturizerSettings",
+    "SlowWindow",
     "slow_features",
     "waveform_features",
 ]
+
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "WAVEFORM_UNITS": "features",
+        "BearingGeometry": "features",
+        "Featurizer": "service",
+        "FeaturizerSettings": "settings",
+        "SlowWindow": "windows",
+        "slow_features": "features",
+        "waveform_features": "features",
+    },
+)

@@ -1,4 +1,4 @@
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import msgspec
 
@@ -66,6 +66,8 @@ class Bearing(Strict, frozen=True):
 
 
 class FeaturizerSettings(ServiceSettings, frozen=True):
+    default_metrics_port: ClassVar[int] = 9405
+
     waveform: WaveformSettings = WaveformSettings()
     slow: SlowSettings = SlowSettings()
     speed_tags: tuple[str, ...] = ("motor_speed",)

@@ -9,7 +9,29 @@ with the reason when a read fails, a device death after ``max_failures`` failed
 polls or when the connection is lost, and births again when it comes back.
 """
 
-from uns_modbus_adapter.service import ModbusAdapter
-from uns_modbus_adapter.settings import ModbusAdapterSettings, ModbusDevice, Register
+from __future__ import annotations
 
-__all__ = ["ModbusAdapter", "ModbusAdapterSettings", "ModbusDevice", "Register"]
+from typing import TYPE_CHECKING
+
+from uns.plugins import lazy_exports
+
+if TYPE_CHECKING:
+    from uns_modbus_adapter.service import ModbusAdapter
+    from uns_modbus_adapter.settings import ModbusAdapterSettings, ModbusDevice, Register
+
+__all__ = [
+    "ModbusAdapter",
+    "ModbusAdapterSettings",
+    "ModbusDevice",
+    "Register",
+]
+
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "ModbusAdapter": "service",
+        "ModbusAdapterSettings": "settings",
+        "ModbusDevice": "settings",
+        "Register": "settings",
+    },
+)

@@ -8,7 +8,7 @@ Every error names the entry it is about, e.g.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Final, Literal
+from typing import Annotated, ClassVar, Final, Literal
 
 import msgspec
 
@@ -150,6 +150,8 @@ def check_registers(registers: list[Register]) -> None:
 
 class ModbusAdapterSettings(ServiceSettings, frozen=True):
     """``services.modbus-adapter``: one Modbus TCP endpoint (a PLC or a gateway) and its units."""
+
+    default_metrics_port: ClassVar[int] = 9402
 
     host: str = "127.0.0.1"
     port: Port = 5020
