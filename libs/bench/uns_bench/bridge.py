@@ -73,14 +73,14 @@ def plant_messages_per_hour() -> int:
 def journal_rates(n: int, payload: bytes) -> dict[str, Any]:
     """Write rate by messages per transaction (synchronous=FULL), bytes on disk per message,
     read-and-delete rate (what a back-fill costs the journal)."""
-    from uns_bridge.journal import Item, Journal
+    from uns_bridge import Journal, JournalItem
 
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-journal-", dir=Path.cwd()) as tmp:
         for batch in BATCHES:
             count = min(n, 2000 * batch)  # one fsync per commit: keep small batches short
             journal = Journal(Path(tmp) / f"w{batch}.sqlite", max_bytes=2**40, synchronous="full")
-            items = [Item(TOPIC, payload) for _ in range(batch)]
+            items = [JournalItem(TOPIC, payload) for _ in range(batch)]
             started = time.perf_counter()
             for _ in range(count // batch):
                 journal.append(items)
@@ -186,7 +186,7 @@ async def _backfill(ctx: Context, batch: int, payload: bytes, per_hour: int) -> 
         f"{n:,} journalled messages after an outage -> Mosquitto as the cloud",
         runs,
     )
-    from uns_bridge.logic import PRESETS, backfill_rate
+    from uns_bridge import PRESETS, backfill_rate
 
     default = backfill_rate(None, PRESETS["generic"], batch)
     row.notes.append(
