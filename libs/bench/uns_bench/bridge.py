@@ -27,7 +27,7 @@ POLL_S = 0.05
 
 def features_payload() -> bytes:
     """A features message of a press: what the bridge forwards most."""
-    from uns_featurizer.features import WAVEFORM_UNITS
+    from uns_featurizer import WAVEFORM_UNITS
 
     names = [n for n in WAVEFORM_UNITS if n != "dominant_hz"] + ["band_10_1000"]
     t = now_ms()

@@ -93,8 +93,7 @@ def _slow_windows(
     as a recording of a featurizer already running would not hold them. The last window
     is closed by a bad-quality sample one hop after the data, as the next poll would.
     """
-    from uns_featurizer import slow_features
-    from uns_featurizer.windows import SlowWindow
+    from uns_featurizer import SlowWindow, slow_features
 
     window = SlowWindow(length_ms=length_ms, hop_ms=hop_ms)
     first = ts_ms[0]
