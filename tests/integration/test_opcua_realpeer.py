@@ -37,6 +37,7 @@ from harness import Records, Watcher, capturing_logs, running, watching
 from uns import DeviceBirth, DeviceData, Waveform, decode
 from uns.config import load
 from uns_opcua_adapter import (
+    BrowseError,
     OpcUaAdapter,
     OpcUaAdapterSettings,
     Security,
@@ -45,7 +46,6 @@ from uns_opcua_adapter import (
     browse,
     create_certificate,
 )
-from uns_opcua_adapter.browse import BrowseError
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 

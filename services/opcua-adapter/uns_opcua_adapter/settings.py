@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
 import msgspec
 
@@ -18,8 +18,10 @@ from uns import ServiceSettings
 from uns.config import DevicePathText, PositiveFloat, Strict
 from uns.errors import ConfigError
 from uns.payloads import DataType
-from uns_opcua_adapter import logic
-from uns_opcua_adapter.ua import Credentials, check_node, read_certificate
+from uns_opcua_adapter import logic, nodetext
+
+if TYPE_CHECKING:
+    from uns_opcua_adapter.ua import Credentials
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
 
@@ -78,6 +80,8 @@ class UaDevice(Strict, frozen=True):
 
 
 class OpcUaAdapterSettings(ServiceSettings, frozen=True):
+    default_metrics_port: ClassVar[int] = 9401
+
     url: str = "opc.tcp://127.0.0.1:4840"
     security: Security = Security()
     username: str | None = None
@@ -126,10 +130,18 @@ class OpcUaAdapterSettings(ServiceSettings, frozen=True):
 
 def _node_problem(text: str) -> str | None:
     try:
-        check_node(text)
+        nodetext.check_node(text, _is_reference_type)
     except ValueError as exc:
         return str(exc)
     return None
+
+
+def _is_reference_type(name: str) -> bool:
+    # asyncua's table of names, for the rare browse path that names a reference type
+    # (<HasComponent>): the one part of a config check that imports asyncua
+    from uns_opcua_adapter.ua import is_reference_type
+
+    return is_reference_type(name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +181,8 @@ def read_secrets(s: OpcUaAdapterSettings, prefix: str = "services.opcua-adapter"
     private_key = read("security.private_key", sec.private_key)
     server_certificate = read("security.server_certificate", sec.server_certificate)
     assert certificate is not None and private_key is not None
+    from uns_opcua_adapter.ua import read_certificate  # on connecting, not on a config check
+
     try:
         uri = read_certificate(certificate, private_key, server_certificate)
     except ValueError as exc:
@@ -185,6 +199,8 @@ def read_secrets(s: OpcUaAdapterSettings, prefix: str = "services.opcua-adapter"
 
 def credentials(s: OpcUaAdapterSettings, prefix: str = "services.opcua-adapter") -> Credentials:
     """What a session needs to log in, the files read (`ConfigError` naming a bad one)."""
+    from uns_opcua_adapter.ua import Credentials
+
     secrets = read_secrets(s, prefix)
     return Credentials(
         mode=s.security.mode,

@@ -28,10 +28,11 @@ from asyncua.crypto.uacrypto import CertProperties
 from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.object_ids import ObjectIds
 from asyncua.ua.ua_binary import nodeid_from_binary, struct_from_binary
-from asyncua.ua.uaerrors import UaError, UaStatusCodeError, UaStringParsingError
+from asyncua.ua.uaerrors import UaError, UaStatusCodeError
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from uns_opcua_adapter import nodetext
 from uns_opcua_adapter.logic import (
     BrowsedObject,
     BrowsedVariable,
@@ -145,39 +146,15 @@ class UaUnavailable(Exception):
 
 
 def check_node(text: str) -> None:
-    """Raise `ValueError` unless ``text`` is a NodeId string or a browse path from Root."""
-    if text.startswith("/"):
-        try:
-            path = ua.RelativePath.from_string(text)
-        except ValueError:
-            path = None
-        if path is None or not path.Elements or any(e.TargetName is None for e in path.Elements):
-            raise ValueError(
-                f"node {text!r} is not a browse path; write /Objects/2:Plant/2:Press01/2:Temp"
-            )
-        return
-    nsu = split_nsu(text)
-    if nsu is not None:
-        uri, identifier = nsu
-        try:
-            node = ua.NodeId.from_string(identifier) if uri and identifier else None
-        except (UaStringParsingError, ValueError):
-            node = None
-        if node is None or identifier.startswith(("ns=", "nsu=", "srv=")):
-            raise ValueError(
-                f"node {text!r} is not a NodeId; write nsu=<namespace URI>;s=Press01.Temp"
-                " (a ';' in the URI as %3B)"
-            )
-        return
-    try:
-        node = ua.NodeId.from_string(text)
-    except (UaStringParsingError, ValueError):
-        raise ValueError(
-            f"node {text!r} is not a NodeId; write e.g. ns=2;s=Press01.Temp, ns=3;i=1042,"
-            " nsu=urn:plc:ns;s=Press01.Temp (or a browse path starting with /)"
-        ) from None
-    if isinstance(node, ua.ExpandedNodeId):  # "i=5;nsu=..." or "srv=1;...": not subscribable
-        raise ValueError(f"node {text!r}: write the namespace URI first, nsu=<uri>;i=5")
+    """Raise `ValueError` unless ``text`` is a NodeId string or a browse path from Root
+    (`nodetext.check_node`, with asyncua's names of reference types)."""
+    nodetext.check_node(text, is_reference_type)
+
+
+def is_reference_type(name: str) -> bool:
+    """Whether asyncua resolves ``<name>`` in a browse path: it looks the name up among
+    the standard NodeIds (`RelativePath.from_string`)."""
+    return isinstance(getattr(ObjectIds, name, None), int)
 
 
 def status_name(code: int) -> str:
