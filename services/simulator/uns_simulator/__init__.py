@@ -8,10 +8,24 @@ deterministic for a seed. Faults are injected through the namespace
 (``{device}/cmd/fault``, ``{device}/cmd/clear``) or ``uns sim fault``.
 """
 
-from uns_simulator.catalog import ASSETS, adapter_config, opcua_node_id, scaled_plant
-from uns_simulator.physics import FAULT_KINDS, Machine
-from uns_simulator.service import FAULT_EVENT, Simulator
-from uns_simulator.settings import SimulatorSettings
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from uns.plugins import lazy_exports
+
+if TYPE_CHECKING:
+    from uns_simulator.catalog import (
+        ASSETS,
+        FAULT_EVENT,
+        FAULT_KINDS,
+        adapter_config,
+        opcua_node_id,
+        scaled_plant,
+    )
+    from uns_simulator.physics import Machine
+    from uns_simulator.service import Simulator
+    from uns_simulator.settings import SimulatorSettings
 
 __all__ = [
     "ASSETS",
@@ -24,3 +38,18 @@ __all__ = [
     "opcua_node_id",
     "scaled_plant",
 ]
+
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "ASSETS": "catalog",
+        "FAULT_EVENT": "catalog",
+        "FAULT_KINDS": "catalog",
+        "Machine": "physics",
+        "Simulator": "service",
+        "SimulatorSettings": "settings",
+        "adapter_config": "catalog",
+        "opcua_node_id": "catalog",
+        "scaled_plant": "catalog",
+    },
+)

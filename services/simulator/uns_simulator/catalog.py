@@ -8,12 +8,17 @@ the adapter configuration that reads them. Every asset has a vibration waveform
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from uns import DevicePath
 
 Table = Literal["coil", "discrete", "input", "holding"]
 NAMESPACE_URI = "urn:uns:simulator"
+
+FAULT_KINDS: Final = ("bearing_wear", "hydraulic_leak", "sensor_drift", "stuck_sensor", "dropout")
+"""The faults a machine model takes (`uns sim fault`, ``{device}/cmd/fault``)."""
+FAULT_EVENT: Final = "sim_fault"
+"""The event stream of injected faults: ``{device}/events/sim_fault``."""
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from typing import Final
 
 import numpy as np
 
-FAULT_KINDS: Final = ("bearing_wear", "hydraulic_leak", "sensor_drift", "stuck_sensor", "dropout")
+from uns_simulator.catalog import FAULT_KINDS
+
 SENSOR_FAULTS: Final = ("sensor_drift", "stuck_sensor")
 AMBIENT_C: Final = 25.0
 

@@ -8,15 +8,13 @@ from typing import Any
 
 from uns import Command, DevicePath, Event, Inbound, Node, Reject, Service, now_ms
 from uns.topics import device_filter
-from uns_simulator.catalog import ASSETS
+from uns_simulator.catalog import ASSETS, FAULT_EVENT, FAULT_KINDS
 from uns_simulator.modbus_server import ModbusSim
 from uns_simulator.opcua_server import OpcUaSim
-from uns_simulator.physics import FAULT_KINDS, MODELS, Machine
+from uns_simulator.physics import MODELS, Machine
 from uns_simulator.settings import SimulatorSettings
 
 log = logging.getLogger(__name__)
-
-FAULT_EVENT = "sim_fault"
 
 
 class Simulator(Service[SimulatorSettings]):

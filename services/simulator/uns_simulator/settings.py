@@ -1,4 +1,4 @@
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import msgspec
 
@@ -14,6 +14,8 @@ class Endpoint(Strict, frozen=True):
 
 
 class SimulatorSettings(ServiceSettings, frozen=True):
+    default_metrics_port: ClassVar[int] = 9403
+
     seed: int = 42
     """Same seed, same plant: every signal is deterministic for a seed and a step sequence."""
     time_scale: Annotated[float, msgspec.Meta(gt=0, le=10_000)] = 1.0
