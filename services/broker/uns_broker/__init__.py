@@ -11,8 +11,30 @@ What amqtt 0.12 gives, and what it does not (use Mosquitto for the latter):
   namespace heals by itself), no TLS listener configured here.
 """
 
-from uns_broker.server import serve
-from uns_broker.settings import AclEntry, BrokerServerSettings
-from uns_broker.users import set_password
+from __future__ import annotations
 
-__all__ = ["AclEntry", "BrokerServerSettings", "serve", "set_password"]
+from typing import TYPE_CHECKING
+
+from uns.plugins import lazy_exports
+
+if TYPE_CHECKING:
+    from uns_broker.server import serve
+    from uns_broker.settings import AclEntry, BrokerServerSettings
+    from uns_broker.users import set_password
+
+__all__ = [
+    "AclEntry",
+    "BrokerServerSettings",
+    "serve",
+    "set_password",
+]
+
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "AclEntry": "settings",
+        "BrokerServerSettings": "settings",
+        "serve": "server",
+        "set_password": "users",
+    },
+)

@@ -4,7 +4,31 @@ How engineers back-test on historian exports and public data sets: the same
 namespace messages an adapter would publish, with the file's own timestamps.
 """
 
-from uns_replay.frames import Recording, read_csv, read_npz
-from uns_replay.service import ReplaySettings, replay
+from __future__ import annotations
 
-__all__ = ["Recording", "ReplaySettings", "read_csv", "read_npz", "replay"]
+from typing import TYPE_CHECKING
+
+from uns.plugins import lazy_exports
+
+if TYPE_CHECKING:
+    from uns_replay.frames import Recording, read_csv, read_npz
+    from uns_replay.service import ReplaySettings, replay
+
+__all__ = [
+    "Recording",
+    "ReplaySettings",
+    "read_csv",
+    "read_npz",
+    "replay",
+]
+
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "Recording": "frames",
+        "ReplaySettings": "service",
+        "read_csv": "frames",
+        "read_npz": "frames",
+        "replay": "service",
+    },
+)

@@ -1,0 +1,38 @@
+"""``uns bench [SCENARIO]...``: the benchmarks, from the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from uns.commands import LogOpt, fail, setup_logging
+
+
+def bench(
+    scenarios: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="SCENARIO",
+            help="broker, vibration, slowtags, alert, bridge, plant [default: all]",
+        ),
+    ] = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="One short run of each at low load: checks the harness")
+    ] = False,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write every figure to this file")
+    ] = None,
+    log_level: LogOpt = "WARNING",
+) -> None:
+    """Measure the pipeline on this machine: services as processes, load from another one;
+    loss first, then rates, latencies, CPU and peak RSS per service, as a Markdown table."""
+    from uns_bench.main import SCENARIOS
+    from uns_bench.main import run as run_bench
+
+    setup_logging(log_level)
+    unknown = [s for s in scenarios or [] if s not in SCENARIOS]
+    if unknown:
+        raise fail(f"no scenario {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+    run_bench(scenarios or [], quick=quick, json_path=json_out, say=typer.echo)

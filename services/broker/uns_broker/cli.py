@@ -1,0 +1,60 @@
+"""``uns broker``: run the embedded broker, and keep its password file.
+
+`uns up` starts it as ``uns broker --host H --port N``; ``uns run broker`` is the same
+(a container's command line), through this group.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+import typer
+
+from uns.commands import ConfigOpt, LogOpt, fail, load_config, run, setup_logging
+from uns.errors import ConfigError
+from uns_broker.settings import BrokerServerSettings
+
+app = typer.Typer(help="The embedded MQTT broker (amqtt).", invoke_without_command=True)
+
+
+@app.callback()
+def broker(
+    ctx: typer.Context,
+    host: Annotated[str | None, typer.Option(help="Listen address [default: 127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port [default: 1883]")] = None,
+    config: ConfigOpt = None,
+    log_level: LogOpt = "INFO",
+) -> None:
+    """Run the embedded broker: anonymous by default, users and ACLs when configured."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from uns_broker.server import serve  # amqtt: only to run it
+
+    setup_logging(log_level)
+    loaded = load_config(config)
+    settings = loaded.service("broker", BrokerServerSettings)
+    changes: dict[str, Any] = {}
+    if host is not None:
+        changes["host"] = host
+    if port is not None:
+        changes["port"] = port
+    settings = msgspec.structs.replace(settings, **changes)
+    run(lambda stop: serve(settings, stop))
+
+
+@app.command("passwd")
+def passwd(
+    file: Annotated[Path, typer.Argument(help="Password file to create or update")],
+    username: Annotated[str, typer.Argument()],
+) -> None:
+    """Add or change a user in a password file (argon2 hash); the password is read from stdin."""
+    from uns_broker.users import set_password
+
+    try:
+        set_password(file, username, sys.stdin.readline().rstrip("\n"))
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(f"{username} written to {file}")
