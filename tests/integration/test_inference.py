@@ -16,7 +16,8 @@ import pytest
 
 from harness import Watcher, running, watching
 from uns import Bus, DeviceBirth, DeviceData, Event, Metric, MetricDef, Window, connect, encode
-from uns_inference import Inference, audit, cli_commands, record
+from uns_inference import Inference, audit, record
+from uns_inference import cli as cli_commands
 from uns_inference.card import Card
 
 pytestmark = pytest.mark.integration

@@ -44,7 +44,8 @@ from uns import (
     connect,
     encode,
 )
-from uns_inference import Inference, audit, cli_commands, record
+from uns_inference import Inference, audit, record
+from uns_inference import cli as cli_commands
 
 pytestmark = pytest.mark.integration
 __all__ = ["life", "logs"]  # fixtures, imported for use here

@@ -10,8 +10,8 @@ import pytest
 
 from uns import DeviceBirth, DeviceData, Metric, MetricDef, Window, connect, encode
 from uns.config import BrokerSettings
-from uns_inference import audit, cli_commands, onnxmodel, record, signing
-from uns_inference.cli_commands import CommandError
+from uns_inference import CommandError, audit, onnxmodel, record, signing
+from uns_inference import cli as cli_commands
 from uns_inference.signing import SignatureError
 
 DEV = "acme/pune/stamping/line-3/cell-a/press-01"

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from uns_inference import audit, cli_commands, events
-from uns_inference.cli_commands import CommandError
+from uns_inference import CommandError, audit, events
+from uns_inference import cli as cli_commands
 from uns_inference.events import EventState, Hysteresis, OpenEvent
 
 H = Hysteresis.of(raise_=2.0, clear=1.5, min_raise_s=3, min_clear_s=3, critical=4.0)

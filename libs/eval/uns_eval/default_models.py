@@ -17,7 +17,7 @@ from pathlib import Path
 import msgspec
 
 from uns_eval.simdata import feature_records
-from uns_inference import cli_commands
+from uns_inference import model_promote, model_sign, model_train
 
 ASSETS = ("press", "conveyor")
 VERSION = "1.0.0"
@@ -33,7 +33,7 @@ def build(root: Path) -> list[Path]:
             for rec in feature_records(asset, machines=4, minutes=240, seed=7, window_every_s=30.0):
                 f.write(msgspec.json.encode(rec) + b"\n")
         target = root / "build" / "models" / f"{asset}-anomaly"
-        cli_commands.model_train(
+        model_train(
             [data],
             "anomaly",
             target,
@@ -59,8 +59,8 @@ def main() -> int:
         sha = hashlib.sha256((target / "model.onnx").read_bytes()).hexdigest()
         shipped = root / "models" / card["asset"] / "anomaly" / card["version"] / "model.onnx"
         if key.exists():
-            cli_commands.model_sign(target, key)
-            cli_commands.model_promote(
+            model_sign(target, key)
+            model_promote(
                 target, root / "models", audit_log=root / "var" / "model-audit.jsonl", pubkey=pub
             )
             print(f"{card['name']} {card['version']}: sha256 {sha}, signed and promoted")

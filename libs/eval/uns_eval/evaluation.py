@@ -26,7 +26,7 @@ import msgspec
 import numpy as np
 
 from uns import DeviceData, Metric, Window
-from uns_inference import cli_commands, onnxmodel
+from uns_inference import model_train, onnxmodel
 from uns_inference.events import EventState, Hysteresis
 
 CWRU_FS = 12_000.0
@@ -124,7 +124,7 @@ def cwru(root: Path, work: Path) -> dict[str, Any]:
     device = "eval/cwru/rig/drive-end/motor/bearing"
     _record(train, work / "cwru-normal.jsonl", device)
     target = work / "cwru-model"
-    card, _ = cli_commands.model_train(
+    card, _ = model_train(
         [work / "cwru-normal.jsonl"],
         "anomaly",
         target,
@@ -211,7 +211,7 @@ def nab(root: Path, work: Path) -> dict[str, Any]:
             ),
         )
         target = work / f"nab-{hours}h-model"
-        card, _ = cli_commands.model_train(
+        card, _ = model_train(
             [rec],
             "anomaly",
             target,
@@ -312,7 +312,7 @@ def cmapss(root: Path, work: Path) -> dict[str, Any]:
         device = f"eval/cmapss/fleet/fd001/test-cell/engine-{unit:03d}"
         _write_recording(rec, ((device, w, f) for w, f in _cmapss_features(rows)), append=True)
     target = work / "cmapss-model"
-    card, _ = cli_commands.model_train(
+    card, _ = model_train(
         [rec],
         "rul",
         target,

@@ -1059,7 +1059,7 @@ def sim_tagmap(
 
 def _inference() -> Any:
     try:
-        from uns_inference import cli_commands
+        from uns_inference import cli as cli_commands
     except ImportError:
         raise _fail("inference is not installed (pip install -e services/inference)") from None
     return cli_commands

@@ -8,21 +8,59 @@ one's sha256 and Ed25519 signature before loading it and hot-loads promotions. S
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from uns_inference.settings import InferenceSettings, ThresholdOverrides
+from uns.plugins import lazy_exports
 
 if TYPE_CHECKING:
+    from uns_inference.cli import (
+        CommandError,
+        audit_verify,
+        model_info,
+        model_keygen,
+        model_promote,
+        model_sign,
+        model_train,
+        model_verify,
+        record_messages,
+    )
+    from uns_inference.options import TRAINING, Training
     from uns_inference.service import Inference
+    from uns_inference.settings import InferenceSettings, ThresholdOverrides
 
-__all__ = ["Inference", "InferenceSettings", "ThresholdOverrides"]
+__all__ = [
+    "TRAINING",
+    "CommandError",
+    "Inference",
+    "InferenceSettings",
+    "ThresholdOverrides",
+    "Training",
+    "audit_verify",
+    "model_info",
+    "model_keygen",
+    "model_promote",
+    "model_sign",
+    "model_train",
+    "model_verify",
+    "record_messages",
+]
 
-
-def __getattr__(name: str) -> Any:
-    # The service (onnxruntime, numpy) is imported when it is asked for, so `uns record`
-    # and `uns audit verify` start and exit without them (seconds on a loaded box).
-    if name == "Inference":
-        from uns_inference.service import Inference
-
-        return Inference
-    raise AttributeError(f"module 'uns_inference' has no attribute {name!r}")
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "TRAINING": "options",
+        "CommandError": "cli",
+        "Inference": "service",
+        "InferenceSettings": "settings",
+        "ThresholdOverrides": "settings",
+        "Training": "options",
+        "audit_verify": "cli",
+        "model_info": "cli",
+        "model_keygen": "cli",
+        "model_promote": "cli",
+        "model_sign": "cli",
+        "model_train": "cli",
+        "model_verify": "cli",
+        "record_messages": "cli",
+    },
+)

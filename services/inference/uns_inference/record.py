@@ -18,7 +18,7 @@ import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -27,9 +27,7 @@ from numpy.typing import NDArray
 from uns import payloads as p
 from uns.errors import PayloadError, UnsError
 from uns_inference.combine import DeviceFeatures, Row
-
-DEFAULT_EXCLUDE: Final = ("*_count.mean", "*_count.min", "*_count.max")
-"""Counters grow for ever: their level is no sign of health (their rate, slope_per_min, is)."""
+from uns_inference.options import DEFAULT_EXCLUDE
 
 
 class RecordingError(UnsError):

@@ -1,4 +1,4 @@
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import msgspec
 
@@ -18,6 +18,8 @@ class ThresholdOverrides(Strict, frozen=True):
 
 
 class InferenceSettings(ServiceSettings, frozen=True):
+    default_metrics_port: ClassVar[int] = 9406
+
     models_dir: str = "models"
     """``<asset>/<kind>/current`` names the version directory (``model.onnx``,
     ``card.json``, ``model.onnx.sig``) serving that asset type; relative to the working

@@ -27,6 +27,8 @@ from typing import Any, Final
 import numpy as np
 from numpy.typing import NDArray
 
+from uns_inference.options import TRAINING
+
 Array = NDArray[np.float64]
 
 ENERGY_FEATURES: Final = ("bpfo_band", "bpfi_band", "bsf_band", "env_bpfo", "env_bpfi", "env_bsf")
@@ -172,12 +174,12 @@ def fit_anomaly(
     x: Array,
     names: Sequence[str],
     *,
-    variance: float = 0.95,
-    folds: int = 5,
-    quantile: float = 0.999,
-    margin: float = 1.25,
-    clear_fraction: float = 0.7,
-    critical_factor: float = 2.0,
+    variance: float = TRAINING.variance,
+    folds: int = TRAINING.folds,
+    quantile: float = TRAINING.quantile,
+    margin: float = TRAINING.margin,
+    clear_fraction: float = TRAINING.clear_fraction,
+    critical_factor: float = TRAINING.critical_factor,
 ) -> AnomalyModel:
     """Fit on healthy rows (``x``: rows x features, float64, finite).
 
@@ -285,9 +287,9 @@ def fit_rul(
     names: Sequence[str],
     *,
     runs: NDArray[np.intp] | None = None,
-    cap: float = 125.0,
+    cap: float = TRAINING.rul_cap,
     alphas: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0),
-    folds: int = 5,
+    folds: int = TRAINING.folds,
 ) -> RulModel:
     """Ridge regression of ``y`` (already clipped at ``cap``) on the transformed features.
 

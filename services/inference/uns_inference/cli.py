@@ -1,7 +1,13 @@
-"""``uns record``, ``uns model …`` and ``uns audit verify`` as plain functions.
+"""``uns record``, ``uns model ...`` and ``uns audit verify``: the model lifecycle.
 
-`uns.cli` wires them into typer; here they take paths and values, return what to
-print, and raise `CommandError` (exit 1) with a message for the user.
+The work is done by plain functions (`record_messages`, `model_train`, `model_sign`,
+`model_verify`, `model_info`, `model_promote`, `model_keygen`, `audit_verify`): they take
+paths and values, return what to print, and raise `CommandError` (exit 1) with a message
+for the user; the evaluation and the default models call them too. The Typer commands
+at the end wire them to the command line (entry points ``record``, ``model``, ``audit``).
+
+Light to import (`uns --help` lists these commands): numpy, onnx and onnxruntime are
+imported by the functions that need them.
 """
 
 from __future__ import annotations
@@ -15,19 +21,32 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Final
+from typing import IO, TYPE_CHECKING, Annotated, Any, Final
+
+import typer
 
 from uns.bus import connect
-from uns.config import BrokerSettings
-from uns.errors import BusError, UnsError
+from uns.commands import (
+    BrokerOpt,
+    ConfigOpt,
+    fail,
+    load_config,
+    run,
+    struct_options,
+    watch_target,
+)
+from uns.config import BrokerSettings, LoadedConfig
+from uns.errors import BusError, ConfigError, UnsError
 from uns.payloads import now_ms
-from uns_inference import audit, record, signing
+from uns_inference import audit, signing
 from uns_inference import card as cards
 from uns_inference.card import KINDS, Card
+from uns_inference.options import DEFAULT_EXCLUDE, TRAINING, Training
+from uns_inference.settings import InferenceSettings
 from uns_inference.signing import CARD_FILE, MODEL_FILE, SIG_FILE
 
 if TYPE_CHECKING:
-    from uns_inference import train
+    from uns_inference import record, train
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +125,8 @@ async def _record(
     count: int | None,
     say: Callable[[str], None],
 ) -> None:
+    from uns_inference import record  # numpy
+
     deadline = time.monotonic() + duration if duration is not None else None
     delay = 0.5
 
@@ -213,17 +234,17 @@ def model_train(
     name: str | None = None,
     version: str | None = None,
     include: Sequence[str] = (),
-    exclude: Sequence[str] = record.DEFAULT_EXCLUDE,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
     devices: Sequence[str] = (),
-    max_age_s: float = 120.0,
-    variance: float = 0.95,
-    quantile: float = 0.999,
-    margin: float = 1.2,
-    clear_fraction: float = 0.7,
-    min_raise_s: float = 10.0,
-    min_clear_s: float = 30.0,
-    rul_unit: str = "h",
-    rul_cap: float = 125.0,
+    max_age_s: float = TRAINING.max_age_s,
+    variance: float = TRAINING.variance,
+    quantile: float = TRAINING.quantile,
+    margin: float = TRAINING.margin,
+    clear_fraction: float = TRAINING.clear_fraction,
+    min_raise_s: float = TRAINING.min_raise_s,
+    min_clear_s: float = TRAINING.min_clear_s,
+    rul_unit: str = TRAINING.rul_unit,
+    rul_cap: float = TRAINING.rul_cap,
     created: str | None = None,
 ) -> tuple[Card, list[str]]:
     """Fit a model on recordings and write ``model.onnx`` + ``card.json`` into ``out``.
@@ -232,8 +253,8 @@ def model_train(
     ``asset`` is not given, and leaves out recorded devices of other asset types.
     Returns the card and notes for the user (dropped or suspicious features).
     """
-    # onnx and the training maths only here: `uns record` starts (and exits) without them
-    from uns_inference import build, train
+    # numpy, onnx and the training maths only here: the other commands start without them
+    from uns_inference import build, record, train
 
     if kind not in KINDS:
         raise CommandError(f"--kind: {kind!r} is not one of {', '.join(KINDS)}")
@@ -260,7 +281,7 @@ def model_train(
         params: dict[str, object] = {"max_feature_age_s": max_age_s, "exclude": list(exclude)}
         if include:
             params["include"] = list(include)
-        folds = 5
+        folds = TRAINING.folds
         if kind == "anomaly":
             trending = train.trending_features(ds.x, names)
             if trending:
@@ -276,6 +297,7 @@ def model_train(
                 quantile=quantile,
                 margin=margin,
                 clear_fraction=clear_fraction,
+                critical_factor=TRAINING.critical_factor,
             )
             graph = build.anomaly_onnx(am)
             transform, evaluation = am.transform, am.evaluation
@@ -509,3 +531,210 @@ def audit_verify(path: Path) -> audit.Head:
     if problem is not None:
         raise CommandError(f"{path}: {problem}")
     return audit.head(path)
+
+
+# ---- the command line --------------------------------------------------------------------
+
+model_app = typer.Typer(
+    help="Train, sign, check and promote models (ONNX + model card).", no_args_is_help=True
+)
+audit_app = typer.Typer(help="The model audit log.", no_args_is_help=True)
+
+
+def _inference_defaults(loaded: LoadedConfig) -> InferenceSettings:
+    try:
+        return loaded.service("inference", InferenceSettings)
+    except ConfigError as exc:
+        raise fail(f"config: {exc}") from None
+
+
+def record_command(
+    topic_filter: Annotated[
+        str, typer.Argument(metavar="FILTER", help="e.g. '+/+/+/+/+/+/features/#'")
+    ],
+    out: Annotated[Path, typer.Option(help="JSON-lines file to append to")],
+    duration: Annotated[float | None, typer.Option(min=0.0, help="Stop after S seconds")] = None,
+    count: Annotated[int | None, typer.Option(min=1, help="Stop after N messages")] = None,
+    broker: BrokerOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Record messages into a file for training: one {"topic", "ts", "retained", "payload"}
+    per line (whichever of --duration and --count comes first; Ctrl-C stops too)."""
+    url, settings = watch_target(topic_filter, config, broker)
+
+    async def main(stop: asyncio.Event) -> int:
+        n: int = await record_messages(
+            url,
+            settings,
+            topic_filter,
+            out,
+            stop=stop,
+            duration=duration,
+            count=count,
+            say=lambda line: typer.echo(line, err=True),
+        )
+        return n
+
+    try:
+        written = run(main)
+    except CommandError as exc:
+        raise fail(str(exc), code=1) from None
+    typer.echo(f"{written} messages written to {out}", err=True)
+
+
+@model_app.command("train")
+@struct_options(Training, "training", Training.ON_COMMAND_LINE)
+def train_command(
+    data: Annotated[
+        list[Path], typer.Option("--data", help="A recording (uns record); repeat for several")
+    ],
+    kind: Annotated[str, typer.Option(help="anomaly or rul")],
+    out: Annotated[Path, typer.Option(help="Directory for model.onnx and card.json")],
+    name: Annotated[str | None, typer.Option(help="[default: ASSET-KIND]")] = None,
+    version: Annotated[
+        str | None, typer.Option(help="[default: the UTC time, e.g. 2025.11.22-091500]")
+    ] = None,
+    asset: Annotated[
+        str | None,
+        typer.Option(help="Asset type [default: that of the recorded devices in the config]"),
+    ] = None,
+    features: Annotated[
+        list[str] | None, typer.Option("--features", help="Only features matching (glob, repeat)")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(help="Leave out features matching (glob, repeat) [default: counter levels]"),
+    ] = None,
+    device: Annotated[
+        list[str] | None, typer.Option(help="Only devices matching (glob, repeat)")
+    ] = None,
+    training: Training = TRAINING,
+    config: ConfigOpt = None,
+) -> None:
+    """Fit a model on recorded features; writes model.onnx and card.json (sign it next)."""
+    loaded = load_config(config)
+    plant = {d.path: d.asset for d in loaded.config.plant.devices}
+    options: dict[str, Any] = {}
+    if exclude is not None:
+        options["exclude"] = exclude
+    try:
+        _, notes = model_train(
+            data,
+            kind,
+            out,
+            asset=asset,
+            plant=plant,
+            name=name,
+            version=version,
+            include=features or (),
+            devices=device or (),
+            min_raise_s=training.min_raise_s,
+            min_clear_s=training.min_clear_s,
+            rul_unit=training.rul_unit,
+            rul_cap=training.rul_cap,
+            **options,
+        )
+    except CommandError as exc:
+        raise fail(str(exc), code=1) from None
+    for note in notes:
+        typer.echo(f"note: {note}", err=True)
+    typer.echo(model_info(out))
+    typer.echo(f"\nwrote {out}; next: uns model sign {out} --key KEYFILE", err=True)
+
+
+@model_app.command("sign")
+def sign_command(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="A model directory")],
+    key: Annotated[Path, typer.Option(help="Ed25519 private key (PEM), from uns model keygen")],
+) -> None:
+    """Sign a model: writes DIR/model.onnx.sig over the digests of model.onnx and card.json."""
+    try:
+        path = model_sign(directory, key)
+    except CommandError as exc:
+        raise fail(str(exc), code=1) from None
+    typer.echo(f"wrote {path}")
+
+
+@model_app.command("verify")
+def verify_command(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="A model directory")],
+    pubkey: Annotated[Path, typer.Option(help="Ed25519 public key (PEM)")],
+) -> None:
+    """Check a model as the inference service does (sha256, signature, loadable); exit 1 if not."""
+    try:
+        card = model_verify(directory, pubkey)
+    except CommandError as exc:
+        raise fail(str(exc), code=1) from None
+    typer.echo(f"ok: {card.name} {card.version} sha256 {card.sha256}, signed by {pubkey}")
+
+
+@model_app.command("info")
+def info_command(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="A model directory")],
+) -> None:
+    """Show a model's card: features, thresholds, training data, evaluation, method."""
+    try:
+        typer.echo(model_info(directory))
+    except CommandError as exc:
+        raise fail(str(exc), code=1) from None
+
+
+@model_app.command("promote")
+def promote_command(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="A (signed) model directory")],
+    models_dir: Annotated[
+        Path | None,
+        typer.Option(help="[default: services.inference.models_dir of the config, models]"),
+    ] = None,
+    pubkey: Annotated[
+        Path | None,
+        typer.Option(help="Verify with this key first [default: services.inference.pubkey]"),
+    ] = None,
+    audit_log: Annotated[
+        Path | None,
+        typer.Option(help="[default: services.inference.audit_log, var/model-audit.jsonl]"),
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Make DIR the current model of its asset type: copied to MODELS/<asset>/<kind>/<version>/,
+    the `current` pointer replaced atomically; the running service hot-loads it. Promoting a
+    version already there (MODELS/press/anomaly/1.0.0) is a rollback."""
+    s = _inference_defaults(load_config(config))
+    key = pubkey or (Path(s.pubkey) if s.pubkey else None)
+    try:
+        card, dest, previous = model_promote(
+            directory,
+            models_dir or Path(s.models_dir),
+            audit_log=audit_log or Path(s.audit_log),
+            pubkey=key,
+        )
+    except CommandError as exc:
+        raise fail(str(exc), code=1) from None
+    checked = "signature verified" if key else "signature NOT checked here (no --pubkey)"
+    replaced = f", replacing {previous}" if previous and previous != card.version else ""
+    typer.echo(f"{card.name} {card.version} is current for {card.asset}/{card.kind}{replaced}")
+    typer.echo(f"  {dest} ({checked})")
+
+
+@model_app.command("keygen")
+def keygen_command(
+    out: Annotated[Path, typer.Option(help="Writes OUT.key (private, 0600) and OUT.pub")],
+) -> None:
+    """Make an Ed25519 signing key pair: keep .key offline, give .pub to the edge boxes."""
+    try:
+        key, pub = model_keygen(out)
+    except CommandError as exc:
+        raise fail(str(exc), code=1) from None
+    typer.echo(f"wrote {key} (private: keep it off the edge box) and {pub}")
+
+
+@audit_app.command("verify")
+def audit_verify_command(
+    file: Annotated[Path, typer.Argument(help="e.g. var/model-audit.jsonl")],
+) -> None:
+    """Check the hash chain of an audit log; exit 1 naming the first edited or missing line."""
+    try:
+        head = audit_verify(file)
+    except CommandError as exc:
+        raise fail(str(exc), code=1) from None
+    typer.echo(f"ok: {head.lines} lines, head sha256 {head.sha256}")
