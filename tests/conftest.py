@@ -1,13 +1,10 @@
-"""Fixtures: real brokers on free ports (amqtt in-process, Mosquitto as a subprocess)."""
+"""Fixtures: real brokers on free ports (amqtt in-process, Mosquitto as a subprocess); the
+helpers behind them are in `fixtures` (tests/fixtures), what a service's test needs in
+`uns.testing`."""
 
 from __future__ import annotations
 
-import asyncio
-import getpass
 import os
-import shutil
-import socket
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,15 +17,11 @@ from typing import Any
 import hypothesis.strategies._internal.regex  # noqa: F401
 import pytest
 
+from fixtures.brokers import AmqttBroker, Mosquitto, started_mosquitto
+from fixtures.need import IN_CI
+from fixtures.ports import free_port
 from uns.membus import MemoryBroker
-
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from uns.testing import memory_url as new_memory_url
 
 
 @pytest.fixture
@@ -42,43 +35,12 @@ def prefix() -> str:
 
 @pytest.fixture
 def memory_url() -> Iterator[str]:
-    name = f"test-{uuid.uuid4().hex[:8]}"
-    yield f"memory://{name}"
-    MemoryBroker._registry.pop(name, None)
+    url = new_memory_url()
+    yield url
+    MemoryBroker._registry.pop(url.removeprefix("memory://"), None)
 
 
 # ---- amqtt, in-process -------------------------------------------------------------------
-
-
-class AmqttBroker:
-    """The embedded broker (our `uns_broker.serve`) on a free port, stoppable and restartable."""
-
-    def __init__(self, port: int, **settings: object) -> None:
-        from uns_broker import BrokerServerSettings
-
-        self.port = port
-        self.settings = BrokerServerSettings(port=port, **settings)  # type: ignore[arg-type]
-        self.url = f"mqtt://127.0.0.1:{port}"
-        self._stop: asyncio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        from uns_broker import serve
-
-        self._stop = asyncio.Event()
-        started = asyncio.Event()
-        self._task = asyncio.create_task(serve(self.settings, self._stop, started))
-        starter = asyncio.create_task(started.wait())
-        done, _ = await asyncio.wait({self._task, starter}, return_when=asyncio.FIRST_COMPLETED)
-        if self._task in done:
-            starter.cancel()
-            self._task.result()  # raises why it did not start
-
-    async def stop(self) -> None:
-        if self._stop is not None and self._task is not None:
-            self._stop.set()
-            await self._task
-            self._task = None
 
 
 @pytest.fixture
@@ -92,60 +54,9 @@ async def amqtt_broker() -> AsyncIterator[AmqttBroker]:
 # ---- Mosquitto, a subprocess --------------------------------------------------------------
 
 
-class Mosquitto:
-    """A real Mosquitto on a free port with a config written by the test."""
-
-    def __init__(self, workdir: Path, port: int | None = None, extra: str = "") -> None:
-        self.port = port or free_port()
-        self.url = f"mqtt://127.0.0.1:{self.port}"
-        self.conf = workdir / f"mosquitto-{self.port}.conf"
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
-            "persistence false\n"
-            # started as root, mosquitto would drop to user 'mosquitto' and lose our tmp files
-            f"user {getpass.getuser()}\n"
-            "log_dest stderr\n"
-            "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
-            f"{extra}"
-        )
-        self.proc: subprocess.Popen[str] | None = None
-
-    def start(self) -> None:
-        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        self.proc = subprocess.Popen(
-            [binary, "-c", str(self.conf)], stderr=subprocess.PIPE, text=True
-        )
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:  # ready once it says it runs (an event, not a sleep)
-            if "running" in line or "Error" in line:
-                break
-        if self.proc.poll() is not None or "Error" in line:
-            raise RuntimeError(f"mosquitto did not start: {line.strip()}")
-        # keep draining stderr so the pipe never fills
-        import threading
-
-        threading.Thread(target=self.proc.stderr.read, daemon=True).start()
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-
-def _mosquitto_available() -> bool:
-    return shutil.which("mosquitto") is not None or Path("/usr/sbin/mosquitto").exists()
-
-
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
-    if not _mosquitto_available():
-        if IN_CI:
-            pytest.fail("mosquitto is not installed; .ci/run must install it")
-        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
-    broker = Mosquitto(tmp_path)
-    broker.start()
+    broker = started_mosquitto(tmp_path)
     yield broker
     broker.kill()
 

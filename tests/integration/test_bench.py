@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from clitools import uns
-from conftest import IN_CI, _mosquitto_available
+from fixtures.brokers import need_mosquitto
 
 pytestmark = pytest.mark.integration
 
@@ -47,10 +47,7 @@ def loaded_machine() -> Iterator[None]:
 
 @pytest.mark.timeout(400)
 def test_a_quick_bench_reports_every_scenario_with_nothing_lost(tmp_path, loaded_machine):
-    if not _mosquitto_available():
-        if IN_CI:
-            pytest.fail("mosquitto is not installed; .ci/run must install it")
-        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+    need_mosquitto()
     out = tmp_path / "bench.json"
     r = uns("bench", "--quick", "--json", str(out), timeout=380)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -1,7 +1,7 @@
 """The store-and-forward bridge against a real Mosquitto playing the cloud.
 
 The cloud listens with TLS only and REQUIRES client certificates (made by the test);
-between the bridge and it sits `Wan`, a TCP proxy standing for the plant's WAN link:
+between the bridge and it sits `wan`, a TCP proxy standing for the plant's WAN link:
 ``cut()`` resets every connection and leaves new ones unanswered, ``mend()`` forwards
 again. The cloud application (`Reader`) is connected to Mosquitto directly, so it sees
 everything that arrives. The plant side is the in-memory broker (a local Mosquitto for
@@ -28,14 +28,16 @@ from typing import Any
 
 import pytest
 
-import certs
 from clitools import Proc, start, uns
-from conftest import IN_CI, Mosquitto, _mosquitto_available
-from harness import Records, capturing_logs, running
+from fixtures.brokers import Mosquitto, need_mosquitto
+from fixtures.logs import Records, capturing_logs
+from fixtures.pki import CertAuthority
+from fixtures.proxy import Proxy
 from uns import DeviceData, Metric, connect, decode, encode
 from uns.bus import Message
 from uns.config import BrokerSettings
 from uns.membus import MemoryBroker
+from uns.testing import Watcher, running, watching
 from uns_bridge import Bridge
 
 pytestmark = pytest.mark.integration
@@ -60,9 +62,9 @@ class Pki:
 def pki(tmp_path: Path) -> Pki:
     d = tmp_path / "pki"
     d.mkdir()
-    ours = certs.TestPKI(d)
+    ours = CertAuthority(d)
     (d / "rogue").mkdir()
-    rogue = certs.TestPKI(d / "rogue", name="rogue CA")
+    rogue = CertAuthority(d / "rogue", name="rogue CA")
     return Pki(
         ca=ours.ca,
         server=ours.issue("cloud", server=True),
@@ -93,10 +95,7 @@ class Cloud:
 def start_cloud(
     tmp_path: Path, pki: Pki, *, identity_as_username: bool = True, acl: str | None = None
 ) -> Cloud:
-    if not _mosquitto_available():
-        if IN_CI:
-            pytest.fail("mosquitto is not installed; .ci/run must install it")
-        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+    need_mosquitto()
     log = tmp_path / f"cloud-{uuid.uuid4().hex[:6]}.log"
     cert, key = pki.server
     acl_line = ""
@@ -123,77 +122,15 @@ def cloud(tmp_path: Path, pki: Pki) -> Iterator[Cloud]:
     c.broker.kill()
 
 
-class Wan:
-    """A TCP proxy standing for the WAN link between the bridge and the cloud."""
-
-    def __init__(self, target: int) -> None:
-        self.target = target
-        self.down = False
-        self.links: list[asyncio.StreamWriter] = []
-        self.held: list[asyncio.StreamWriter] = []
-        self.handlers: set[asyncio.Task[Any]] = set()
-        self.port = 0
-
-    async def __aenter__(self) -> Wan:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.cut()
-        self.mend()
-        self.server.close()
-        await self.server.wait_closed()
-        if self.handlers:  # the pipes end once their connections are aborted
-            await asyncio.wait(self.handlers, timeout=5)
-
-    async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self.handlers.add(task)
-        task.add_done_callback(self.handlers.discard)
-        if self.down:
-            self.held.append(cw)  # no answer, like a dead link: the TLS handshake times out
-            return
-        sr, sw = await asyncio.open_connection("127.0.0.1", self.target)
-        self.links += [cw, sw]
-        await asyncio.gather(self._pipe(cr, sw), self._pipe(sr, cw))
-
-    async def _pipe(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            while data := await r.read(65536):
-                w.write(data)
-                await w.drain()
-        except OSError:
-            pass
-        finally:
-            w.close()
-
-    def cut(self) -> None:
-        self.down = True
-        for w in self.links:
-            w.transport.abort()  # a reset: both ends notice at once
-        self.links.clear()
-
-    def mend(self) -> None:
-        self.down = False
-        for w in self.held:
-            w.transport.abort()
-        self.held.clear()
+def wan(cloud: Cloud) -> Proxy:
+    """The WAN link to the cloud: cut, a connection is held unanswered (a dead link)."""
+    return Proxy(cloud.port, when_cut="hold")
 
 
-class Reader:
+class Reader(Watcher):
     """The cloud application: everything that reaches the cloud, with its MQTT 5 properties."""
 
-    def __init__(self) -> None:
-        self.messages: list[Message] = []
-        self.changed = asyncio.Event()
-
-    async def wait(self, predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                self.changed.clear()
-                await self.changed.wait()
+    timeout = 20.0
 
     def data(self) -> list[Message]:
         return [m for m in self.messages if m.topic.endswith("/features/data")]
@@ -221,7 +158,6 @@ class Reader:
 
 @contextlib.asynccontextmanager
 async def reading(cloud: Cloud, topic_filter: str = "#") -> AsyncIterator[Reader]:
-    reader = Reader()
     cert, key = cloud.pki.reader
     settings = BrokerSettings(
         url=f"mqtts://127.0.0.1:{cloud.port}",
@@ -229,19 +165,10 @@ async def reading(cloud: Cloud, topic_filter: str = "#") -> AsyncIterator[Reader
         cert_file=str(cert),
         key_file=str(key),
     )
-    async with connect(settings=settings, client_id="cloud-reader", protocol=5) as bus:
-        await bus.subscribe(topic_filter, qos=1)
-
-        async def collect() -> None:
-            async for m in bus.messages():
-                reader.messages.append(m)
-                reader.changed.set()
-
-        task = asyncio.create_task(collect())
-        try:
-            yield reader
-        finally:
-            task.cancel()
+    async with watching(
+        None, topic_filter, watcher=Reader, settings=settings, client_id="cloud-reader", protocol=5
+    ) as reader:
+        yield reader
 
 
 # ---- the plant --------------------------------------------------------------------------
@@ -270,10 +197,10 @@ async def produce(url: str, prefix: str, numbers: range, rate: float | None = No
                 await asyncio.sleep(max(0.0, t0 + (k + 1) / rate - time.monotonic()))
 
 
-def remote(cloud: Cloud, wan: Wan | None = None, **over: Any) -> dict[str, Any]:
+def remote(cloud: Cloud, link: Proxy | None = None, **over: Any) -> dict[str, Any]:
     cert, key = cloud.pki.bridge
     return {
-        "url": f"mqtts://127.0.0.1:{wan.port if wan else cloud.port}",
+        "url": f"mqtts://127.0.0.1:{link.port if link else cloud.port}",
         "ca_file": str(cloud.pki.ca),
         "cert_file": str(cert),
         "key_file": str(key),
@@ -326,25 +253,25 @@ async def test_a_30_s_wan_outage_during_a_steady_stream_loses_nothing_and_keeps_
     journal = tmp_path / "journal.sqlite"
     total = 20 * 35  # 20 msg/s: 2 s before the outage, 30 s of it, 3 s after
     async with (
-        Wan(cloud.port) as wan,
+        wan(cloud) as link,
         reading(cloud) as reader,
         running(
             Bridge,
             memory_url,
             prefix,
-            remote=remote(cloud, wan, inflight=20),
+            remote=remote(cloud, link, inflight=20),
             include=FEATURES_ONLY,
             journal={"path": str(journal)},
         ) as node,
     ):
         stream = asyncio.create_task(produce(memory_url, prefix, range(total), rate=20))
         await reader.wait(lambda: len(reader.data()) >= 20)
-        wan.cut()
+        link.cut()
         await asyncio.sleep(30)  # the outage
         backlog = metric(node, "uns_bridge_journal_messages")
         oldest = metric(node, "uns_bridge_oldest_age_seconds")
         assert metric(node, "uns_bridge_remote_connected") == 0
-        wan.mend()
+        link.mend()
         await stream
         await reader.wait(lambda: reader.numbers() == set(range(total)))
         await until(node, lambda: metric(node, "uns_bridge_journal_messages") == 0)
@@ -393,23 +320,23 @@ async def test_kill_9_in_the_middle_of_a_backlog_then_a_restart_loses_nothing(
     cloud: Cloud, mosquitto: Mosquitto, prefix: str, tmp_path: Path, procs: list[Proc]
 ) -> None:
     total = 2000
-    async with Wan(cloud.port) as wan, reading(cloud) as reader:
+    async with wan(cloud) as link, reading(cloud) as reader:
         config = _config(
             tmp_path / "edge.yaml",
             prefix,
             mosquitto.url,
             {
                 "include": FEATURES_ONLY,
-                "remote": remote(cloud, wan, inflight=20),
+                "remote": remote(cloud, link, inflight=20),
                 "journal": {"path": str(tmp_path / "journal.sqlite"), "backfill_rate": 500},
             },
         )
-        wan.cut()
+        link.cut()
         args = ("run", "bridge", "--config", str(config))
         bridge = await asyncio.to_thread(start, procs, *args, ready="births published")
         await produce(mosquitto.url, prefix, range(total))
         await scraped(bridge, "uns_bridge_journal_messages", lambda v: v >= total)
-        wan.mend()
+        link.mend()
         await reader.wait(lambda: len(reader.numbers()) >= 400)
         bridge.stop(signal.SIGKILL)  # mid-backlog: about 4 s of it at 500 msg/s
         delivered_before = len(reader.numbers())
@@ -433,10 +360,10 @@ async def test_a_bridge_restarted_while_the_cloud_is_down_delivers_everything_wh
     cloud: Cloud, memory_url: str, prefix: str, tmp_path: Path
 ) -> None:
     journal = tmp_path / "journal.sqlite"
-    async with Wan(cloud.port) as wan, reading(cloud) as reader:
-        wan.cut()
+    async with wan(cloud) as link, reading(cloud) as reader:
+        link.cut()
         section: dict[str, Any] = {
-            "remote": remote(cloud, wan),
+            "remote": remote(cloud, link),
             "include": FEATURES_ONLY,
             "journal": {"path": str(journal)},
         }
@@ -447,7 +374,7 @@ async def test_a_bridge_restarted_while_the_cloud_is_down_delivers_everything_wh
             await until(node, lambda: metric(node, "uns_bridge_journal_messages") == 100)
             await produce(memory_url, prefix, range(100, 200))
             await until(node, lambda: metric(node, "uns_bridge_journal_messages") == 200)
-            wan.mend()
+            link.mend()
             await reader.wait(lambda: reader.numbers() == set(range(200)))
     reader.assert_in_order()
     assert reader.duplicates() == 0
@@ -461,19 +388,19 @@ async def test_after_a_local_broker_restart_the_bridge_subscribes_again_and_lose
 ) -> None:
     local = MemoryBroker.named(memory_url.removeprefix("memory://"))
     async with (
-        Wan(cloud.port) as wan,
+        wan(cloud) as link,
         reading(cloud) as reader,
         running(
             Bridge,
             memory_url,
             prefix,
-            remote=remote(cloud, wan),
+            remote=remote(cloud, link),
             journal={"path": str(tmp_path / "journal.sqlite")},
             reconnect_min_s=0.05,
             reconnect_max_s=0.2,
         ) as node,
     ):
-        wan.cut()
+        link.cut()
         await produce(memory_url, prefix, range(50))
         await until(node, lambda: metric(node, "uns_bridge_journal_messages") >= 50)
         local.stop()  # everything the bridge took is in its journal, not in the broker
@@ -485,7 +412,7 @@ async def test_after_a_local_broker_restart_the_bridge_subscribes_again_and_lose
                     if m.payload:
                         break
         await produce(memory_url, prefix, range(50, 100))
-        wan.mend()
+        link.mend()
         await reader.wait(lambda: reader.numbers() == set(range(100)))
     reader.assert_in_order()
     births = [m for m in reader.messages if m.topic == f"{prefix}/pune/_node/bridge/birth"]
@@ -509,20 +436,8 @@ def offline_cloud() -> Iterator[tuple[str, MemoryBroker]]:
 @contextlib.asynccontextmanager
 async def collecting(url: str) -> AsyncIterator[Reader]:
     """The cloud application on the in-memory cloud."""
-    reader = Reader()
-    async with connect(url) as bus:
-        await bus.subscribe("#", qos=1)
-
-        async def collect() -> None:
-            async for m in bus.messages():
-                reader.messages.append(m)
-                reader.changed.set()
-
-        task = asyncio.create_task(collect())
-        try:
-            yield reader
-        finally:
-            task.cancel()
+    async with watching(url, "#", watcher=Reader) as reader:
+        yield reader
 
 
 async def test_messages_older_than_the_ttl_are_dropped_and_counted_as_expired(
@@ -827,19 +742,19 @@ async def test_azure_iot_hub_preset_device_id_username_and_property_bag_on_mqtt_
 async def test_batches_carry_many_messages_in_one_publish_with_their_ids(
     cloud: Cloud, memory_url: str, prefix: str, tmp_path: Path
 ) -> None:
-    async with Wan(cloud.port) as wan, reading(cloud) as reader:
-        wan.cut()
+    async with wan(cloud) as link, reading(cloud) as reader:
+        link.cut()
         async with running(
             Bridge,
             memory_url,
             prefix,
-            remote=remote(cloud, wan),
+            remote=remote(cloud, link),
             include=FEATURES_ONLY,
             journal={"path": str(tmp_path / "j.sqlite"), "batch": 50},
         ) as node:
             await produce(memory_url, prefix, range(120))
             await until(node, lambda: metric(node, "uns_bridge_journal_messages") == 120)
-            wan.mend()
+            link.mend()
             await reader.wait(
                 lambda: sum(int(m.user_properties["uns-count"]) for m in reader.messages) == 120
             )

@@ -8,25 +8,21 @@ at every connect, so fixing it needs no restart).
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import contextlib
-import hashlib
 import logging
-import os
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import IN_CI, Mosquitto, _mosquitto_available
-from harness import capturing_logs, running
+from fixtures.brokers import Mosquitto, started_mosquitto
+from fixtures.logs import capturing_logs
 from uns import DeviceData, Metric, connect, encode
-from uns.bus import Message
 from uns.config import BrokerSettings
+from uns.testing import Watcher, running, watching
 from uns_bridge import Bridge
 
 pytestmark = pytest.mark.integration
@@ -34,64 +30,21 @@ pytestmark = pytest.mark.integration
 FEATURES_ONLY = ["+/+/+/+/+/+/features/#"]
 
 
-def password_file(path: Path, users: dict[str, str]) -> Path:
-    """A Mosquitto password file (``$6$``: salted SHA-512), without mosquitto_passwd."""
-    lines = []
-    for user, password in users.items():
-        salt = os.urandom(12)
-        digest = hashlib.sha512(password.encode() + salt).digest()
-        lines.append(
-            f"{user}:$6${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
-        )
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 @pytest.fixture
 def locked_cloud(tmp_path: Path) -> Iterator[Mosquitto]:
     """A remote that admits only its users: ``edge`` (password ``right``) and ``reader``."""
-    if not _mosquitto_available():
-        if IN_CI:
-            pytest.fail("mosquitto is not installed; .ci/run must install it")
-        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
-    users = password_file(tmp_path / "cloud.passwd", {"edge": "right", "reader": "reader"})
-    broker = Mosquitto(tmp_path, extra=f"allow_anonymous false\npassword_file {users}\n")
-    broker.start()
+    broker = started_mosquitto(tmp_path, users={"edge": "right", "reader": "reader"})
     yield broker
     broker.kill()
 
 
-class Reader:
-    """The cloud application: every features message that reaches the remote."""
-
-    def __init__(self) -> None:
-        self.messages: list[Message] = []
-        self.changed = asyncio.Event()
-
-    async def wait(self, predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                self.changed.clear()
-                await self.changed.wait()
-
-
 @contextlib.asynccontextmanager
-async def reading(url: str) -> AsyncIterator[Reader]:
-    reader = Reader()
+async def reading(url: str) -> AsyncIterator[Watcher]:
+    """The cloud application: every features message that reaches the remote."""
     settings = BrokerSettings(url=url, username="reader", password="reader")
-    async with connect(settings=settings) as bus:
-        await bus.subscribe("+/+/+/+/+/+/features/#", qos=1)
-
-        async def collect() -> None:
-            async for m in bus.messages():
-                reader.messages.append(m)
-                reader.changed.set()
-
-        task = asyncio.create_task(collect())
-        try:
-            yield reader
-        finally:
-            task.cancel()
+    async with watching(None, "+/+/+/+/+/+/features/#", settings=settings) as reader:
+        reader.timeout = 20.0
+        yield reader
 
 
 async def produce(url: str, prefix: str, n: int) -> None:

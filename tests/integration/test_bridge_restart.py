@@ -19,30 +19,20 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import msgspec
 import pytest
 
 from clitools import Proc, start
-from conftest import IN_CI, Mosquitto, _mosquitto_available
+from fixtures.brokers import Mosquitto, started_mosquitto
+from fixtures.proxy import Proxy
 from uns import DeviceData, Metric, connect, decode, encode
 from uns.bus import Message
+from uns.testing import Watcher, watching
 
 pytestmark = pytest.mark.integration
 
 FEATURES_ONLY = ["+/+/+/+/+/+/features/#"]
-
-
-def _mosquitto(workdir: Path, extra: str = "") -> Mosquitto:
-    if not _mosquitto_available():
-        if IN_CI:
-            pytest.fail("mosquitto is not installed; .ci/run must install it")
-        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
-    workdir.mkdir()
-    broker = Mosquitto(workdir, extra=extra)
-    broker.start()
-    return broker
 
 
 @pytest.fixture
@@ -50,97 +40,25 @@ def local(tmp_path: Path) -> Iterator[Mosquitto]:
     """The plant's broker, holding up to 10,000 messages for a client that is away (as
     deploy/mosquitto does; Mosquitto's default of 1,000 is 5 s of this stream, less than
     a restart of the bridge takes on a loaded machine)."""
-    broker = _mosquitto(tmp_path / "local", "max_queued_messages 10000\n")
+    broker = started_mosquitto(tmp_path, name="local", extra="max_queued_messages 10000\n")
     yield broker
     broker.kill()
 
 
 @pytest.fixture
 def cloud(tmp_path: Path) -> Iterator[Mosquitto]:
-    broker = _mosquitto(tmp_path / "cloud")
+    broker = started_mosquitto(tmp_path, name="cloud")
     yield broker
     broker.kill()
 
 
-class Link:
-    """A TCP proxy for the WAN between the bridge and the cloud: ``cut`` resets every
-    connection and refuses new ones, ``mend`` lets them through again."""
+class Reader(Watcher):
+    """The cloud application, on the cloud Mosquitto over MQTT 5 (ids as user properties);
+    a wait fails once nothing more reached the cloud for 10 s (a lost message never comes:
+    no need to wait out the whole timeout for it)."""
 
-    def __init__(self, target: int) -> None:
-        self.target = target
-        self.down = False
-        self.writers: list[asyncio.StreamWriter] = []
-        self.handlers: set[asyncio.Task[Any]] = set()
-
-    async def __aenter__(self) -> Link:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.cut()
-        self.server.close()
-        if self.handlers:
-            await asyncio.wait(self.handlers, timeout=5)
-
-    async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-        if self.down:
-            cw.transport.abort()
-            return
-        task = asyncio.current_task()
-        assert task is not None
-        self.handlers.add(task)
-        task.add_done_callback(self.handlers.discard)
-        sr, sw = await asyncio.open_connection("127.0.0.1", self.target)
-        self.writers += [cw, sw]
-        await asyncio.gather(self._pipe(cr, sw), self._pipe(sr, cw))
-
-    @staticmethod
-    async def _pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            while data := await r.read(65536):
-                w.write(data)
-                await w.drain()
-        except OSError:
-            pass
-        finally:
-            w.close()
-
-    def cut(self) -> None:
-        self.down = True
-        for w in self.writers:
-            w.transport.abort()
-        self.writers.clear()
-
-    def mend(self) -> None:
-        self.down = False
-
-
-class Reader:
-    """The cloud application, on the cloud Mosquitto over MQTT 5 (ids as user properties)."""
-
-    def __init__(self) -> None:
-        self.messages: list[Message] = []
-        self.changed = asyncio.Event()
-
-    async def wait(
-        self,
-        predicate: Callable[[], bool],
-        timeout: float = 60.0,
-        quiet: float = 10.0,
-        why: Callable[[], str] = str,
-    ) -> None:
-        """Until ``predicate`` holds; fails early once nothing arrived for ``quiet`` s (a
-        lost message never comes: no need to wait out the whole timeout for it)."""
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                self.changed.clear()
-                try:
-                    await asyncio.wait_for(self.changed.wait(), quiet)
-                except TimeoutError:
-                    raise AssertionError(
-                        f"nothing more reached the cloud for {quiet} s{why()}"
-                    ) from None
+    timeout = 60.0
+    quiet = 10.0
 
     def numbers(self) -> set[int]:
         return {number(m) for m in self.messages}
@@ -160,20 +78,10 @@ class Reader:
 
 @contextlib.asynccontextmanager
 async def reading(cloud: Mosquitto) -> AsyncIterator[Reader]:
-    reader = Reader()
-    async with connect(cloud.url, client_id="cloud-app", protocol=5) as bus:
-        await bus.subscribe("+/+/+/+/+/+/features/#", qos=1)
-
-        async def collect() -> None:
-            async for m in bus.messages():
-                reader.messages.append(m)
-                reader.changed.set()
-
-        task = asyncio.create_task(collect())
-        try:
-            yield reader
-        finally:
-            task.cancel()
+    async with watching(
+        cloud.url, "+/+/+/+/+/+/features/#", watcher=Reader, client_id="cloud-app", protocol=5
+    ) as reader:
+        yield reader
 
 
 def lost(reader: Reader, accepted: list[int]) -> Callable[[], str]:
@@ -288,7 +196,7 @@ async def test_kill_9_while_the_cloud_is_unreachable_loses_nothing_when_both_com
     local: Mosquitto, cloud: Mosquitto, prefix: str, tmp_path: Path, procs: list[Proc]
 ) -> None:
     stream = Stream(local.url, prefix, total=2000, rate=200)  # 10 s
-    async with Link(cloud.port) as wan, reading(cloud) as reader:
+    async with Proxy(cloud.port) as wan, reading(cloud) as reader:
         config = bridge_config(tmp_path, prefix, local, wan.port, "edge")
         bridge = await run_bridge(procs, config)
         running = stream.start()

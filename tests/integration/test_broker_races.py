@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from conftest import AmqttBroker, free_port
+from fixtures.brokers import AmqttBroker
+from fixtures.ports import free_port
 from uns import connect
 from uns_broker import AclEntry
 

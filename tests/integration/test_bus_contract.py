@@ -133,7 +133,7 @@ async def test_an_unreachable_broker_is_a_bus_error(any_broker):
         MemoryBroker.named(any_broker.removeprefix("memory://")).stop()
         url = any_broker
     else:
-        from conftest import free_port
+        from fixtures.ports import free_port
 
         url = f"mqtt://127.0.0.1:{free_port()}"
     with pytest.raises(BusError, match="unreachable"):

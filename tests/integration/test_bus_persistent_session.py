@@ -11,11 +11,11 @@ from typing import Literal
 import msgspec
 import pytest
 
-from conftest import Mosquitto
-from harness import running
+from fixtures.brokers import Mosquitto
 from uns import Inbound, Node, Reject, Service, connect
 from uns.bus import Bus, Message
 from uns.runtime import ServiceSettings
+from uns.testing import running
 
 pytestmark = pytest.mark.integration
 

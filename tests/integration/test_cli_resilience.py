@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from clitools import Proc, start, sub_json, uns
-from conftest import Mosquitto, free_port
+from fixtures.brokers import Mosquitto
+from fixtures.ports import free_port
 
 pytestmark = pytest.mark.integration
 

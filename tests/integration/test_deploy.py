@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IN_CI, Mosquitto
+from fixtures.brokers import Mosquitto
+from fixtures.need import missing
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
@@ -18,9 +19,7 @@ ROOT = Path(__file__).parents[2]
 def need(program: str) -> str:
     path = shutil.which(program)
     if path is None:
-        if IN_CI:
-            pytest.fail(f"{program} is not installed; .ci/run must install it")
-        pytest.skip(f"{program} is not installed")
+        missing(f"{program} is not installed", ci=".ci/run must install it")
     return path
 
 
@@ -37,7 +36,7 @@ def test_the_compose_file_is_valid():
 def test_every_compose_service_runs_a_service_that_exists():
     import yaml
 
-    from uns.cli import service_classes
+    from uns.plugins import service_classes
 
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     for name, spec in compose["services"].items():

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness import Watcher, capturing_logs, running, watching
+from fixtures.logs import capturing_logs
 from uns import (
     Bus,
     DeviceBirth,
@@ -36,6 +36,7 @@ from uns import (
     encode,
     now_ms,
 )
+from uns.testing import Watcher, running, watching
 from uns_featurizer import Featurizer
 
 pytestmark = pytest.mark.integration

@@ -14,8 +14,8 @@ import msgspec
 import numpy as np
 import pytest
 
-from harness import Watcher, running, watching
 from uns import Bus, DeviceBirth, DeviceData, Event, Metric, MetricDef, Window, connect, encode
+from uns.testing import Watcher, running, watching
 from uns_inference import Inference, audit, record
 from uns_inference import cli as cli_commands
 from uns_inference.card import Card

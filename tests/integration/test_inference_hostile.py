@@ -31,8 +31,8 @@ from test_inference import (
 )
 
 from clitools import Proc, start
-from conftest import Mosquitto
-from harness import capturing_logs, running, watching
+from fixtures.brokers import Mosquitto
+from fixtures.logs import capturing_logs
 from uns import (
     Command,
     DeviceBirth,
@@ -44,6 +44,7 @@ from uns import (
     connect,
     encode,
 )
+from uns.testing import running, watching
 from uns_inference import Inference, audit, record
 from uns_inference import cli as cli_commands
 

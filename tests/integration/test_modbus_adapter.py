@@ -8,88 +8,18 @@ from typing import Any
 
 import pytest
 from pymodbus.constants import ExcCodes
-from pymodbus.exceptions import NoSuchIdException
-from pymodbus.server import ModbusTcpServer
-from pymodbus.simulator import DataType, SimData, SimDevice
 
-from conftest import free_port
-from harness import Watcher, running, watching
+from fixtures.modbus import ModbusPlc
 from uns import DeviceBirth, DeviceData, DeviceDeath, Message, decode
+from uns.testing import Watcher, running, watching
 from uns_modbus_adapter import ModbusAdapter, ModbusDevice, Register
-from uns_modbus_adapter.logic import encode
 
 pytestmark = pytest.mark.integration
 
-FC = {"coil": 5, "discrete": 2, "holding": 16, "input": 4}
-"""Function code that selects a table when writing into the simulator's memory."""
-
-
-class Plc:
-    """A pymodbus TCP server with units 1..3 (all four tables, addresses 0..63 each).
-
-    ``faults[unit]`` makes a unit answer with an exception code or stay silent.
-    """
-
-    UNITS = (1, 2, 3)
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.faults: dict[int, ExcCodes | str | None] = {}
-        self.server: ModbusTcpServer | None = None
-        self.memory: dict[tuple[int, str, int], int] = {}
-
-    def _action(self, unit: int) -> Any:
-        async def action(*_: Any) -> ExcCodes | None:
-            fault = self.faults.get(unit)
-            if fault == "silent":
-                raise NoSuchIdException("silent")  # with ignore_missing_devices: no answer
-            return fault if isinstance(fault, ExcCodes) else None
-
-        return action
-
-    async def start(self) -> None:
-        def bits() -> list[SimData]:
-            return [SimData(0, count=64, values=False, datatype=DataType.BITS)]
-
-        def words() -> list[SimData]:
-            return [SimData(0, count=64, values=0, datatype=DataType.REGISTERS)]
-
-        devices = [
-            SimDevice(id=u, simdata=(bits(), bits(), words(), words()), action=self._action(u))
-            for u in self.UNITS
-        ]
-        self.server = ModbusTcpServer(
-            devices, address=("127.0.0.1", self.port), ignore_missing_devices=True
-        )
-        await self.server.serve_forever(background=True)
-        for (unit, table, address), value in self.memory.items():  # survives a restart
-            await self._write(unit, table, address, [value])
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            await self.server.shutdown()
-            self.server = None
-
-    async def set(self, unit: int, reg: Register, raw: Any) -> None:
-        """Store ``raw`` (before scale/offset) where ``reg`` reads it."""
-        values = encode(raw, reg)
-        if reg.kind == "bit":  # keep the register's other bits
-            old = self.memory.get((unit, reg.table, reg.address), 0)
-            mask = encode(True, reg)[0]
-            values = [(old & ~mask) | values[0]]
-        for i, value in enumerate(values):
-            self.memory[(unit, reg.table, reg.address + i)] = value
-        await self._write(unit, reg.table, reg.address, values)
-
-    async def _write(self, unit: int, table: str, address: int, values: list[int]) -> None:
-        assert self.server is not None
-        data: list[Any] = [bool(v) for v in values] if table in ("coil", "discrete") else values
-        assert await self.server.context.async_setValues(unit, FC[table], address, data) is None
-
 
 @pytest.fixture
-async def plc() -> AsyncIterator[Plc]:
-    server = Plc()
+async def plc() -> AsyncIterator[ModbusPlc]:
+    server = ModbusPlc()
     await server.start()
     yield server
     await server.stop()
@@ -130,7 +60,7 @@ OWN = [
 FAST = {"fast": 0.05, "slow": 0.2}
 
 
-def adapter(plc: Plc, **settings: Any) -> dict[str, Any]:
+def adapter(plc: ModbusPlc, **settings: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
         "host": "127.0.0.1",
         "port": plc.port,
@@ -171,7 +101,7 @@ def metric(node: Any, name: str, **labels: str) -> float:
 
 
 async def test_every_register_arrives_on_its_device_topic_with_its_unit_and_good_quality(
-    plc: Plc, memory_url: str, prefix: str
+    plc: ModbusPlc, memory_url: str, prefix: str
 ) -> None:
     values = {
         "bearing_temp": 71.3,
@@ -224,7 +154,7 @@ async def test_every_register_arrives_on_its_device_topic_with_its_unit_and_good
 
 
 async def test_a_changed_register_is_published_at_once_and_an_unchanged_one_at_the_heartbeat(
-    plc: Plc, memory_url: str, prefix: str
+    plc: ModbusPlc, memory_url: str, prefix: str
 ) -> None:
     regs = [
         reg(name="speed", table="holding", address=0, unit="rpm"),
@@ -262,7 +192,7 @@ async def test_a_changed_register_is_published_at_once_and_an_unchanged_one_at_t
 
 
 async def test_a_failing_unit_turns_bad_then_dead_then_is_born_again_when_it_answers(
-    plc: Plc, memory_url: str, prefix: str
+    plc: ModbusPlc, memory_url: str, prefix: str
 ) -> None:
     regs = [reg(name="level", table="holding", address=0, unit="mm")]
     for unit in (1, 2):
@@ -307,7 +237,7 @@ async def test_a_failing_unit_turns_bad_then_dead_then_is_born_again_when_it_ans
 
 
 async def test_a_silent_unit_times_out_and_dies_while_the_others_keep_publishing(
-    plc: Plc, memory_url: str, prefix: str
+    plc: ModbusPlc, memory_url: str, prefix: str
 ) -> None:
     regs = [reg(name="flow", table="input", address=0)]
     await plc.set(1, regs[0], 11)
@@ -339,7 +269,7 @@ async def test_a_silent_unit_times_out_and_dies_while_the_others_keep_publishing
 
 
 async def test_a_register_the_unit_refuses_is_bad_but_the_device_stays_alive(
-    plc: Plc, memory_url: str, prefix: str
+    plc: ModbusPlc, memory_url: str, prefix: str
 ) -> None:
     regs = [
         reg(name="ok", table="holding", address=0),
@@ -365,7 +295,7 @@ async def test_a_register_the_unit_refuses_is_bad_but_the_device_stays_alive(
 
 
 async def test_stopping_the_server_kills_every_device_and_restarting_it_brings_births_then_data(
-    plc: Plc, memory_url: str, prefix: str
+    plc: ModbusPlc, memory_url: str, prefix: str
 ) -> None:
     regs = [reg(name="speed", table="holding", address=0)]
     await plc.set(1, regs[0], 7)
@@ -401,7 +331,7 @@ async def test_stopping_the_server_kills_every_device_and_restarting_it_brings_b
 async def test_an_unreachable_plc_kills_the_devices_once_and_is_retried(
     memory_url: str, prefix: str
 ) -> None:
-    plc = Plc()  # not started: connection refused
+    plc = ModbusPlc()  # not started: connection refused
     regs = [reg(name="speed", table="holding", address=0)]
     async with (
         watching(memory_url, f"{prefix}/#") as w,

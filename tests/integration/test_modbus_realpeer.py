@@ -13,80 +13,27 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from pymodbus.exceptions import NoSuchIdException
-from pymodbus.server import ModbusTcpServer
-from pymodbus.simulator import DataType, SimData, SimDevice
 
-from conftest import free_port
-from harness import Watcher, capturing_logs, running, watching
+from fixtures.logs import capturing_logs
+from fixtures.modbus import ModbusPlc
+from fixtures.need import missing
+from fixtures.ports import free_port
+from fixtures.proxy import Proxy
 from uns import DeviceData, DeviceDeath, Message, decode
+from uns.testing import Watcher, running, watching
 from uns_modbus_adapter import ModbusAdapter, ModbusDevice, Register
 from uns_modbus_adapter.logic import encode
 
 pytestmark = pytest.mark.integration
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-class CountingPlc:
-    """A pymodbus TCP server with units 1..3 that counts the requests each unit receives.
-
-    A unit in ``silent`` reads its requests and never answers them.
-    """
-
-    UNITS = (1, 2, 3)
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.silent: set[int] = set()
-        self.requests: collections.Counter[int] = collections.Counter()
-        self.server: ModbusTcpServer | None = None
-
-    def _action(self, unit: int) -> Any:
-        async def action(*_: Any) -> None:
-            self.requests[unit] += 1
-            if unit in self.silent:
-                raise NoSuchIdException("silent")  # with ignore_missing_devices: no answer
-
-        return action
-
-    async def start(self) -> None:
-        devices = [
-            SimDevice(
-                id=u,
-                simdata=(
-                    [SimData(0, count=16, values=False, datatype=DataType.BITS)],
-                    [SimData(0, count=16, values=False, datatype=DataType.BITS)],
-                    [SimData(0, count=16, values=0, datatype=DataType.REGISTERS)],
-                    [SimData(0, count=16, values=0, datatype=DataType.REGISTERS)],
-                ),
-                action=self._action(u),
-            )
-            for u in self.UNITS
-        ]
-        self.server = ModbusTcpServer(
-            devices, address=("127.0.0.1", self.port), ignore_missing_devices=True
-        )
-        await self.server.serve_forever(background=True)
-
-    async def set_holding(self, unit: int, address: int, value: int) -> None:
-        assert self.server is not None
-        assert await self.server.context.async_setValues(unit, 16, address, [value]) is None
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            await self.server.shutdown()
-            self.server = None
-
 
 @pytest.fixture
-async def counting_plc() -> AsyncIterator[CountingPlc]:
-    plc = CountingPlc()
+async def counting_plc() -> AsyncIterator[ModbusPlc]:
+    plc = ModbusPlc()
     await plc.start()
     yield plc
     await plc.stop()
@@ -124,7 +71,7 @@ async def wait_value(w: Watcher, device: str, name: str, value: Any, timeout: fl
 
 
 async def test_a_unit_that_never_answers_does_not_slow_the_polls_of_the_other_units(
-    counting_plc: CountingPlc, memory_url: str, prefix: str
+    counting_plc: ModbusPlc, memory_url: str, prefix: str
 ) -> None:
     plc = counting_plc
     level = Register(name="level", table="holding", address=0)
@@ -184,60 +131,8 @@ async def test_a_unit_that_never_answers_does_not_slow_the_polls_of_the_other_un
     assert any("unit 2" in line and "own connection" in line for line in isolated), isolated
 
 
-class OneClientFront:
-    """A TCP front of the PLC that serves one connection and closes any other at once, as
-    an endpoint that takes one client does (a single MB_SERVER instance, a small gateway)."""
-
-    def __init__(self, target: int) -> None:
-        self.target = target
-        self.busy = False
-        self.closed_at_once = 0
-        self.links: list[asyncio.StreamWriter] = []
-        self.handlers: set[asyncio.Task[Any]] = set()
-
-    async def __aenter__(self) -> OneClientFront:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.server.close()
-        for w in self.links:
-            w.transport.abort()  # the pipes end by themselves
-        if self.handlers:
-            await asyncio.wait(self.handlers, timeout=5)
-
-    async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-        if self.busy:
-            self.closed_at_once += 1
-            cw.transport.abort()
-            return
-        self.busy = True
-        task = asyncio.current_task()
-        assert task is not None
-        self.handlers.add(task)
-        task.add_done_callback(self.handlers.discard)
-        sr, sw = await asyncio.open_connection("127.0.0.1", self.target)
-        self.links += [cw, sw]
-        try:
-            await asyncio.gather(self._pipe(cr, sw), self._pipe(sr, cw))
-        finally:
-            self.busy = False
-
-    @staticmethod
-    async def _pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            while data := await r.read(65536):
-                w.write(data)
-                await w.drain()
-        except OSError:
-            pass
-        finally:
-            w.close()
-
-
 async def test_an_endpoint_that_takes_one_client_gets_the_silent_unit_on_the_shared_connection(
-    counting_plc: CountingPlc, memory_url: str, prefix: str
+    counting_plc: ModbusPlc, memory_url: str, prefix: str
 ) -> None:
     plc = counting_plc
     level = Register(name="level", table="holding", address=0)
@@ -248,7 +143,7 @@ async def test_an_endpoint_that_takes_one_client_gets_the_silent_unit_on_the_sha
     ]
     with capturing_logs("uns_modbus_adapter") as logs:
         async with (
-            OneClientFront(plc.port) as front,
+            Proxy(plc.port, one_client=True) as front,
             watching(memory_url, f"{prefix}/#") as w,
             running(
                 ModbusAdapter,
@@ -290,9 +185,11 @@ def pymodbustcp_server() -> Iterator[Any]:
     try:
         from pyModbusTCP.server import ModbusServer
     except ImportError:
-        if IN_CI:
-            pytest.fail("pyModbusTCP is not installed; requirements-dev.txt must pin it")
-        pytest.skip("pyModbusTCP is not installed (pip install pyModbusTCP)")
+        missing(
+            "pyModbusTCP is not installed",
+            ci="requirements-dev.txt must pin it",
+            here="pip install pyModbusTCP",
+        )
     server = ModbusServer(host="127.0.0.1", port=free_port(), no_block=True)
     server.start()
     try:

@@ -9,30 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import ipaddress
 import logging
-import socket
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 import pytest_asyncio
-from asyncua import Server, ua
+from asyncua import ua
 from asyncua.crypto.permission_rules import User, UserRole
-from asyncua.crypto.truststore import TrustStore
-from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
 from asyncua.server.user_managers import UserManager
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from conftest import free_port
-from harness import Records, Watcher, capturing_logs, running, watching
+from fixtures.logs import Records, capturing_logs
+from fixtures.opcua import UaPlc, ua_server, variable
+from fixtures.pki import OpcUaPki, opcua_pki
+from fixtures.ports import free_port
+from fixtures.proxy import Proxy
 from uns import DeviceBirth, DeviceData, DeviceDeath, Waveform, decode
+from uns.testing import Watcher, running, watching
 from uns_opcua_adapter import OpcUaAdapter, Security, Tag, UaDevice, browse
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
@@ -55,43 +50,6 @@ SILENT_DEATH_S = FAST["keepalive_failures"] * (FAST["watchdog_s"] + FAST["timeou
 # ---- the PLC ------------------------------------------------------------------------------------
 
 
-@dataclass
-class Plc:
-    server: Server
-    url: str
-    port: int
-    nodes: dict[str, Any]
-
-    async def write(
-        self,
-        name: str,
-        value: Any,
-        variant: ua.VariantType,
-        *,
-        ts: dt.datetime | None = None,
-        status: int = ua.StatusCodes.Good,
-    ) -> dt.datetime:
-        ts = ts or dt.datetime.now(dt.UTC)
-        await self.server.write_attribute_value(
-            self.nodes[name].nodeid,
-            ua.DataValue(
-                ua.Variant(value, variant),
-                StatusCode=ua.StatusCode(status),
-                SourceTimestamp=ts,
-                ServerTimestamp=dt.datetime.now(dt.UTC),
-            ),
-        )
-        return ts
-
-
-@dataclass(frozen=True)
-class Pki:
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-
-
 class Users(UserManager):
     def get_user(
         self, iserver: Any, username: Any = None, password: Any = None, certificate: Any = None
@@ -101,28 +59,15 @@ class Users(UserManager):
         return None
 
 
-async def start_plc(port: int, pki: Pki | None = None) -> Plc:
-    server = Server(user_manager=Users() if pki else None)
-    await server.init()
-    url = f"opc.tcp://127.0.0.1:{port}/uns/"
-    server.set_endpoint(url)
-    server.set_server_name("uns test PLC")
-    if pki is None:
-        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
-    else:
-        await server.set_application_uri(SERVER_URI)
-        server.set_security_policy([ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt])
-        server.set_identity_tokens([ua.UserNameIdentityToken])
-        await server.load_certificate(str(pki.server_cert))
-        await server.load_private_key(str(pki.server_key))
-        store = TrustStore([pki.client_cert.parent / "trusted"], [])
-        await store.load()
-        validator = CertificateValidator(
-            CertificateValidatorOptions.TRUSTED_VALIDATION
-            | CertificateValidatorOptions.PEER_CLIENT,
-            store,
-        )
-        server.set_certificate_validator(validator.validate)
+async def start_plc(port: int, pki: OpcUaPki | None = None) -> UaPlc:
+    server, url, _ = await ua_server(
+        port,
+        name="uns test PLC",
+        pki=pki,
+        application_uri=SERVER_URI,
+        users=Users() if pki else None,
+        logins=pki is not None,
+    )
     ns = await server.register_namespace(NS)
     plant = await server.nodes.objects.add_folder(
         ua.NodeId("Plant", ns), ua.QualifiedName("Plant", ns)
@@ -130,11 +75,7 @@ async def start_plc(port: int, pki: Pki | None = None) -> Plc:
     press = await plant.add_object(ua.NodeId("Press01", ns), ua.QualifiedName("Press01", ns))
 
     async def var(name: str, value: Any, vt: ua.VariantType) -> Any:
-        node = await press.add_variable(
-            ua.NodeId(f"Press01.{name}", ns), ua.QualifiedName(name, ns), value, varianttype=vt
-        )
-        await node.set_writable()
-        return node
+        return await variable(press, ns, f"Press01.{name}", value, vt)
 
     nodes = {
         "temp": await var("BearingTemp", 20.0, ua.VariantType.Double),
@@ -160,86 +101,28 @@ async def start_plc(port: int, pki: Pki | None = None) -> Plc:
         ua.Range(Low=0.0, High=150.0),
     )
     await server.start()
-    return Plc(server, url, port, nodes)
-
-
-def make_cert(directory: Path, name: str, uri: str, *, server: bool) -> tuple[Path, Path]:
-    """A self-signed OPC UA application instance certificate (DER) and its key (PEM)."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = dt.datetime.now(dt.UTC)
-    usages = [ExtendedKeyUsageOID.CLIENT_AUTH] + (
-        [ExtendedKeyUsageOID.SERVER_AUTH] if server else []
-    )
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=2))
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.UniformResourceIdentifier(uri),
-                    x509.DNSName(socket.gethostname()),
-                    x509.DNSName("localhost"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                ]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=False)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=True,
-                key_encipherment=True,
-                data_encipherment=True,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=False,
-        )
-        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / f"{name}.der", directory / f"{name}.key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.DER))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
+    return UaPlc(server, url, port, nodes)
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+def pki(tmp_path_factory: pytest.TempPathFactory) -> OpcUaPki:
+    """The PLC's certificate and the adapter's, which the PLC trusts."""
     d = tmp_path_factory.mktemp("opcua-pki")
-    server_cert, server_key = make_cert(d, "plc", SERVER_URI, server=True)
-    client_cert, client_key = make_cert(d, "adapter", CLIENT_URI, server=False)
+    pki = opcua_pki(d, server_uri=SERVER_URI, client_uri=CLIENT_URI)
     (d / "trusted").mkdir()
-    (d / "trusted" / "adapter.der").write_bytes(client_cert.read_bytes())
-    return Pki(server_cert, server_key, client_cert, client_key)
+    (d / "trusted" / "adapter.der").write_bytes(pki.client_cert.read_bytes())
+    return pki
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def plc() -> AsyncIterator[Plc]:
+async def plc() -> AsyncIterator[UaPlc]:
     server = await start_plc(free_port())
     yield server
     await server.server.stop()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def secure_plc(pki: Pki) -> AsyncIterator[Plc]:
+async def secure_plc(pki: OpcUaPki) -> AsyncIterator[UaPlc]:
     server = await start_plc(free_port(), pki)
     yield server
     await server.server.stop()
@@ -249,51 +132,6 @@ async def secure_plc(pki: Pki) -> AsyncIterator[Plc]:
 def logs() -> Iterator[Records]:
     with capturing_logs("uns_opcua_adapter", timeout=10.0) as handler:
         yield handler
-
-
-class Cable:
-    """A TCP proxy in front of the PLC: ``pull()`` makes the link silent (no reset, no bytes),
-    ``plug()`` drops the dead connections and forwards again."""
-
-    def __init__(self, target: int) -> None:
-        self.target = target
-        self.silent = False
-        self.writers: list[asyncio.StreamWriter] = []
-        self.port = 0
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-        sr, sw = await asyncio.open_connection("127.0.0.1", self.target)
-        self.writers += [cw, sw]
-        await asyncio.gather(self._pipe(cr, sw), self._pipe(sr, cw))
-
-    async def _pipe(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            while data := await r.read(65536):
-                if not self.silent:
-                    w.write(data)
-                    await w.drain()
-        except OSError:
-            pass
-        finally:
-            w.close()
-
-    def pull(self) -> None:
-        self.silent = True
-
-    def plug(self) -> None:
-        self.silent = False
-        for w in self.writers:
-            w.close()
-        self.writers.clear()
-
-    async def close(self) -> None:
-        self.plug()
-        self.server.close()
-        await self.server.wait_closed()
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -354,7 +192,7 @@ def has(name: str, value: Any = ..., **fields: Any) -> Any:
 
 
 async def test_every_tag_arrives_with_its_unit_in_the_birth_and_the_servers_source_timestamp(
-    plc: Plc, memory_url: str, prefix: str
+    plc: UaPlc, memory_url: str, prefix: str
 ) -> None:
     async with (
         watching(memory_url, f"{prefix}/#") as w,
@@ -397,7 +235,7 @@ async def test_every_tag_arrives_with_its_unit_in_the_birth_and_the_servers_sour
 
 
 async def test_a_bad_status_from_the_server_arrives_as_quality_bad_with_its_name(
-    plc: Plc, memory_url: str, prefix: str
+    plc: UaPlc, memory_url: str, prefix: str
 ) -> None:
     async with (
         watching(memory_url, f"{prefix}/#") as w,
@@ -433,7 +271,7 @@ async def test_a_bad_status_from_the_server_arrives_as_quality_bad_with_its_name
 
 
 async def test_a_node_that_does_not_exist_is_published_bad_and_the_other_tags_keep_flowing(
-    plc: Plc, memory_url: str, prefix: str, logs: Records
+    plc: UaPlc, memory_url: str, prefix: str, logs: Records
 ) -> None:
     missing = Tag(name="oil_level", node="ns=2;s=Press01.OilLevel", unit="%")
     async with (
@@ -467,7 +305,7 @@ async def test_a_node_that_does_not_exist_is_published_bad_and_the_other_tags_ke
 
 
 async def test_changes_within_one_publishing_cycle_arrive_together_and_none_is_lost(
-    plc: Plc, memory_url: str, prefix: str
+    plc: UaPlc, memory_url: str, prefix: str
 ) -> None:
     async with (
         watching(memory_url, f"{prefix}/#") as w,
@@ -508,7 +346,7 @@ async def test_changes_within_one_publishing_cycle_arrive_together_and_none_is_l
 
 
 async def test_an_absolute_deadband_lets_the_server_drop_small_changes(
-    plc: Plc, memory_url: str, prefix: str
+    plc: UaPlc, memory_url: str, prefix: str
 ) -> None:
     tag = Tag(name="pressure", node="ns=2;s=Press01.Pressure", unit="bar", deadband=0.5)
     async with (
@@ -534,7 +372,7 @@ async def test_an_absolute_deadband_lets_the_server_drop_small_changes(
 
 
 async def test_a_float_array_written_20_times_arrives_as_20_complete_waveform_blocks_in_order(
-    plc: Plc, memory_url: str, prefix: str
+    plc: UaPlc, memory_url: str, prefix: str
 ) -> None:
     tag = Tag(
         name="vibration",
@@ -623,10 +461,9 @@ async def test_a_server_restart_gives_death_then_birth_then_data_without_a_crash
 
 
 async def test_a_silent_network_gives_death_within_seconds_then_birth_and_data_when_it_returns(
-    plc: Plc, memory_url: str, prefix: str, logs: Records
+    plc: UaPlc, memory_url: str, prefix: str, logs: Records
 ) -> None:
-    cable = Cable(plc.port)
-    await cable.start()
+    cable = await Proxy(plc.port).start()  # a cable to the PLC, pulled and plugged
     try:
         async with (
             watching(memory_url, f"{prefix}/#") as w,
@@ -641,12 +478,12 @@ async def test_a_silent_network_gives_death_within_seconds_then_birth_and_data_w
             ),
         ):
             await next_data(w, prefix, has("bearing_temp"))
-            cable.pull()
+            cable.silence()
             pulled = asyncio.get_running_loop().time()
             death: DeviceDeath = await w.wait_topic("/dev-1/raw/death")
             assert asyncio.get_running_loop().time() - pulled < SILENT_DEATH_S + 2
             assert isinstance(death, DeviceDeath)
-            cable.plug()
+            cable.restore()
             await w.wait_topic("/dev-1/raw/birth")
             await plc.write("count", 4242, ua.VariantType.UInt32)
             await next_data(w, prefix, has("stroke_count", 4242))
@@ -657,7 +494,7 @@ async def test_a_silent_network_gives_death_within_seconds_then_birth_and_data_w
 
 
 async def test_sign_and_encrypt_with_a_client_certificate_and_a_username_delivers_data(
-    secure_plc: Plc, pki: Pki, memory_url: str, prefix: str
+    secure_plc: UaPlc, pki: OpcUaPki, memory_url: str, prefix: str
 ) -> None:
     security = Security(
         mode="sign_encrypt",
@@ -686,7 +523,7 @@ async def test_sign_and_encrypt_with_a_client_certificate_and_a_username_deliver
 
 
 async def test_a_wrong_password_from_the_password_file_is_refused_with_one_clear_line_per_try(
-    secure_plc: Plc, pki: Pki, memory_url: str, prefix: str, logs: Records, tmp_path: Path
+    secure_plc: UaPlc, pki: OpcUaPki, memory_url: str, prefix: str, logs: Records, tmp_path: Path
 ) -> None:
     secret = tmp_path / "password"
     secret.write_text("wrong\n")
@@ -726,7 +563,7 @@ async def test_a_wrong_password_from_the_password_file_is_refused_with_one_clear
 
 
 async def test_a_server_that_requires_sign_and_encrypt_refuses_an_adapter_without_certificates(
-    secure_plc: Plc, memory_url: str, prefix: str, logs: Records
+    secure_plc: UaPlc, memory_url: str, prefix: str, logs: Records
 ) -> None:
     async with running(
         OpcUaAdapter,
@@ -744,7 +581,7 @@ async def test_a_server_that_requires_sign_and_encrypt_refuses_an_adapter_withou
 
 
 async def test_browse_returns_a_starter_config_naming_the_servers_variables_with_their_node_ids(
-    plc: Plc,
+    plc: UaPlc,
 ) -> None:
     text = await browse(plc.url)
     section = msgspec.yaml.decode(text)["services"]["opcua-adapter"]

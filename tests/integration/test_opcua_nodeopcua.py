@@ -27,13 +27,14 @@ from typing import Any
 import msgspec
 import pytest
 import pytest_asyncio
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
-from conftest import IN_CI, free_port
-from harness import Records, Watcher, capturing_logs, running, watching
+from fixtures.logs import Records, capturing_logs
+from fixtures.need import IN_CI
+from fixtures.pki import der_to_pem, opcua_pki
+from fixtures.ports import free_port
 from uns import DeviceData, Waveform, decode
 from uns.config import load
+from uns.testing import Watcher, running, watching
 from uns_opcua_adapter import (
     OpcUaAdapter,
     OpcUaAdapterSettings,
@@ -41,7 +42,6 @@ from uns_opcua_adapter import (
     Tag,
     UaDevice,
     browse,
-    create_certificate,
 )
 
 SCRIPT = Path(__file__).with_name("opcua_node_plc.js")
@@ -49,6 +49,7 @@ NS = "urn:uns:test:node-opcua"
 WAVE_LEN = 256
 PERIOD_MS = 100  # the block period of the plants in issue 15 (1.8 % lost at 100 ms sampling)
 RATE_HZ = WAVE_LEN * 1000 / PERIOD_MS
+CLIENT_URI = "urn:uns:test:adapter"
 FAST = {"reconnect_min_s": 0.05, "reconnect_max_s": 0.5, "timeout_s": 5.0}
 
 
@@ -281,27 +282,13 @@ async def test_browse_of_node_opcua_loads_as_a_config_and_reads_where_the_namesp
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def secure_plc(tmp_path: Path) -> AsyncIterator[tuple[NodePlc, Path, Path]]:
-    made = create_certificate(
-        tmp_path / "plc.der",
-        tmp_path / "plc.key.pem",
-        application_uri="urn:uns:test:node-opcua-plc",
-        hostnames=["localhost", "127.0.0.1"],
-        server=True,
-    )
-    pem = tmp_path / "plc.pem"
-    cert = x509.load_der_x509_certificate(made.certificate.read_bytes())
-    pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    client = create_certificate(
-        tmp_path / "adapter.der",
-        tmp_path / "adapter.key.pem",
-        application_uri="urn:uns:test:adapter",
-        hostnames=["localhost", "127.0.0.1"],
-    )
+    pki = opcua_pki(tmp_path, server_uri="urn:uns:test:node-opcua-plc", client_uri=CLIENT_URI)
+    pem = der_to_pem(pki.server_cert)  # node-opcua reads its own certificate as PEM
     root = tmp_path / "plc-pki"
     plc = await start_node_plc(
-        {"pki": {"root": str(root), "cert": str(pem), "key": str(made.private_key)}}, root
+        {"pki": {"root": str(root), "cert": str(pem), "key": str(pki.server_key)}}, root
     )
-    yield plc, client.certificate, client.private_key
+    yield plc, pki.client_cert, pki.client_key
     await plc.stop()
 
 

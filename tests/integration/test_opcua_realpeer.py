@@ -32,10 +32,11 @@ from asyncua.server.user_managers import UserManager
 from asyncua.ua.ua_binary import struct_from_binary
 from cryptography import x509
 
-from conftest import free_port
-from harness import Records, Watcher, capturing_logs, running, watching
+from fixtures.logs import Records, capturing_logs
+from fixtures.ports import free_port
 from uns import DeviceBirth, DeviceData, Waveform, decode
 from uns.config import load
+from uns.testing import Watcher, running, watching
 from uns_opcua_adapter import (
     BrowseError,
     OpcUaAdapter,

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from clitools import Proc, start
-from conftest import free_port
-from harness import Watcher, running, watching
+from fixtures.ports import free_port
 from uns import Command, DeviceBirth, DeviceData, DeviceDeath, DevicePath, Waveform, connect, encode
+from uns.testing import Watcher, running, watching
 from uns_modbus_adapter import ModbusAdapter
 from uns_opcua_adapter import OpcUaAdapter
 from uns_simulator import ASSETS, Simulator, adapter_config
@@ -218,7 +218,7 @@ def sequence(devices: tuple[str, ...], steps: list[str]) -> Any:
 
 
 def test_uns_up_runs_the_plant_and_every_device_is_born_and_sends_data(procs):
-    from conftest import free_port as fp
+    from fixtures.ports import free_port as fp
     from uns import load
 
     port, opcua, modbus = fp(), fp(), fp()

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import AmqttBroker, free_port
-from harness import watching
+from fixtures.brokers import AmqttBroker
+from fixtures.ports import free_port
 from uns import DevicePath, Node, decode
 from uns.config import Namespace, UnsConfig
+from uns.testing import watching
 from uns_broker import AclEntry
 from uns_replay import ReplaySettings, read_csv, replay
 from uns_replay.service import IncompleteReplay

@@ -1,8 +1,8 @@
 """The runtime against real brokers under faults: a stuck loop, a broker restarted under
 running nodes, a broker that stops reading, a connection cut mid-stream.
 
-A `FaultProxy` (written here: a few lines of asyncio) sits between a node and the broker
-when the fault is the network's: it can stop forwarding, or cut every connection.
+A TCP proxy (`fixtures.proxy.Proxy`) sits between a node and the broker when the fault
+is the network's: it can stop forwarding, or reset every connection.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from harness import capturing_logs, running, watching
+from fixtures.logs import capturing_logs
+from fixtures.proxy import Proxy
 from uns import (
     Command,
     DevicePath,
@@ -37,6 +38,7 @@ from uns import (
 )
 from uns.errors import BusError
 from uns.supervisor import Child, supervise
+from uns.testing import running, watching
 from uns.watchdog import WATCHDOG_EXIT_CODE
 
 pytestmark = pytest.mark.integration
@@ -253,67 +255,6 @@ async def test_after_a_mosquitto_restart_every_node_is_back_within_the_bound_wit
 # ---- a broker that stops reading; a connection cut mid-stream ---------------------------
 
 
-class FaultProxy:
-    """TCP between nodes and the broker: `freeze` stops forwarding (both ways: a broker
-    that stops reading, as under CPU starvation or SIGSTOP), `cut` closes every connection,
-    `close_on(b)` closes a connection when a client sends bytes starting with ``b``."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.flowing = asyncio.Event()
-        self.flowing.set()
-        self.writers: list[asyncio.StreamWriter] = []
-        self.close_on_prefix: bytes | None = None
-        self.tasks: set[asyncio.Task[None]] = set()
-
-    async def __aenter__(self) -> FaultProxy:
-        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.url = f"mqtt://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.server.close()
-        self.cut()
-        for t in list(self.tasks):
-            t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-
-    def freeze(self) -> None:
-        self.flowing.clear()
-
-    def thaw(self) -> None:
-        self.flowing.set()
-
-    def cut(self) -> None:
-        for w in self.writers:
-            w.transport.abort()
-        self.writers.clear()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self.writers += [writer, up_writer]
-        for pipe in (self._pipe(reader, up_writer, True), self._pipe(up_reader, writer, False)):
-            task = asyncio.create_task(pipe)
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-
-    async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, from_client: bool
-    ) -> None:
-        try:
-            while data := await reader.read(65536):
-                if from_client and self.close_on_prefix and data.startswith(self.close_on_prefix):
-                    writer.transport.abort()
-                    return
-                await self.flowing.wait()
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.transport.abort()
-
-
 class Streamer(Service[ServiceSettings]):
     """Publishes ``total`` data messages of about 1.5 kB on one stream, as fast as the node
     takes them (so the sockets fill when the broker stops reading), and relays every input
@@ -387,7 +328,7 @@ async def test_a_broker_that_stops_reading_past_the_publish_timeout_loses_nothin
 
     try:
         async with (
-            FaultProxy(mosquitto.port) as proxy,
+            Proxy(mosquitto.port) as proxy,
             running(Streamer, proxy.url, prefix) as node,
             connect(mosquitto.url) as feeder,
         ):
@@ -420,13 +361,13 @@ async def test_a_cut_connection_loses_no_qos_1_message_the_in_flight_one_is_sent
     collector = asyncio.create_task(_collect(mosquitto.url, topic_filter, got))
     try:
         async with (
-            FaultProxy(mosquitto.port) as proxy,
+            Proxy(mosquitto.port) as proxy,
             running(FeatureStreamer, proxy.url, prefix) as node,
         ):
             streamer = node.running
             for share in (0.2, 0.4, 0.6):  # three cuts while messages are in flight
                 await _until(lambda s=share: streamer.accepted > s * streamer.total, 120)
-                proxy.cut()
+                proxy.reset()
             await _until(lambda: streamer.accepted == streamer.total, 120)
             await asyncio.wait_for(node.drained(), 120)
             with contextlib.suppress(TimeoutError):  # the asserts below say what is missing
@@ -442,8 +383,8 @@ async def test_a_subscribe_on_a_connection_that_drops_fails_at_once_not_at_its_t
 ):
     """After an amqtt restart a client's SUBSCRIBE went unanswered on a connection the
     broker had closed: the client waited its whole timeout before reconnecting."""
-    async with FaultProxy(mosquitto.port) as proxy:
-        proxy.close_on_prefix = b"\x82"  # the client's SUBSCRIBE: the broker hangs up
+    async with Proxy(mosquitto.port) as proxy:
+        proxy.close_on = b"\x82"  # the client's SUBSCRIBE: the broker hangs up
         async with connect(proxy.url, timeout_s=60) as bus:
             started = time.monotonic()
             with pytest.raises(BusError, match="lost"):

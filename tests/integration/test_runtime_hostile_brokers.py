@@ -21,7 +21,6 @@ import aiomqtt
 import jsonschema
 import pytest
 
-from harness import running, watching
 from uns import (
     Command,
     DevicePath,
@@ -35,6 +34,7 @@ from uns import (
     encode,
     matches,
 )
+from uns.testing import running, watching
 
 pytestmark = pytest.mark.integration
 

@@ -11,9 +11,9 @@ import pytest
 from asyncua import Client, ua
 from pymodbus.client import AsyncModbusTcpClient
 
-from conftest import free_port
-from harness import running, watching
+from fixtures.ports import free_port
 from uns import Command, Event, Reply, connect, decode, encode, node_topic
+from uns.testing import running, watching
 from uns_simulator import Simulator
 
 pytestmark = pytest.mark.integration

@@ -238,9 +238,9 @@ def test_an_unknown_error_gets_no_made_up_explanation():
 
 
 def test_days_left_of_a_client_certificate(tmp_path: Path):
-    from certs import TestPKI
+    from fixtures.pki import CertAuthority
 
-    pki = TestPKI(tmp_path)
+    pki = CertAuthority(tmp_path)
     cert, _key = pki.issue("edge-01", days=30)
     assert cert_days_left(cert.read_bytes()) == pytest.approx(30, abs=0.01)
     later = dt.datetime.now(dt.UTC) + dt.timedelta(days=31)

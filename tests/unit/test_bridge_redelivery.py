@@ -13,9 +13,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from harness import running
 from uns import Inbound
 from uns.membus import MemoryBroker
+from uns.testing import running
 from uns_bridge import Bridge
 from uns_bridge.journal import TAKEN_KEPT, Item, Journal
 

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 
-from harness import running, watching
 from uns import (
     DeviceBirth,
     DeviceData,
@@ -17,6 +16,7 @@ from uns import (
     connect,
     encode,
 )
+from uns.testing import running, watching
 from uns_featurizer import Featurizer, waveform_features
 from uns_featurizer.features import BearingGeometry, slow_features
 from uns_featurizer.windows import SlowWindow, WaveformWindow

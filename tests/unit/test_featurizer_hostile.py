@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from harness import Watcher, capturing_logs, running, watching
+from fixtures.logs import capturing_logs
 from uns import (
     Bus,
     DeviceBirth,
@@ -26,6 +26,7 @@ from uns import (
     encode,
     now_ms,
 )
+from uns.testing import Watcher, running, watching
 from uns_featurizer import Featurizer
 from uns_featurizer.windows import SlowWindow, TimeBounds, WaveformWindow
 

@@ -7,10 +7,10 @@ import asyncio
 import numpy as np
 import pytest
 
-from harness import watching
 from uns import DeviceData, DevicePath, Node, Waveform, decode
 from uns.config import Namespace, UnsConfig
 from uns.errors import ConfigError
+from uns.testing import watching
 from uns_replay import ReplaySettings, read_csv, read_npz, replay
 from uns_replay.frames import parse_time
 

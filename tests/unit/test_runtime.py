@@ -6,7 +6,6 @@ import itertools
 
 import pytest
 
-from harness import running, watching
 from uns import (
     Command,
     DeviceBirth,
@@ -25,6 +24,7 @@ from uns import (
     encode,
 )
 from uns.membus import MemoryBroker
+from uns.testing import running, watching
 from uns_demo import DemoService
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from harness import capturing_logs, running, watching
+from fixtures.logs import capturing_logs
 from uns import (
     SCHEMA_VERSION,
     Command,
@@ -44,6 +44,7 @@ from uns import (
 )
 from uns import payloads as p
 from uns.membus import MemoryBroker
+from uns.testing import running, watching
 
 README = Path(__file__).parents[2] / "uns-schema" / "README.md"
 MAX_BYTES, MAX_DEPTH, MAX_ITEMS = 1_048_576, 32, 10_000  # as uns-schema/README.md states

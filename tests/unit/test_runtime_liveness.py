@@ -13,10 +13,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from harness import capturing_logs, running, watching
+from fixtures.logs import capturing_logs
 from uns import DevicePath, Metric, MetricDef, Node, Service, ServiceSettings
 from uns.membus import MemoryBroker
 from uns.supervisor import Child, _stuck_for
+from uns.testing import running, watching
 from uns.watchdog import WATCHDOG_EXIT_CODE, LoopWatchdog
 
 

@@ -105,6 +105,11 @@ async def running(
 class Watcher:
     """The messages of one subscription, collected as they arrive, and waits on them."""
 
+    timeout: float = 10.0
+    """How long a wait waits unless told (a subclass may wait longer)."""
+    quiet: float | None = None
+    """`wait` fails early once nothing arrived for this long, unless told (None: never)."""
+
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
         self.messages: list[Message] = []
@@ -126,9 +131,10 @@ class Watcher:
             self.changed.set()
 
     async def wait_for(
-        self, predicate: Callable[[Message], bool], timeout: float = 10.0
+        self, predicate: Callable[[Message], bool], timeout: float | None = None
     ) -> Message:
         """The next message (after those already waited through) that ``predicate`` accepts."""
+        timeout = timeout or self.timeout
         try:
             async with asyncio.timeout(timeout):
                 while True:
@@ -146,7 +152,9 @@ class Watcher:
                 self._missed(f"no message accepted by {_name(predicate)}", timeout)
             ) from None
 
-    async def wait_topic(self, suffix: str, timeout: float = 10.0, *, nonempty: bool = True) -> Any:
+    async def wait_topic(
+        self, suffix: str, timeout: float | None = None, *, nonempty: bool = True
+    ) -> Any:
         """The decoded payload of the next message whose topic ends with ``suffix`` (an
         empty payload, a cleared retained message, is passed over unless ``nonempty`` is
         false, and then None)."""
@@ -156,10 +164,12 @@ class Watcher:
         return decode(m.payload) if m.payload else None
 
     @overload
-    async def next(self, topic_filter: str, kind: type[T], timeout: float = 10.0) -> T: ...
+    async def next(self, topic_filter: str, kind: type[T], timeout: float | None = None) -> T: ...
     @overload
-    async def next(self, topic_filter: str, kind: None = None, timeout: float = 10.0) -> Any: ...
-    async def next(self, topic_filter: str, kind: Any = None, timeout: float = 10.0) -> Any:
+    async def next(
+        self, topic_filter: str, kind: None = None, timeout: float | None = None
+    ) -> Any: ...
+    async def next(self, topic_filter: str, kind: Any = None, timeout: float | None = None) -> Any:
         """The payload of the next non-empty message on a topic ``topic_filter`` matches,
         decoded as ``kind`` (any payload of the contract by default)."""
         m = await self.wait_for(
@@ -170,7 +180,7 @@ class Watcher:
     async def wait(
         self,
         condition: Callable[[], bool],
-        timeout: float = 10.0,
+        timeout: float | None = None,
         *,
         quiet: float | None = None,
         why: Callable[[], str] = str,
@@ -178,6 +188,8 @@ class Watcher:
         """Until ``condition`` (over `messages`, say) holds. With ``quiet``, fail early once
         nothing arrived for that long: a lost message never comes, no need to wait out
         ``timeout`` for it. ``why`` adds to the failure's message."""
+        timeout = timeout or self.timeout
+        quiet = quiet or self.quiet
         try:
             async with asyncio.timeout(timeout):
                 while not condition():
