@@ -23,16 +23,17 @@ from typing import Any
 import msgspec
 import pytest
 import pytest_asyncio
-from asyncua import Server, ua
+from asyncua import ua
 from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.crypto.truststore import TrustStore
-from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
 from asyncua.server.uaprocessor import UaProcessor
 from asyncua.server.user_managers import UserManager
 from asyncua.ua.ua_binary import struct_from_binary
 from cryptography import x509
 
 from fixtures.logs import Records, capturing_logs
+from fixtures.opcua import UaPlc, ua_server, variable
+from fixtures.pki import OpcUaPki, opcua_certificate, opcua_pki
 from fixtures.ports import free_port
 from uns import DeviceBirth, DeviceData, Waveform, decode
 from uns.config import load
@@ -45,7 +46,6 @@ from uns_opcua_adapter import (
     Tag,
     UaDevice,
     browse,
-    create_certificate,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
@@ -63,13 +63,8 @@ FAST = {"reconnect_min_s": 0.05, "reconnect_max_s": 0.5, "timeout_s": 2.0}
 
 
 @dataclass(frozen=True)
-class Pki:
-    dir: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-    other_cert: Path
+class Pki(OpcUaPki):
+    other_cert: Path = Path()
     """A certificate that is neither the server's nor ours (to pin wrongly)."""
 
 
@@ -90,26 +85,8 @@ class Users(UserManager):
 
 
 @dataclass
-class Plc:
-    server: Server
-    url: str
-    port: int
-    nodes: dict[str, Any]
-    ns: int
-    store: TrustStore | None = None
+class Plc(UaPlc):
     users: Users | None = None
-
-    async def write(
-        self, name: str, value: Any, variant: ua.VariantType, *, ts: dt.datetime | None = None
-    ) -> None:
-        await self.server.write_attribute_value(
-            self.nodes[name].nodeid,
-            ua.DataValue(
-                ua.Variant(value, variant),
-                SourceTimestamp=ts or dt.datetime.now(dt.UTC),
-                ServerTimestamp=dt.datetime.now(dt.UTC),
-            ),
-        )
 
     async def trust(self, cert: Path) -> None:
         """The operator trusts a certificate on the PLC (its trusted list reloads)."""
@@ -142,34 +119,22 @@ async def start_plc(
     """A PLC: ``pki`` makes it Basic256Sha256 SignAndEncrypt only, with a trust list holding
     one certificate that is not ours; ``namespaces_before`` registers namespaces before ours
     (a rebuilt project: the same URI, another index)."""
-    server = Server(user_manager=users)
-    await server.init()
-    url = f"opc.tcp://127.0.0.1:{port}/uns/"
-    server.set_endpoint(url)
-    server.set_server_name("uns realpeer PLC")
-    store: TrustStore | None = None
-    if pki is None:
-        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
-    else:
-        await server.set_application_uri(SERVER_URI)
-        server.set_security_policy([ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt])
-        await server.load_certificate(str(pki.server_cert))
-        await server.load_private_key(str(pki.server_key))
+    trusted = None
+    if pki is not None:
         trusted = pki.dir / f"trusted-{port}"
         trusted.mkdir()
         (trusted / "someone-else.der").write_bytes(pki.other_cert.read_bytes())
-        store = TrustStore([trusted], [])
-        await store.load()
-        validator = CertificateValidator(
-            CertificateValidatorOptions.TRUSTED_VALIDATION
-            | CertificateValidatorOptions.PEER_CLIENT,
-            store,
-        )
-        server.set_certificate_validator(validator.validate)
-        if check_at_open:
-            OPEN_GATES[id(server.iserver)] = (store, check_at_open)
-    if users is not None:
-        server.set_identity_tokens([ua.UserNameIdentityToken])
+    server, url, store = await ua_server(
+        port,
+        name="uns realpeer PLC",
+        pki=pki,
+        application_uri=SERVER_URI,
+        trusted=trusted,
+        users=users,
+        logins=users is not None,
+    )
+    if store is not None and check_at_open:
+        OPEN_GATES[id(server.iserver)] = (store, check_at_open)
     for i in range(namespaces_before):
         await server.register_namespace(f"urn:uns:test:other-{i}")
     ns = await server.register_namespace(NS)
@@ -178,11 +143,7 @@ async def start_plc(
     )
 
     async def var(name: str, value: Any, vt: ua.VariantType) -> Any:
-        node = await press.add_variable(
-            ua.NodeId(f"Press01.{name}", ns), ua.QualifiedName(name, ns), value, varianttype=vt
-        )
-        await node.set_writable()
-        return node
+        return await variable(press, ns, f"Press01.{name}", value, vt)
 
     nodes = {
         "temp": await var("BearingTemp", 20.0, ua.VariantType.Double),
@@ -251,23 +212,10 @@ def plcs_check_certificates_at_open() -> Iterator[None]:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """Certificates as `uns opcua cert` makes them (the command's code, not a test copy)."""
     d = tmp_path_factory.mktemp("opcua-realpeer-pki")
-    hosts = ["localhost", "127.0.0.1"]
-    server = create_certificate(
-        d / "plc.der", d / "plc.key.pem", application_uri=SERVER_URI, hostnames=hosts, server=True
-    )
-    client = create_certificate(
-        d / "adapter.der", d / "adapter.key.pem", application_uri=CLIENT_URI, hostnames=hosts
-    )
-    other = create_certificate(
-        d / "other.der", d / "other.key.pem", application_uri="urn:uns:test:other", server=True
-    )
+    ours = opcua_pki(d, server_uri=SERVER_URI, client_uri=CLIENT_URI)
+    other, _ = opcua_certificate(d, "other", "urn:uns:test:other", server=True)
     return Pki(
-        d,
-        server.certificate,
-        server.private_key,
-        client.certificate,
-        client.private_key,
-        other.certificate,
+        d, ours.server_cert, ours.server_key, ours.client_cert, ours.client_key, other_cert=other
     )
 
 
