@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 
 from conftest import IN_CI
-from system.plant import ROOT, System, mosquitto_binary
+from fixtures.brokers import mosquitto_binary
+from system.plant import ROOT, System
 
 HERE = Path(__file__).parent
 

@@ -18,17 +18,12 @@ births. All of the run's output (`uns up` and both brokers) is kept for the secr
 
 from __future__ import annotations
 
-import asyncio
-import getpass
 import json
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import uuid
@@ -39,7 +34,10 @@ from typing import Any
 
 import yaml
 
-from conftest import free_port
+from fixtures.brokers import Mosquitto
+from fixtures.output import Output
+from fixtures.ports import free_port
+from fixtures.proxy import Proxy
 from system.observer import Loop, Publisher, Seen, State, Watcher
 from uns.topics import matches
 
@@ -58,178 +56,48 @@ FORWARDED = (
 checks what the README promises the cloud gets."""
 
 
-def mosquitto_binary() -> str | None:
-    found = shutil.which("mosquitto")
-    if found:
-        return found
-    return "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-
-
 def secret(label: str) -> str:
     """A password nobody could mistake for other text in a log: easy to grep for."""
     return f"{label}-{uuid.uuid4().hex[:20]}"
 
 
-class Output:
-    """A subprocess's merged output, read continuously (the pipe never fills), kept in
-    memory and in a file of the run's directory."""
-
-    def __init__(self, proc: subprocess.Popen[str], path: Path) -> None:
-        self.lines: list[tuple[float, str]] = []
-        self.path = path
-        self.cond = threading.Condition()
-        self._file = path.open("a", encoding="utf-8")
-        stream = proc.stdout
-        assert stream is not None
-        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
-
-    def _read(self, stream: Any) -> None:
-        for line in stream:
-            with self.cond:
-                self.lines.append((time.time(), line))
-                self._file.write(line)
-                self._file.flush()
-                self.cond.notify_all()
-
-    def since(self, t: float) -> list[str]:
-        with self.cond:
-            return [line for ts, line in self.lines if ts >= t]
-
-    def text(self) -> str:
-        with self.cond:
-            return "".join(line for _, line in self.lines)
-
-
-class Mosquitto:
-    """A Mosquitto subprocess with a password file; restartable on the same port."""
-
-    def __init__(
-        self, workdir: Path, name: str, user: str, password: str, *, persistent: bool, extra: str
-    ) -> None:
-        self.name = name
-        self.port = free_port()
-        self.user, self.password = user, password
-        self.dir = workdir / name
-        self.dir.mkdir(parents=True, exist_ok=True)
-        pwfile = self.dir / "passwd"
-        subprocess.run(
-            ["mosquitto_passwd", "-b", "-c", str(pwfile), user, password],
-            check=True,
-            capture_output=True,
-        )
-        persistence = (
-            f"persistence true\npersistence_location {self.dir}/\nautosave_interval 60\n"
-            if persistent
-            else "persistence false\n"
-        )
-        self.conf = self.dir / "mosquitto.conf"
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous false\n"
-            f"password_file {pwfile}\n"
-            f"{persistence}"
-            f"user {getpass.getuser()}\n"
-            "sys_interval 2\n"
-            "log_dest stdout\n"
-            "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
-            f"{extra}"
-        )
-        self.proc: subprocess.Popen[str] | None = None
-        self.output: Output | None = None
-        self.starts = 0
-
-    @property
-    def url(self) -> str:
-        """With the credentials: what clients are given."""
-        return f"mqtt://{self.user}:{self.password}@127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 30) -> None:
-        binary = mosquitto_binary()
-        assert binary is not None
-        self.proc = subprocess.Popen(
-            [binary, "-c", str(self.conf)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.output = Output(self.proc, self.dir / "mosquitto.log")
-        self.starts += 1
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:  # ready once it accepts a TCP connection
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} did not start:\n{self.output.text()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"{self.name} not listening on {self.port} within {timeout} s")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def logs(self) -> str:
-        path = self.dir / "mosquitto.log"
-        return path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+def _broker(
+    workdir: Path, name: str, user: str, password: str, *, persistent: bool, extra: str
+) -> Mosquitto:
+    """A Mosquitto with one user and its password (given to clients in `Mosquitto.url`);
+    restartable on the same port; ``$SYS`` every 2 s."""
+    return Mosquitto(
+        workdir,
+        name=name,
+        users={user: password},
+        login=user,
+        persistent=persistent,
+        extra=f"sys_interval 2\n{extra}",
+    )
 
 
 class Wan:
-    """A TCP proxy standing for the WAN between the bridge and the cloud: ``cut()`` resets
-    every connection and refuses new ones until ``mend()``."""
+    """A TCP proxy standing for the WAN between the bridge and the cloud (`Proxy`, on a loop
+    of its own thread: the suite's tests are synchronous): ``cut()`` resets every connection
+    and refuses new ones until ``mend()``."""
 
     def __init__(self, target: int) -> None:
-        self.target = target
-        self.port = free_port()
-        self.down = False
-        self.links: list[asyncio.StreamWriter] = []
         self._loop = Loop("wan")
-        self._server = self._loop.call(self._listen())
-
-    async def _listen(self) -> asyncio.Server:
-        return await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-
-    async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-        if self.down:
-            cw.transport.abort()
-            return
-        try:
-            sr, sw = await asyncio.open_connection("127.0.0.1", self.target)
-        except OSError:
-            cw.transport.abort()
-            return
-        self.links += [cw, sw]
-        await asyncio.gather(self._pipe(cr, sw), self._pipe(sr, cw))
-
-    async def _pipe(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            while data := await r.read(65536):
-                w.write(data)
-                await w.drain()
-        except OSError:
-            pass
-        finally:
-            w.close()
+        self.proxy = self._loop.call(Proxy(target).start())
+        self.port = self.proxy.port
 
     def cut(self) -> None:
-        async def cut() -> None:
-            self.down = True
-            for w in self.links:
-                w.transport.abort()
-            self.links.clear()
-
-        self._loop.call(cut())
+        self._loop.call(self._now(self.proxy.cut))
 
     def mend(self) -> None:
-        async def mend() -> None:
-            self.down = False
+        self._loop.call(self._now(self.proxy.mend))
 
-        self._loop.call(mend())
+    @staticmethod
+    async def _now(action: Callable[[], None]) -> None:
+        action()  # on the proxy's loop: its connections live there
 
     def close(self) -> None:
-        self.cut()
-        self._server.close()
+        self._loop.call(self.proxy.close())
         self._loop.close()
 
 
@@ -302,7 +170,7 @@ class System:
             "cloud broker password": secret("clpw"),
             "OPC UA user password": secret("uapw"),
         }
-        self.local = Mosquitto(
+        self.local = _broker(
             workdir,
             "local",
             "uns",
@@ -310,7 +178,7 @@ class System:
             persistent=True,
             extra="max_queued_messages 10000\n",  # as deploy/mosquitto/mosquitto.conf
         )
-        self.cloud = Mosquitto(
+        self.cloud = _broker(
             workdir,
             "cloud",
             "pune-edge",
