@@ -63,6 +63,11 @@ P = TypeVar("P")
 class ServiceSettings(Strict, frozen=True):
     """Settings every service has; a service's own settings subclass this."""
 
+    default_metrics_port: ClassVar[int] = 0
+    """The service's ``/metrics`` port when ``metrics_port`` is absent (0: any free port).
+    Here, not on the service class, so that `uns up` plans ports from the light settings
+    module alone."""
+
     enabled: bool = True
     """``uns up`` skips a disabled service."""
     node_id: Slug | None = None
@@ -137,7 +142,6 @@ class Service(Generic[S]):
 
     name: ClassVar[str]
     Settings: ClassVar[type[ServiceSettings]] = ServiceSettings
-    default_metrics_port: ClassVar[int] = 0
     version: ClassVar[str] = "0.1.0"
     persistent_session: ClassVar[bool] = False
     """Its subscriptions outlive the process: the broker session is persistent (the node
@@ -450,7 +454,7 @@ class Node(Generic[S]):
         self.running = service
         port = self.settings.metrics_port
         if port is None:
-            port = type(service).default_metrics_port
+            port = self.settings.default_metrics_port
         bound = self.metrics.serve(self.settings.metrics_host, port)
         self.metrics_url = f"http://{self.settings.metrics_host}:{bound}/metrics"
         watchdog = LoopWatchdog(

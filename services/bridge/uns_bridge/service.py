@@ -125,7 +125,6 @@ class Bridge(Service[BridgeSettings]):
 
     name = "bridge"
     Settings = BridgeSettings
-    default_metrics_port = 9404
     persistent_session = True
     """What the local broker delivers stays its until committed (see the module doc)."""
 

@@ -13,7 +13,6 @@ log = logging.getLogger(__name__)
 class DemoService(Service[DemoSettings]):
     name = "demo"
     Settings = DemoSettings
-    default_metrics_port = 9400
 
     def __init__(self, node: Node[DemoSettings]) -> None:
         super().__init__(node)

@@ -101,7 +101,6 @@ class Featurizer(Service[FeaturizerSettings]):
 
     name = "featurizer"
     Settings = FeaturizerSettings
-    default_metrics_port = 9405
 
     def __init__(self, node: Node[FeaturizerSettings]) -> None:
         super().__init__(node)

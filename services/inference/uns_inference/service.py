@@ -215,7 +215,6 @@ def _metric_defs(card: Card, ref: ModelRef) -> list[MetricDef]:
 class Inference(Service[InferenceSettings]):
     name = "inference"
     Settings = InferenceSettings
-    default_metrics_port = 9406
 
     def __init__(self, node: Node[InferenceSettings]) -> None:
         super().__init__(node)

@@ -167,7 +167,6 @@ class ModbusAdapter(Service[ModbusAdapterSettings]):
 
     name = "modbus-adapter"
     Settings = ModbusAdapterSettings
-    default_metrics_port = 9402
 
     def __init__(self, node: Node[ModbusAdapterSettings]) -> None:
         super().__init__(node)

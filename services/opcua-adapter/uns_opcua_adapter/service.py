@@ -42,7 +42,6 @@ def _source(configured: str, resolved: str | None) -> str | None:
 class OpcUaAdapter(Service[OpcUaAdapterSettings]):
     name = "opcua-adapter"
     Settings = OpcUaAdapterSettings
-    default_metrics_port = 9401
 
     def __init__(self, node: Node[OpcUaAdapterSettings]) -> None:
         super().__init__(node)

@@ -27,7 +27,6 @@ class Simulator(Service[SimulatorSettings]):
 
     name = "simulator"
     Settings = SimulatorSettings
-    default_metrics_port = 9403
 
     def __init__(self, node: Node[SimulatorSettings]) -> None:
         super().__init__(node)
