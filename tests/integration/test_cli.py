@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from clitools import Proc, start, sub_json, uns
-from conftest import free_port
+from fixtures.ports import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -327,12 +327,12 @@ def test_the_example_plant_config_is_valid_for_every_installed_service():
 
 
 def test_mqtts_verifies_the_broker_certificate_and_hostname(tmp_path, procs):
-    from certs import TestPKI
-    from conftest import Mosquitto, _mosquitto_available
+    from fixtures.brokers import Mosquitto, mosquitto_binary
+    from fixtures.pki import CertAuthority
 
-    if not _mosquitto_available():
+    if not mosquitto_binary():
         pytest.skip("mosquitto is not installed")
-    pki = TestPKI(tmp_path)
+    pki = CertAuthority(tmp_path)
     cert, key = pki.issue("broker", server=True)
     broker = Mosquitto(tmp_path, extra=f"cafile {pki.ca}\ncertfile {cert}\nkeyfile {key}\n")
     broker.start()

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IN_CI, Mosquitto
+from fixtures.brokers import Mosquitto
+from fixtures.need import missing
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
@@ -18,9 +19,7 @@ ROOT = Path(__file__).parents[2]
 def need(program: str) -> str:
     path = shutil.which(program)
     if path is None:
-        if IN_CI:
-            pytest.fail(f"{program} is not installed; .ci/run must install it")
-        pytest.skip(f"{program} is not installed")
+        missing(f"{program} is not installed", ci=".ci/run must install it")
     return path
 
 
