@@ -510,13 +510,31 @@ class System:
         if births_since is None:
             took["services_online_s"] = max(births.values())
         for stream, devices in (("raw", DEVICES), ("features", DEVICES), ("scores", SCORED)):
-            self.watch.until(
-                lambda st, s=stream, d=devices: flowing(st, since, [s], d),
-                timeout,
-                f"{stream} data from {sorted(devices)}",
-            )
+            try:
+                self.watch.until(
+                    lambda st, s=stream, d=devices: flowing(st, since, [s], d),
+                    timeout,
+                    f"{stream} data from {sorted(devices)}",
+                )
+            except AssertionError as e:
+                raise AssertionError(f"{e}\n{self.diagnosis(since, stream, devices)}") from None
             took[f"{stream}_flowing_s"] = round(time.time() - since, 2)
         return took
+
+    def diagnosis(self, since: float, stream: str, devices: Iterable[str]) -> str:
+        """What a failed wait leaves for the reader of a CI log (which has nothing else):
+        the devices that sent nothing, what the broker saw of them, and `uns up`'s tail."""
+        with self.watch.cond:
+            last = dict(self.watch.state.last)
+        lines = []
+        for d in sorted(devices):
+            s = last.get(f"{d}/{stream}/data")
+            if s is None or s.t < since:
+                mine = sorted(t for t in last if t.startswith(d + "/"))
+                lines.append(f"  {d}: nothing on {stream}/data; its topics seen: {mine}")
+        assert self.log is not None
+        tail = "".join(self.log.since(0.0)[-60:])
+        return "devices without data:\n" + "\n".join(lines) + "\nuns up (last 60 lines):\n" + tail
 
     def mark_startup(self) -> None:
         """Until the bridge's first birth nothing could be taken: a 'fault' for the ledger."""
