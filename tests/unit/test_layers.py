@@ -2,7 +2,8 @@
 
 The contracts live in ``.importlinter`` and run in ``make lint``; these tests check that
 they pass on the tree, that they name every package, and that a cross-import added to a
-copy of the packages fails with the rule's name. A tool (a package under ``libs/`` other
+copy of the packages fails with the rule's name. A tool imports a service by the names
+the service's ``__init__`` exports, not from its modules. A tool (a package under ``libs/`` other
 than ``uns``, like the bench and the evaluation) may import services, but only those its
 ``pyproject.toml`` declares, so installing it alone brings what it needs.
 """
@@ -101,6 +102,11 @@ def test_every_package_is_in_its_layer():
     tools_layer, services_layer = config[rule]["layers"].strip().splitlines()
     assert set(re.split(r"[:|]", services_layer.replace(" ", ""))) == services
     assert set(re.split(r"[:|]", tools_layer.replace(" ", ""))) == tools
+    public = "importlinter:contract:tool-public-names"
+    assert set(listed(config, public, "source_modules")) == tools
+    assert set(listed(config, public, "forbidden_modules")) == {f"{s}.*" for s in services}
+    forbidden = listed(config, "importlinter:contract:contract-library", "forbidden_modules")
+    assert set(forbidden) == services | tools
 
 
 def _distribution(name: str) -> str:
@@ -150,9 +156,25 @@ def test_a_service_importing_another_fails_naming_the_rule(copied):
     assert "uns_featurizer.features -> uns_simulator" in result.stdout
 
 
+def test_a_tool_reaching_into_a_service_module_fails_naming_the_rule(copied):
+    _add_import(copied / "src" / "uns_bench" / "load.py", "uns_simulator.physics")
+    result = lint_imports(copied, copied / "src")
+    assert result.returncode != 0
+    assert "A tool uses a service's public names BROKEN" in result.stdout
+    assert "uns_bench.load -> uns_simulator.physics" in result.stdout
+
+
 def test_a_service_importing_a_tool_fails_naming_the_rule(copied):
     _add_import(copied / "src" / "uns_inference" / "service.py", "uns_eval")
     result = lint_imports(copied, copied / "src")
     assert result.returncode != 0
     assert "A service imports only uns BROKEN" in result.stdout
     assert "uns_inference is not allowed to import uns_eval" in result.stdout
+
+
+def test_the_contract_library_importing_a_service_fails_naming_the_rule(copied):
+    _add_import(copied / "src" / "uns" / "topics.py", "uns_bridge")
+    result = lint_imports(copied, copied / "src")
+    assert result.returncode != 0
+    assert "The contract library imports no service BROKEN" in result.stdout
+    assert "uns.topics -> uns_bridge" in result.stdout
