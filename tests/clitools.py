@@ -7,8 +7,9 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from typing import Any
+
+from fixtures.output import Lines
 
 
 def uns(*args: str, timeout: float = 60, **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -31,38 +32,21 @@ class Proc:
             text=True,
             env={**os.environ, **(env or {})},
         )
-        self.lines: list[str] = []
+        self.err = Lines(self.p.stderr, name=f"uns {' '.join(args)}")
         self._seen = 0
-        self._changed = threading.Condition()
-        self._done = False
-        threading.Thread(target=self._read, daemon=True).start()
 
-    def _read(self) -> None:
-        assert self.p.stderr is not None
-        for line in self.p.stderr:
-            with self._changed:
-                self.lines.append(line)
-                self._changed.notify_all()
-        with self._changed:
-            self._done = True
-            self._changed.notify_all()
+    @property
+    def lines(self) -> list[str]:
+        """Its stderr so far."""
+        with self.err.cond:
+            return [line for _, line in self.err.lines]
 
     def wait_line(self, text: str, timeout: float = 60) -> str:
-        """The next line (after those already waited for) that contains ``text``."""
-        with self._changed:
-            while True:
-                while self._seen < len(self.lines):
-                    line = self.lines[self._seen]
-                    self._seen += 1
-                    if text in line:
-                        return line
-                if self._done:
-                    break
-                if not self._changed.wait(timeout):
-                    raise AssertionError(
-                        f"{self.args}: no {text!r} within {timeout} s:\n" + "".join(self.lines)
-                    )
-        raise AssertionError(f"{self.args} ended without saying {text!r}:\n" + "".join(self.lines))
+        """The next line (after those already waited for) that contains ``text``, within
+        ``timeout`` seconds of the last line printed."""
+        at = self.err.expect(text, timeout, start=self._seen, idle=True)
+        self._seen = at + 1
+        return self.err.lines[at][1]
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.p.poll() is None:

@@ -15,42 +15,13 @@ import pytest
 
 from clitools import Proc, start, sub_json, uns
 from fixtures.brokers import Mosquitto
+from fixtures.output import Lines
 from fixtures.ports import free_port
 
 pytestmark = pytest.mark.integration
 
 SCHEMA = Path(__file__).parents[2] / "uns-schema" / "payload.schema.json"
 PRESS = "acme/pune/stamping/line-3/cell-a/press-01"
-
-
-class Stdout:
-    """The stdout lines of a `Proc`, read as they come (its stderr is read by `Proc`)."""
-
-    def __init__(self, proc: Proc) -> None:
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self._done = False
-        self._stream = proc.p.stdout
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self._stream is not None
-        for line in self._stream:
-            with self._changed:
-                self.lines.append(line)
-                self._changed.notify_all()
-        with self._changed:
-            self._done = True
-            self._changed.notify_all()
-
-    def wait_for(self, text: str, timeout: float = 30) -> None:
-        with self._changed:
-            ok = self._changed.wait_for(
-                lambda: self._done or any(text in line for line in self.lines), timeout
-            )
-            assert ok and any(text in line for line in self.lines), (
-                f"no {text!r} on stdout within {timeout} s: {self.lines}"
-            )
 
 
 def cpu_seconds(pid: int) -> float:
@@ -113,7 +84,7 @@ def restartable_broker(request: pytest.FixtureRequest, procs: list[Proc]) -> Any
 def test_sub_prints_messages_before_and_after_broker_restarts(restartable_broker, procs, prefix):
     broker = restartable_broker
     sub = start(procs, "sub", f"{prefix}/#", "--json", "--broker", broker.url)
-    out = Stdout(sub)
+    out = Lines(sub.p.stdout, name="stdout")
     for i in range(3):  # the old retry helper died at the first reconnect
         if i:
             broker.kill()
@@ -123,12 +94,12 @@ def test_sub_prints_messages_before_and_after_broker_restarts(restartable_broker
         # retained, so that it is there however soon after its reconnect `sub` subscribes
         r = uns("pub", f"{prefix}/n{i}", command(f"n{i}"), "--retain", "--broker", broker.url)
         assert r.returncode == 0, r.stderr
-        out.wait_for(f'"name":"n{i}"')
+        out.expect(f'"name":"n{i}"')
     assert sub.p.poll() is None, "sub must keep running across broker restarts"
     assert "Traceback" not in "".join(sub.lines), "".join(sub.lines)
     code, _ = stopped_within(sub, signal.SIGINT)
     assert code == 0  # sub's documented code: the broker was reached
-    topics = [json.loads(line)["topic"] for line in out.lines]
+    topics = [json.loads(line)["topic"] for _, line in out.lines]
     assert [f"{prefix}/n{i}" for i in range(3)] == sorted(set(topics))
 
 
@@ -145,7 +116,7 @@ def test_sigterm_stops_sub_at_once_after_it_lost_the_broker(mosquitto, procs, pr
     r = uns("pub", f"{prefix}/x", command("x"), "--retain", "--broker", mosquitto.url)
     assert r.returncode == 0, r.stderr
     sub = start(procs, "sub", f"{prefix}/#", "--json", "--broker", mosquitto.url)
-    Stdout(sub).wait_for(f"{prefix}/x")
+    Lines(sub.p.stdout, name="stdout").expect(f"{prefix}/x")
     mosquitto.kill()
     sub.wait_line("retrying")
     code, took = stopped_within(sub, signal.SIGTERM)
