@@ -19,10 +19,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 async def plc() -> AsyncIterator[ModbusPlc]:
-    server = ModbusPlc()
-    await server.start()
-    yield server
-    await server.stop()
+    async with ModbusPlc() as server:
+        yield server
 
 
 def path(prefix: str, device: str) -> str:

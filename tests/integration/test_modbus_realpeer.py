@@ -33,10 +33,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 async def counting_plc() -> AsyncIterator[ModbusPlc]:
-    plc = ModbusPlc()
-    await plc.start()
-    yield plc
-    await plc.stop()
+    async with ModbusPlc() as server:
+        yield server
 
 
 def path(prefix: str, device: str) -> str:

@@ -22,7 +22,7 @@ from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.user_managers import UserManager
 
 from fixtures.logs import Records, capturing_logs
-from fixtures.opcua import UaPlc, ua_server, variable
+from fixtures.opcua import UaPlc, device_path, ua_server, variable
 from fixtures.pki import OpcUaPki, opcua_pki
 from fixtures.ports import free_port
 from fixtures.proxy import Proxy
@@ -135,10 +135,6 @@ def logs() -> Iterator[Records]:
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-
-
-def device_path(prefix: str) -> str:
-    return f"{prefix}/pune/area/line/cell/dev-1"
 
 
 def press_template() -> dict[str, list[Tag]]:

@@ -30,6 +30,7 @@ import pytest_asyncio
 
 from fixtures.logs import Records, capturing_logs
 from fixtures.need import IN_CI
+from fixtures.opcua import adapter_lines, device_path
 from fixtures.pki import der_to_pem, opcua_pki
 from fixtures.ports import free_port
 from uns import DeviceData, Waveform, decode
@@ -158,14 +159,6 @@ async def streaming_plc() -> AsyncIterator[NodePlc]:
 def logs() -> Iterator[Records]:
     with capturing_logs("uns_opcua_adapter", timeout=30.0) as handler:
         yield handler
-
-
-def device_path(prefix: str) -> str:
-    return f"{prefix}/pune/area/line/cell/dev-1"
-
-
-def lines(logs: Records) -> list[str]:
-    return [r.getMessage() for r in logs.of("uns_opcua_adapter")]
 
 
 async def waveforms(w: Watcher, prefix: str, n: int, timeout: float = 60.0) -> list[Waveform]:
@@ -313,8 +306,8 @@ async def test_node_opcua_rejecting_our_certificate_is_one_line_then_trusting_it
             **FAST,
         ),
     ):
-        await logs.wait(lambda: lines(logs))
-        first = lines(logs)[0]
+        await logs.wait(lambda: adapter_lines(logs))
+        first = adapter_lines(logs)[0]
         assert "rejected our certificate (BadSecurityChecksFailed)" in first
         assert f"trust {cert} on the server" in first
         assert plc.trust_rejected()  # node-opcua filed it under rejected, as PLCs do

@@ -32,7 +32,7 @@ from asyncua.ua.ua_binary import struct_from_binary
 from cryptography import x509
 
 from fixtures.logs import Records, capturing_logs
-from fixtures.opcua import UaPlc, ua_server, variable
+from fixtures.opcua import UaPlc, adapter_lines, device_path, ua_server, variable
 from fixtures.pki import OpcUaPki, opcua_certificate, opcua_pki
 from fixtures.ports import free_port
 from uns import DeviceBirth, DeviceData, Waveform, decode
@@ -230,14 +230,6 @@ async def plc() -> AsyncIterator[Plc]:
 def logs() -> Iterator[Records]:
     with capturing_logs("uns_opcua_adapter", timeout=20.0) as handler:
         yield handler
-
-
-def device_path(prefix: str) -> str:
-    return f"{prefix}/pune/area/line/cell/dev-1"
-
-
-def adapter_lines(logs: Records) -> list[str]:
-    return [r.getMessage() for r in logs.of("uns_opcua_adapter")]
 
 
 def tracebacks(logs: Records) -> list[logging.LogRecord]:

@@ -9,16 +9,7 @@ import sys
 
 import pytest
 
-from uns import (
-    Command,
-    DeviceBirth,
-    DeviceData,
-    NodeBirth,
-    NodeDeath,
-    Reply,
-    Service,
-    decode,
-)
+from uns import Command, DeviceBirth, DeviceData, NodeBirth, NodeDeath, Reply, Service, decode
 from uns.testing import memory_broker, running, watching
 from uns_demo import DemoService
 
