@@ -167,6 +167,13 @@ def up(
     ] = None,
     config: ConfigOpt = None,
     log_level: LogOpt = "INFO",
+    plan: Annotated[
+        bool,
+        typer.Option(
+            "--plan",
+            help="Print what would run (each installed service, its metrics port) and exit",
+        ),
+    ] = False,
 ) -> None:
     """Start the broker and every installed service; restart crashed ones; Ctrl-C stops all."""
     from uns.supervisor import Child, supervise, uns_argv
@@ -201,13 +208,17 @@ def up(
         env["UNS_SERVICES__BRIDGE__REMOTE__URL"] = f"mqtt://127.0.0.1:{cloud_port}"
         env["UNS_SERVICES__BRIDGE__REMOTE__ALLOW_PLAINTEXT"] = "true"
         env["UNS_SERVICES__BRIDGE__REMOTE__PROTOCOL"] = "4"
+    planned = []
     for i, (name, enabled, default_port) in enumerate(_plan(loaded)):
-        if not enabled:
-            log.info("%s is disabled in the config; not starting it", name)
-            continue
         # a service keeps its own port's offset (demo 9400, opcua-adapter 9401, ...)
         offset = default_port - 9400 if default_port >= 9400 else 50 + i
         mport = str(metrics_port + offset if metrics_port else 0)
+        where = f"metrics port {mport}" if mport != "0" else "metrics on a free port"
+        planned.append(f"{name:<16} {where if enabled else 'disabled in the config'}")
+        if not enabled:
+            if not plan:
+                log.info("%s is disabled in the config; not starting it", name)
+            continue
         children.append(
             Child(
                 name,
@@ -218,6 +229,11 @@ def up(
             )
         )
     shown = redact_url(url)  # the log must not carry the broker password
+    if plan:
+        where = f"embedded on {host}:{port}" if broker_child else shown
+        typer.echo(f"{'broker':<16} {where}")
+        typer.echo("\n".join(planned))
+        return
     log.info("namespace on %s; services: %s", shown, ", ".join(c.name for c in children) or "none")
     log.info("watch it with: uns sub '#' --json --broker %s", shown)
     target = parse_broker_url(url)
