@@ -137,6 +137,25 @@ def _plan(loaded: LoadedConfig) -> list[tuple[str, bool, int]]:
     return plan
 
 
+def _port_free(host: str, port: int, option: str, other: str = "") -> None:
+    """Exit 2 before anything starts when ``port`` is taken (an edge box with Mosquitto
+    installed has 1883 busy): the broker child would fail in a loop while the services
+    connected to whatever listens there."""
+    import errno
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the broker binds
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise fail(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+            raise fail(
+                f"port {port} on {host} is already in use: choose another with {option} N{other}"
+            ) from None
+
+
 @app.command()
 def up(
     port: Annotated[int, typer.Option(help="Port of the embedded broker")] = 1883,
@@ -185,6 +204,11 @@ def up(
     broker_child = None
     if broker is None:
         url = f"mqtt://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        if not plan:
+            _port_free(host, port, "--port", f" or --broker {url} to use the broker that is there")
+    if cloud_port is not None and not plan:
+        _port_free("127.0.0.1", cloud_port, "--cloud-port")
+    if broker is None:
         broker_child = Child(
             "broker", uns_argv("broker", "--host", host, "--port", str(port), *common)
         )
