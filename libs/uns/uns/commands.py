@@ -241,6 +241,13 @@ def run(main: Callable[[Stop], Any], *, grace_s: float | None = None) -> Any:
         return asyncio.run(runner())
     except ConfigError as exc:
         raise fail(f"config: {exc}") from None
+    except BaseExceptionGroup as group:  # a service's task group: a config error found late
+        found = group.subgroup(ConfigError)
+        while isinstance(found, BaseExceptionGroup):
+            found = found.exceptions[0]
+        if found is None:
+            raise
+        raise fail(f"config: {found}") from None
 
 
 def _stopper(stop: Stop, sig: signal.Signals, grace_s: float | None) -> Callable[[], None]:

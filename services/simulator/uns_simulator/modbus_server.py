@@ -12,6 +12,7 @@ from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
+from uns.errors import ConfigError
 from uns_simulator.catalog import Register
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,13 @@ class ModbusSim:
         self._task = asyncio.create_task(self.server.serve_forever())
         while not self.server.is_active():
             if self._task.done():
-                self._task.result()  # raises why it could not listen
+                try:
+                    self._task.result()
+                except (OSError, RuntimeError) as exc:  # pymodbus: "Could not start listen"
+                    raise ConfigError(
+                        f"simulator.modbus.port: cannot listen on {self.host}:{self.port}"
+                        " (in use by another program, or not an address of this machine)"
+                    ) from exc
             await asyncio.sleep(0.01)
         log.info("Modbus TCP on %s:%d", self.host, self.port)
 

@@ -8,6 +8,7 @@ SourceTimestamp the time of the first sample.
 
 from __future__ import annotations
 
+import errno
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -16,6 +17,7 @@ import numpy as np
 from asyncua import Server, ua
 
 from uns import DevicePath
+from uns.errors import ConfigError
 from uns_simulator.catalog import NAMESPACE_URI, VIBRATION, Tag, opcua_node_id, opcua_object
 
 log = logging.getLogger(__name__)
@@ -86,7 +88,18 @@ class OpcUaSim:
         return node
 
     async def start(self) -> None:
-        await self.server.start()
+        quiet = logging.getLogger("asyncua.server.server")  # it logs a bind error's traceback
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)
+        try:
+            await self.server.start()
+        except OSError as exc:  # a port in use: one clear line, not a traceback
+            why = "address already in use" if exc.errno == errno.EADDRINUSE else str(exc)
+            raise ConfigError(
+                f"simulator.opcua.port: cannot listen on {self.endpoint}: {why}"
+            ) from None
+        finally:
+            quiet.setLevel(level)
         log.info("OPC UA on %s (namespace %s = %d)", self.endpoint, NAMESPACE_URI, self.ns)
 
     async def stop(self) -> None:

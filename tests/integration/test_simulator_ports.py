@@ -1,0 +1,43 @@
+"""The simulator on a port another program holds: one line naming the setting, exit code 2,
+no traceback (it once crashed with an exception group while its adapter retried forever)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+pytestmark = pytest.mark.integration
+UNS = (sys.executable, "-m", "uns")
+
+
+@pytest.fixture
+def taken() -> Iterator[int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+@pytest.mark.parametrize("server", ["opcua", "modbus"])
+def test_a_taken_server_port_exits_2_naming_the_setting(server: str, taken: int) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UNS_")}
+    env[f"UNS_SERVICES__SIMULATOR__{server.upper()}__PORT"] = str(taken)
+    other = "MODBUS" if server == "opcua" else "OPCUA"
+    env[f"UNS_SERVICES__SIMULATOR__{other}__ENABLED"] = "false"
+    done = subprocess.run(
+        [*UNS, "run", "simulator", "--broker", "memory://ports", "--metrics-port", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: config: simulator.{server}.port: cannot listen on")
+    assert str(taken) in last
