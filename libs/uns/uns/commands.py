@@ -242,7 +242,7 @@ def run(main: Callable[[Stop], Any], *, grace_s: float | None = None) -> Any:
     except ConfigError as exc:
         raise fail(f"config: {exc}") from None
     except BaseExceptionGroup as group:  # a service's task group: a config error found late
-        found = group.subgroup(ConfigError)
+        found: BaseException | None = group.subgroup(ConfigError)
         while isinstance(found, BaseExceptionGroup):
             found = found.exceptions[0]
         if found is None:
