@@ -27,10 +27,10 @@ def rows_file(tmp_path: Path, n: int) -> Path:
     return f
 
 
-async def uns_replay(f: Path, device: str, url: str) -> tuple[int, str]:
+async def uns_replay(f: Path, device: str, url: str, *more: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "uns", "replay", str(f), "--device", device),
-        *("--speed", "0", "--broker", url, "--log-level", "INFO"),
+        *("--speed", "0", "--broker", url, "--log-level", "INFO", *more),
         stderr=asyncio.subprocess.PIPE,
     )
     _, err = await asyncio.wait_for(proc.communicate(), 180)
@@ -58,8 +58,35 @@ async def test_uns_replay_through_mosquitto_sees_every_row_back_and_exits_0(
         got = [decode((await w.wait_for(lambda m: True)).payload) for _ in range(500)]
     assert code == 0, err
     assert "every one seen back from the broker" in err
-    assert "500 messages published" in err
+    assert err.splitlines()[-1] == (
+        f"500 rows published to {device}/raw/data, all 500 seen back from the broker"
+    )
     assert [d.metrics[0].value for d in got] == list(range(500))
+
+
+async def test_a_semicolon_export_replays_through_mosquitto_without_its_labels_to_its_end(
+    mosquitto, prefix, tmp_path
+):
+    f = tmp_path / "export.csv"
+    f.write_text(
+        "time;temp;flow;anomaly\n"
+        + "".join(f"2024-01-01 00:00:{i:02d};{20 + i};{i / 10};{int(i > 7)}\n" for i in range(10))
+    )
+    device = f"{prefix}/pune/replay/line/cell/dev"
+    async with watching(mosquitto.url, f"{device}/raw/#") as w:
+        code, err = await uns_replay(
+            f, device, mosquitto.url, "--time-column", "time", "--ignore", "anomaly"
+        )
+        death = await w.wait_topic("/raw/death")  # what a recorder waits for
+    assert code == 0, err
+    assert err.splitlines()[-1] == (
+        f"10 rows published to {device}/raw/data, all 10 seen back from the broker"
+    )
+    rows = [decode(m.payload) for m in w.messages if m.topic.endswith("/data")]
+    assert [[m.name for m in d.metrics] for d in rows] == [["temp", "flow"]] * 10
+    assert [d.ts for d in rows] == [1704067200000 + 1000 * i for i in range(10)]
+    assert death.reason == "end of replay: 10 rows, 10 seen back"
+    assert w.messages[-1].topic == f"{device}/raw/death"  # after every row
 
 
 async def test_a_replay_whose_rows_the_broker_drops_exits_1_saying_how_many(

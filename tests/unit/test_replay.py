@@ -6,12 +6,14 @@ import asyncio
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
-from uns import DeviceData, DevicePath, Node, Waveform, decode
+from uns import DeviceBirth, DeviceData, DeviceDeath, DevicePath, Node, Waveform, decode
+from uns.cli import app
 from uns.config import Namespace, UnsConfig
 from uns.errors import ConfigError
 from uns.testing import watching
-from uns_replay import ReplaySettings, read_csv, read_npz, replay
+from uns_replay import END_OF_REPLAY, ReplaySettings, read_csv, read_npz, replay
 from uns_replay.frames import parse_time
 
 
@@ -53,6 +55,59 @@ def test_a_wrong_time_column_is_named(tmp_path):
         read_csv(f, time_column="stamp")
 
 
+SEMICOLONS = (
+    "time;sensor 1;sensor 2;label\n"
+    "2024-01-01 00:00:00;1.5;10;0\n"
+    "2024-01-01 00:00:01;1.6;11;0\n"
+    "2024-01-01 00:00:02;9.9;12;1\n"
+)
+
+
+@pytest.mark.parametrize("sep", [";", "\t", "|", ","])
+def test_the_delimiter_is_sniffed_so_a_semicolon_file_reads_by_its_time_column(tmp_path, sep):
+    f = tmp_path / "export.csv"
+    f.write_text(SEMICOLONS.replace(";", sep))
+    rec = read_csv(f, time_column="time")
+    assert rec.delimiter == sep
+    assert [m.name for m in rec.metrics] == ["sensor_1", "sensor_2", "label"]
+    frames = list(rec.frames)
+    assert [ts for ts, _ in frames] == [1704067200000, 1704067201000, 1704067202000]
+    assert [m.value for m in frames[2][1]] == [9.9, 12.0, 1.0]
+
+
+def test_a_single_column_file_is_read_as_comma_separated(tmp_path):
+    f = tmp_path / "values.csv"
+    f.write_text("a\n1\n2\n")
+    rec = read_csv(f, start_ms=0)
+    assert rec.delimiter == "," and [[m.value for m in ms] for _, ms in rec.frames] == [[1], [2]]
+
+
+def test_label_columns_are_ignored_and_columns_choose_by_header_or_metric_name(tmp_path):
+    f = tmp_path / "export.csv"
+    f.write_text(SEMICOLONS)
+    ignored = read_csv(f, ignore=["label"])
+    assert [m.name for m in ignored.metrics] == ["sensor_1", "sensor_2"]
+    assert all(m.name != "label" for _, ms in ignored.frames for m in ms)
+    only = read_csv(f, columns=["sensor_2", "sensor 1", "label"], ignore=["label"])
+    assert [m.name for m in only.metrics] == ["sensor_1", "sensor_2"]  # in the file's order
+
+
+@pytest.mark.parametrize("option", ["columns", "ignore"])
+def test_an_unknown_column_is_named_with_the_files_columns(tmp_path, option):
+    f = tmp_path / "export.csv"
+    f.write_text(SEMICOLONS)
+    with pytest.raises(ConfigError, match=rf"--{option}: 'lable' is not a column .*label"):
+        read_csv(f, **{option: ["lable"]})
+
+
+def test_an_npz_publishes_only_the_arrays_chosen(tmp_path):
+    f = tmp_path / "bearing.npz"
+    np.savez(f, DE=np.zeros(2000, np.float32), FE=np.zeros(2000, np.float32), rpm=np.float64(1))
+    rec = read_npz(f, rate_hz=12_000, ignore=["FE"])
+    assert [m.name for m in rec.metrics] == ["de", "rpm"]
+    assert [m.name for m in read_npz(f, rate_hz=12_000, columns=["FE"]).metrics] == ["fe"]
+
+
 def test_an_npz_becomes_waveform_blocks_back_to_back(tmp_path):
     f = tmp_path / "bearing.npz"
     np.savez(f, DE=np.arange(2500, dtype=np.float32), rpm=np.float64(1796))
@@ -75,8 +130,12 @@ def test_an_npz_without_a_rate_asks_for_one(tmp_path):
         read_npz(f, rate_hz=None)
 
 
+def device_of(prefix: str) -> DevicePath:
+    return DevicePath(prefix, "pune", "replay", "line", "cell", "dev")
+
+
 async def published(memory_url: str, prefix: str, rec, expected: int) -> list[DeviceData]:
-    device = DevicePath(prefix, "pune", "replay", "line", "cell", "dev")
+    device = device_of(prefix)
     node = Node(
         "replay",
         ReplaySettings(speed=0, metrics_port=0),
@@ -84,11 +143,11 @@ async def published(memory_url: str, prefix: str, rec, expected: int) -> list[De
         broker_url=memory_url,
     )
     async with watching(memory_url, f"{prefix}/+/+/+/+/+/raw/data") as w:
-        sent = await asyncio.wait_for(replay(node, device, rec, asyncio.Event()), 120)
+        done = await asyncio.wait_for(replay(node, device, rec, asyncio.Event()), 120)
         got = [
             decode(m.payload) for m in [await w.wait_for(lambda m: True) for _ in range(expected)]
         ]
-    assert sent == expected
+    assert (done.sent, done.seen_back, done.finished) == (expected, expected, True)
     return got
 
 
@@ -117,3 +176,77 @@ async def test_a_cwru_fault_file_replays_as_12khz_blocks(memory_url, prefix, dat
     assert np.allclose(
         np.concatenate([np.frombuffer(w.samples, "<f4") for w in de]), np.load(f)["DE"][: n * 1200]
     )
+
+
+async def test_a_semicolon_export_replays_without_its_label_column(memory_url, prefix, tmp_path):
+    f = tmp_path / "export.csv"
+    f.write_text(SEMICOLONS)
+    async with watching(memory_url, f"{prefix}/+/+/+/+/+/raw/birth") as births:
+        got = await published(memory_url, prefix, read_csv(f, ignore=["label"]), 3)
+        birth = await births.next(f"{prefix}/#", DeviceBirth)
+    assert [m.name for m in birth.metrics] == ["sensor_1", "sensor_2"]
+    assert [[(m.name, m.value) for m in d.metrics] for d in got] == [
+        [("sensor_1", 1.5), ("sensor_2", 10.0)],
+        [("sensor_1", 1.6), ("sensor_2", 11.0)],
+        [("sensor_1", 9.9), ("sensor_2", 12.0)],
+    ]
+
+
+async def test_the_end_of_a_replay_is_the_devices_death_after_its_last_row(
+    memory_url, prefix, tmp_path
+):
+    f = tmp_path / "values.csv"
+    f.write_text("ts,a\n" + "".join(f"{1000 + i},{i}\n" for i in range(50)))
+    async with watching(memory_url, f"{prefix}/+/+/+/+/+/raw/#") as w:
+        await published(memory_url, prefix, read_csv(f), 50)
+        await w.wait_topic(f"{device_of(prefix).topic('raw', 'death')}")
+    kinds = [m.topic.rsplit("/", 1)[1] for m in w.messages]
+    assert kinds == ["death", "birth", *["data"] * 50, "death"]  # (the first: clearing)
+    death = decode(w.messages[-1].payload)
+    assert isinstance(death, DeviceDeath)
+    assert death.reason == f"{END_OF_REPLAY}: 50 rows, 50 seen back"
+    # retained: a recorder that subscribes after the end still learns it is over
+    async with watching(memory_url, f"{prefix}/+/+/+/+/+/raw/death") as late:
+        retained = await late.next(f"{prefix}/#", DeviceDeath)
+    assert retained.reason.startswith(END_OF_REPLAY)
+
+
+def uns_replay_here(*args: str) -> tuple[int, list[str]]:
+    """``uns replay ARGS`` in this process (it exits before connecting): code, stderr lines."""
+    result = CliRunner().invoke(app, ["replay", *args, "--device", "acme/pune/a/b/c/dev"])
+    return result.exit_code, result.stderr.strip().splitlines()
+
+
+@pytest.mark.parametrize("option", ["--columns", "--ignore"])
+def test_uns_replay_exits_2_naming_an_unknown_column(tmp_path, option):
+    f = tmp_path / "export.csv"
+    f.write_text(SEMICOLONS)
+    code, err = uns_replay_here(str(f), "--time-column", "time", option, "sensor 1,lable")
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith(f"error: {option}: 'lable' is not a column")
+    assert "sensor 1, sensor 2, label" in err[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("", "empty file, no header row"),
+        ("timestamp;a;b\n", "nothing to replay: no data rows after the header"),
+        ("timestamp,a\nyesterday,1\nlater,2\n", "nothing to replay: 2 rows, none with a"),
+    ],
+)
+def test_uns_replay_of_a_file_with_nothing_to_replay_exits_2_in_one_line(tmp_path, text, says):
+    f = tmp_path / "export.csv"
+    f.write_text(text)
+    code, err = uns_replay_here(str(f))
+    assert code == 2
+    assert len(err) == 1 and says in err[0], err
+
+
+def test_uns_replay_names_a_delimiter_that_is_not_one_character(tmp_path):
+    f = tmp_path / "export.csv"
+    f.write_text(SEMICOLONS)
+    code, err = uns_replay_here(str(f), "--delimiter", ";;")
+    assert code == 2 and err == [
+        "error: --delimiter: ';;' is not one character (e.g. ';', ',', '|' or tab)"
+    ]

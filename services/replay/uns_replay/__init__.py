@@ -12,11 +12,13 @@ from uns.plugins import lazy_exports
 
 if TYPE_CHECKING:
     from uns_replay.frames import Recording, read_csv, read_npz
-    from uns_replay.service import ReplaySettings, replay
+    from uns_replay.service import END_OF_REPLAY, Replayed, ReplaySettings, replay
 
 __all__ = [
+    "END_OF_REPLAY",
     "Recording",
     "ReplaySettings",
+    "Replayed",
     "read_csv",
     "read_npz",
     "replay",
@@ -25,7 +27,9 @@ __all__ = [
 __getattr__ = lazy_exports(
     __name__,
     {
+        "END_OF_REPLAY": "service",
         "Recording": "frames",
+        "Replayed": "service",
         "ReplaySettings": "service",
         "read_csv": "frames",
         "read_npz": "frames",

@@ -6,6 +6,10 @@ acknowledges, then silently drops, what an ACL refuses; amqtt 0.12 dropped what 
 sent just before disconnecting; a broker that restarts loses what it acknowledged and
 had not routed). A row not seen back within ``confirm_timeout_s`` of the end makes the
 replay exit non-zero (`IncompleteReplay`) with a line saying how many.
+
+Its end is a message: the device's raw death (retained), reason `END_OF_REPLAY`, sent
+once every row is seen back (or the wait for them is over), so a recorder stops on it
+instead of counting rows or guessing from silence.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import asyncio
 import collections
 import logging
 import time
+from dataclasses import dataclass
 from typing import Annotated
 
 import msgspec
@@ -22,6 +27,10 @@ from uns import DeviceData, DevicePath, Inbound, Metric, Node, Service, ServiceS
 from uns_replay.frames import Recording
 
 log = logging.getLogger(__name__)
+
+END_OF_REPLAY = "end of replay"
+"""How the reason of the device's raw death begins once a replay has published every row:
+``end of replay: 500 rows, 500 seen back`` (the rows sent, and those the broker took)."""
 
 
 class ReplaySettings(ServiceSettings, frozen=True):
@@ -104,12 +113,19 @@ class Replay(Service[ReplaySettings]):
             await asyncio.wait_for(self.confirmed.wait(), self.settings.confirm_timeout_s)
         except TimeoutError:
             pass
-        if self.unconfirmed:
+        missing = sum(self.unconfirmed.values())
+        # the end, for whoever waits for it (a recorder): after every row came back, so a
+        # subscriber to the device's data has been sent each row before this death
+        await node.device_death(
+            self.path, "raw", f"{END_OF_REPLAY}: {self.sent} rows, {self.sent - missing} seen back"
+        )
+        await node.drained()
+        if missing:
             log.error(
                 "%s: %d of %d rows not seen back from the broker within %g s: it did not"
                 " take them (a refusing ACL, a broker restart, or a loss on the way)",
                 self.path,
-                sum(self.unconfirmed.values()),
+                missing,
                 self.sent,
                 self.settings.confirm_timeout_s,
             )
@@ -125,14 +141,24 @@ class Replay(Service[ReplaySettings]):
         self.done.set()
 
 
+@dataclass(frozen=True)
+class Replayed:
+    """What a replay did: rows published, rows seen back from the broker, and whether it
+    got to the end of the file (not stopped by a signal)."""
+
+    sent: int
+    seen_back: int
+    finished: bool
+
+
 async def replay(
     node: Node[ReplaySettings], path: DevicePath, recording: Recording, stop: asyncio.Event
-) -> int:
-    """Publish ``recording`` as ``path``'s raw metrics; return the number of messages sent.
+) -> Replayed:
+    """Publish ``recording`` as ``path``'s raw metrics; say how many rows the broker took.
 
     Raises `IncompleteReplay` (a `SystemExit`: the command exits 1 with its message) when
     rows were not seen back from the broker. Stopped early (``stop`` set by a signal), it
-    returns what it sent.
+    returns what it sent, ``finished`` false.
     """
     service = Replay(node, path, recording, stop)
     await node.serve(service, stop)
@@ -146,4 +172,4 @@ async def replay(
             sent=service.sent,
             missing=missing,
         )
-    return service.sent
+    return Replayed(service.sent, service.sent - missing, service.finished)
