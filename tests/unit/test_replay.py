@@ -14,7 +14,7 @@ from uns.config import Namespace, UnsConfig
 from uns.errors import ConfigError
 from uns.testing import watching
 from uns_replay import END_OF_REPLAY, ReplaySettings, read_csv, read_npz, replay
-from uns_replay.frames import parse_time
+from uns_replay.frames import labels_among, parse_time
 
 
 def test_timestamps_in_iso_8601_and_epoch_seconds_and_milliseconds():
@@ -90,6 +90,21 @@ def test_label_columns_are_ignored_and_columns_choose_by_header_or_metric_name(t
     assert all(m.name != "label" for _, ms in ignored.frames for m in ms)
     only = read_csv(f, columns=["sensor_2", "sensor 1", "label"], ignore=["label"])
     assert [m.name for m in only.metrics] == ["sensor_1", "sensor_2"]  # in the file's order
+
+
+def test_a_semicolon_export_with_decimal_commas_reads_its_numbers(tmp_path):
+    f = tmp_path / "export.csv"
+    f.write_text("time;temp;flow\n2024-01-01 00:00:00;21,5;1.234,5\n2024-01-01 00:00:01;21,75;3\n")
+    rec = read_csv(f)
+    assert [[m.value for m in ms] for _, ms in rec.frames] == [[21.5], [21.75, 3.0]]
+    assert rec.skipped == {"flow": 1}  # 1.234,5: a thousands point or a decimal one?
+
+
+def test_a_column_named_like_a_label_is_pointed_out_unless_ignored(tmp_path):
+    f = tmp_path / "export.csv"
+    f.write_text(SEMICOLONS)
+    assert labels_among(read_csv(f)) == ["label"]
+    assert labels_among(read_csv(f, ignore=["label"])) == []
 
 
 @pytest.mark.parametrize("option", ["columns", "ignore"])

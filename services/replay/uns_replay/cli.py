@@ -82,7 +82,13 @@ def replay(
     then the device's raw death (reason "end of replay: N rows, M seen back") says it is over
     and the last line how many rows the broker took. Exit 1 when it did not take them all,
     2 when the file has nothing to replay."""
-    from uns_replay.frames import delimiter_option, nonempty, read_csv, read_npz
+    from uns_replay.frames import (
+        delimiter_option,
+        labels_among,
+        nonempty,
+        read_csv,
+        read_npz,
+    )
     from uns_replay.service import ReplaySettings
     from uns_replay.service import replay as run_replay
 
@@ -113,6 +119,13 @@ def replay(
         raise fail(f"--node: {exc}") from None
     except ConfigError as exc:
         raise fail(str(exc)) from None
+    if labels := labels_among(recording):
+        log.warning(
+            "%s: named like labels, yet published as metrics: %s (--ignore %s keeps them out)",
+            file.name,
+            ", ".join(labels),
+            ",".join(labels),
+        )
     log.info(
         "%s: publishing %s as %s/raw/data%s",
         file.name,

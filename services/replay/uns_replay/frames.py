@@ -120,10 +120,7 @@ def read_csv(
                     ts = base + int(i * interval_s * 1000)
                 metrics = []
                 for name in names:
-                    try:
-                        value = float(_cell(cells, at[name]) or "nan")
-                    except ValueError:
-                        value = math.nan
+                    value = _number(_cell(cells, at[name]), decimal_comma=delimiter != ",")
                     if math.isnan(value):
                         recording.skipped[name] = recording.skipped.get(name, 0) + 1
                         continue
@@ -190,6 +187,16 @@ def select(
     return [n for n in names if (only is None or n in only) and n not in never]
 
 
+LABEL_NAMES = frozenset({"label", "labels", "anomaly", "is_anomaly", "attack", "target", "class"})
+"""Column names that usually hold a data set's answers, not a sensor."""
+
+
+def labels_among(recording: Recording) -> list[str]:
+    """The published columns named like labels (`LABEL_NAMES`): worth a warning, since a
+    label published as a tag is a feature the model then learns from."""
+    return [c for c in recording.columns if _metric_name(c) in LABEL_NAMES]
+
+
 def nonempty(recording: Recording, path: Path) -> Recording:
     """``recording`` as it was, or a `ConfigError` when it has not one frame to replay
     (a header alone, or no row with a readable time and value): checked before anything
@@ -209,6 +216,21 @@ def nonempty(recording: Recording, path: Path) -> Recording:
         )
     recording.frames = itertools.chain([first], recording.frames)
     return recording
+
+
+def _number(text: str, *, decimal_comma: bool) -> float:
+    """A cell as a number, NaN when it is not one. In a file not separated by commas,
+    ``1,5`` is 1.5 (the decimal comma of the exports that use ``;`` because of it); one
+    with a point too (``1.234,5``) is ambiguous and not read."""
+    try:
+        return float(text or "nan")
+    except ValueError:
+        if decimal_comma and text.count(",") == 1 and "." not in text:
+            try:
+                return float(text.replace(",", "."))
+            except ValueError:
+                pass
+        return math.nan
 
 
 def _cell(cells: list[str], i: int) -> str:
