@@ -146,6 +146,54 @@ def test_constant_and_trending_features_are_spotted() -> None:
     assert train.trending_features(x, NAMES) == ["vibration.band_10_1000"]
 
 
+SENSORS = [f"line.s{j}.mean" for j in range(6)]
+
+
+def labelled_plant(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Six sensors at 1 Hz moved by one slowly varying load; the labelled fault, late in the
+    series, is sensor 2 drifting 8 noise deviations off its correlation with the others."""
+    rng = np.random.default_rng(seed)
+    load = np.convolve(rng.normal(size=n + 19), np.ones(20) / 20**0.5, "valid")
+    x = np.column_stack([10 + (1 + 0.3 * j) * load + 0.5 * rng.normal(size=n) for j in range(6)])
+    fault = np.zeros(n, dtype=bool)
+    fault[n - 200 : n - 100] = True
+    x[fault, 2] += 4.0
+    return x, fault
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_one_spike_in_the_training_stretch_neither_lifts_the_threshold_nor_hides_a_fault(
+    seed: int,
+) -> None:
+    x, fault = labelled_plant(1000, seed)
+    normal = x[:400]
+    spiked = normal.copy()
+    spiked[150, 2] = normal[:, 2].mean() + 30 * normal[:, 2].std()  # one row, |z| = 30
+    clean = train.fit_anomaly(normal, SENSORS)
+    model = train.fit_anomaly(spiked, SENSORS)
+    assert 0.5 < model.raise_threshold / clean.raise_threshold < 2.0
+    later, labels = x[400:], fault[400:]
+    caught = model.score(later[labels]) >= model.raise_threshold
+    assert caught.mean() >= 0.9
+    assert (model.score(later[~labels]) >= model.raise_threshold).mean() <= 0.01
+    assert model.calibration is not None
+    assert model.calibration.excursions.tolist() == [150]
+    assert model.calibration.untrimmed > 10 * model.raise_threshold
+    assert model.evaluation["excursions_left_out"] == 1
+    assert clean.calibration is not None and len(clean.calibration.excursions) == 0
+
+
+def test_a_fold_unlike_the_others_is_kept_and_named_as_driving_the_threshold() -> None:
+    x = labelled_plant(1000, seed=5)[0][:400]
+    x[320:, 2] += 3.0  # the last fold runs another way: 80 rows, not an excursion
+    model = train.fit_anomaly(x, SENSORS)
+    cal = model.calibration
+    assert cal is not None and len(cal.excursions) == 0
+    assert cal.driving_fold == 4
+    assert max(cal.per_fold) > 2 * float(np.median(cal.per_fold))
+    assert len(model.evaluation["raise_threshold_per_fold"]) == 5
+
+
 # ---- remaining useful life -----------------------------------------------------------
 
 

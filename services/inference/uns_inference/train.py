@@ -21,7 +21,7 @@ piecewise-linear protocol).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 import numpy as np
@@ -124,6 +124,8 @@ class AnomalyModel:
     clear_threshold: float
     critical_threshold: float
     evaluation: dict[str, Any] = field(default_factory=dict)
+    calibration: Calibration | None = None
+    """How the raise threshold came about: per fold, and what was left out of it."""
 
     def contributions(self, x: Array) -> Array:
         """Per-feature shares of the score (non-negative, summing to it): float64 reference."""
@@ -170,6 +172,107 @@ def _phi(z: Array, pca: _Pca) -> Array:
     return np.asarray((a * a + b * b).sum(axis=1))
 
 
+EXCURSION_FACTOR: Final = 3.0
+"""An out-of-fold score this many times the folds' median threshold is an excursion (a
+spike, a glitch): for a healthy, roughly Gaussian row that is a chance of about 1e-8."""
+HANDFUL_ROWS: Final = 8
+HANDFUL_SHARE: Final = 0.01
+"""At most max(8 rows, 1 % of the rows) are excursions: one raw spike reaches every window
+that covers it (a handful of rows). More than that above the limit is a way of running the
+training data holds (a regime, a fold unlike the others), not an excursion: it is kept."""
+DRIVEN_RATIO: Final = 1.5
+"""A fold, or the top handful of rows, drives the threshold when leaving it out lowers the
+threshold by this factor or more."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The raise threshold and its evidence: which out-of-fold scores set it, how they vary.
+
+    Row numbers are those of the data given to `fit_anomaly`. ``folds``: the rows of each
+    cross-validation block (excursions not among them); ``per_fold``: the threshold each
+    fold's own out-of-fold scores give (margin x their quantile), the spread a user sees
+    on the card; ``without_fold``: the threshold with each fold's rows left out;
+    ``excursions``: rows left out of the fit and the threshold, with their out-of-fold
+    ``excursion_scores``; ``untrimmed``: the threshold had they been kept; ``without_top``:
+    the threshold without the ``top_rows`` highest scores.
+    """
+
+    threshold: float
+    folds: list[NDArray[np.intp]]
+    per_fold: list[float]
+    without_fold: list[float]
+    excursions: NDArray[np.intp]
+    excursion_scores: Array
+    untrimmed: float
+    without_top: float
+    top_rows: int
+
+    @property
+    def driving_fold(self) -> int | None:
+        """The fold without which the threshold would be ``DRIVEN_RATIO`` times lower."""
+        i = int(np.argmin(self.without_fold))
+        return i if self.threshold >= DRIVEN_RATIO * self.without_fold[i] else None
+
+    @property
+    def driven_by_top_rows(self) -> bool:
+        """Whether the few highest scores alone hold the threshold ``DRIVEN_RATIO`` up."""
+        return self.threshold >= DRIVEN_RATIO * self.without_top
+
+
+def _level(scores: Array, quantile: float, margin: float) -> float:
+    return margin * float(np.quantile(scores, quantile)) if len(scores) else 0.0
+
+
+def find_excursions(
+    oof: Array, folds: Sequence[NDArray[np.intp]], quantile: float, margin: float
+) -> NDArray[np.intp]:
+    """Rows scoring above ``EXCURSION_FACTOR`` x the median of the per-fold thresholds, if
+    they are a handful (none otherwise). The median of the folds is what one excursion
+    cannot move: it lands in one fold."""
+    limit = EXCURSION_FACTOR * float(np.median([_level(oof[f], quantile, margin) for f in folds]))
+    above = np.flatnonzero(oof > limit)
+    handful = max(HANDFUL_ROWS, int(np.ceil(HANDFUL_SHARE * len(oof))))
+    return above if len(above) <= handful else np.empty(0, dtype=np.intp)
+
+
+def calibrate(
+    oof: Array, folds: Sequence[NDArray[np.intp]], quantile: float, margin: float
+) -> Calibration:
+    """``margin`` x the ``quantile`` of the out-of-fold scores, and its spread over folds."""
+    n = len(oof)
+    top_rows = max(1, min(HANDFUL_ROWS, int(np.ceil(n * (1.0 - quantile))) + 2))
+    without_fold = []
+    for f in folds:
+        rest = np.ones(n, dtype=bool)
+        rest[f] = False
+        without_fold.append(_level(oof[rest], quantile, margin))
+    threshold = _level(oof, quantile, margin)
+    return Calibration(
+        threshold=threshold,
+        folds=list(folds),
+        per_fold=[_level(oof[f], quantile, margin) for f in folds],
+        without_fold=without_fold,
+        excursions=np.empty(0, dtype=np.intp),
+        excursion_scores=np.empty(0),
+        untrimmed=threshold,
+        without_top=_level(np.sort(oof)[: n - top_rows], quantile, margin),
+        top_rows=top_rows,
+    )
+
+
+def _out_of_fold(
+    x: Array, names: Sequence[str], variance: float, folds: Sequence[NDArray[np.intp]]
+) -> Array:
+    """Each block scored by a model fitted on the other blocks."""
+    oof = np.empty(len(x))
+    for block in folds:
+        rest = np.setdiff1d(np.arange(len(x)), block)
+        t = fit_transform(x[rest], names)
+        oof[block] = _phi(t.apply(x[block]), _fit_pca(t.apply(x[rest]), variance))
+    return oof
+
+
 def fit_anomaly(
     x: Array,
     names: Sequence[str],
@@ -187,6 +290,13 @@ def fit_anomaly(
     of ``folds`` contiguous blocks scored by a model fitted on the others, so the
     threshold is not flattered by scoring the data the model has seen. The clear
     threshold is ``clear_fraction`` of it.
+
+    Excursions (`find_excursions`: a handful of rows far above what every fold agrees
+    on) are left out of the fit and the threshold, and the folds drawn again without
+    them: on a few hundred rows the quantile is set by the top one or two scores, and
+    one spike in the training stretch (|z| = 30 on one sensor) lifted it 70-280 times,
+    while the spike's variance blinded the model to a later fault of that sensor. On
+    data without excursions the model is what it was without this step.
     """
     x = np.asarray(x, dtype=np.float64)
     n, f = x.shape
@@ -199,26 +309,40 @@ def fit_anomaly(
         raise TrainingError(f"{n} rows of {f} features: need at least {need}")
     if not 0.5 <= variance < 1.0:
         raise TrainingError("variance: expected 0.5 <= variance < 1")
-    oof = np.empty(n)
-    for block in contiguous_folds(n, folds):
-        rest = np.setdiff1d(np.arange(n), block)
-        t = fit_transform(x[rest], names)
-        oof[block] = _phi(t.apply(x[block]), _fit_pca(t.apply(x[rest]), variance))
-    transform = fit_transform(x, names)
-    z = transform.apply(x)
-    pca = _fit_pca(z, variance)
-    raise_threshold = margin * float(np.quantile(oof, quantile))
-    in_sample = _phi(z, pca)
+    oof = _out_of_fold(x, names, variance, contiguous_folds(n, folds))
+    excursions = find_excursions(oof, contiguous_folds(n, folds), quantile, margin)
+    kept = np.setdiff1d(np.arange(n), excursions)
+    blocks = contiguous_folds(len(kept), folds)
+    if len(excursions):
+        untrimmed = _level(oof, quantile, margin)
+        oof[kept] = _out_of_fold(x[kept], names, variance, blocks)
+    cal = calibrate(oof[kept], blocks, quantile, margin)
+    if len(excursions):
+        cal = replace(
+            cal,
+            folds=[kept[b] for b in blocks],
+            excursions=excursions,
+            excursion_scores=oof[excursions],
+            untrimmed=untrimmed,
+        )
+    transform = fit_transform(x[kept], names)
+    pca = _fit_pca(transform.apply(x[kept]), variance)
+    raise_threshold = cal.threshold
+    in_sample = _phi(transform.apply(x), pca)
     evaluation = {
-        "rows": n,
+        "rows": len(kept),
         "features": f,
         "components": pca.k,
         "variance_kept": round(pca.kept, 6),
         "score_median_in_sample": round(float(np.median(in_sample)), 6),
         "score_median_out_of_fold": round(float(np.median(oof)), 6),
         "score_q99_out_of_fold": round(float(np.quantile(oof, 0.99)), 6),
-        f"score_q{quantile * 100:g}_out_of_fold": round(float(np.quantile(oof, quantile)), 6),
+        f"score_q{quantile * 100:g}_out_of_fold": round(float(np.quantile(oof[kept], quantile)), 6),
+        "breach_rate_in_sample": round(float((in_sample >= raise_threshold).mean()), 6),
         "breach_rate_out_of_fold": round(float((oof >= raise_threshold).mean()), 6),
+        "raise_threshold_per_fold": [round(v, 6) for v in cal.per_fold],
+        "raise_threshold_without_fold": [round(v, 6) for v in cal.without_fold],
+        "excursions_left_out": len(excursions),
         "log_features": [name for name, lg in zip(names, transform.log, strict=True) if lg],
     }
     return AnomalyModel(
@@ -232,6 +356,7 @@ def fit_anomaly(
         clear_threshold=clear_fraction * raise_threshold,
         critical_threshold=critical_factor * raise_threshold,
         evaluation=evaluation,
+        calibration=cal,
     )
 
 
