@@ -40,6 +40,7 @@ from uns.bus import Bus, Message, Will, connect
 from uns.config import BrokerSettings, Port, PositiveFloat, Slug, Strict, UnsConfig, redact_url
 from uns.errors import BusError, PayloadError, Reject, TopicError
 from uns.metrics import ServiceMetrics, stream_label
+from uns.scope import Scope, node_scope
 from uns.topics import (
     NODE_LEVEL,
     DevicePath,
@@ -64,6 +65,9 @@ class ServiceSettings(Strict, frozen=True):
     """Settings every service has; a service's own settings subclass this."""
 
     default_metrics_port: ClassVar[int] = 0
+    bus_client: ClassVar[bool] = True
+    """The service is a node of the bus (False: the broker itself), so the broker policy
+    (`uns.policy`) gives it a user."""
     """The service's ``/metrics`` port when ``metrics_port`` is absent (0: any free port).
     Here, not on the service class, so that `uns up` plans ports from the light settings
     module alone."""
@@ -88,6 +92,18 @@ class ServiceSettings(Strict, frozen=True):
     rebirth_min_interval_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     """At most one rebirth per this time on request; requests within it are coalesced into
     one at its end (the rest counted as ``reason="rebirth_rate"``); 0: no limit."""
+
+    def scope(self, config: UnsConfig) -> Scope | None:
+        """The topics this service publishes and subscribes to, besides its node's own
+        (birth, death, command, replies: `uns.scope.node_scope`), for ``config``.
+
+        The one declaration of what the service does on the bus: its `Node` refuses to
+        publish outside it (counted as ``reason="out_of_scope"``) and to subscribe outside
+        it, and ``uns broker secure`` makes the broker ACLs of it. Here, on the light
+        settings, so that the policy is made without importing the service. None (the
+        default): undeclared, nothing is checked and the broker policy grants the node's
+        own topics only."""
+        return None
 
 
 S = TypeVar("S", bound=ServiceSettings)
@@ -348,6 +364,11 @@ class Node(Generic[S]):
         self.metrics_url = ""
         self.connected = asyncio.Event()
         self.cmd_topic = node_topic(self.enterprise, self.site, self.id, "cmd")
+        declared = settings.scope(config)
+        self.scope: Scope | None = (
+            None if declared is None else node_scope(self.enterprise, self.site, self.id) | declared
+        )
+        """What this node may publish and subscribe to; None: undeclared, unchecked."""
         self._subs: list[_Subscription] = []
         self._devices: dict[tuple[DevicePath, Stream], list[p.MetricDef]] = {}
         self._outbox = _Outbox(settings.queue_size, self.metrics)
@@ -373,19 +394,50 @@ class Node(Generic[S]):
         *,
         qos: int = 0,
     ) -> None:
-        """Deliver messages matching ``topic_filter``, decoded as ``kind``, to ``handler``."""
+        """Deliver messages matching ``topic_filter``, decoded as ``kind``, to ``handler``.
+
+        A filter outside the declared `scope` is a bug (the broker's ACL would refuse it):
+        `TopicError` at once, naming it."""
+        validate_filter(topic_filter)
+        if self.scope is not None and not self.scope.may_subscribe(topic_filter):
+            raise TopicError(
+                f"{self.id}: subscribes to {topic_filter!r}, outside the topics its settings"
+                f" declare ({', '.join(self.scope.subscribe)}): declare it in scope()"
+            )
         self._subs.append(_Subscription(validate_filter(topic_filter), kind, handler, qos))  # type: ignore[arg-type]
 
     async def publish(
         self, topic: str, payload: p.Payload | bytes, *, qos: int = 0, retain: bool = False
     ) -> None:
-        """Queue a message; device messages get the node's next sequence number when sent."""
+        """Queue a message; device messages get the node's next sequence number when sent.
+
+        A topic outside the declared `scope` is refused: counted as ``reason="out_of_scope"``
+        and logged at most once per interval (a secure broker would drop it silently)."""
+        if self._out_of_scope(topic):
+            return
         await self._outbox.put((topic, payload, qos, retain), self.connected)
+
+    def _out_of_scope(self, topic: str) -> bool:
+        if self.scope is None or self.scope.may_publish(topic):
+            return False
+        self.metrics.drop("out_of_scope")
+        self._throttled.warning(
+            "out_of_scope",
+            "%s: refused to publish to %.200s, outside the topics its settings declare"
+            " (counted as reason=out_of_scope)",
+            self.id,
+            topic,
+        )
+        return True
 
     async def device_birth(
         self, path: DevicePath, stream: Stream, metrics: list[p.MetricDef]
     ) -> None:
-        """Declare (or redeclare) a device's metrics; replayed on every reconnect and rebirth."""
+        """Declare (or redeclare) a device's metrics; replayed on every reconnect and rebirth.
+
+        A device outside the declared `scope` is refused like any message (never born)."""
+        if self._out_of_scope(path.topic(stream, "birth")):
+            return
         async with self._send_lock:  # not while births are being replayed
             self._devices[(path, stream)] = list(metrics)
             online = self.connected.is_set()
@@ -932,7 +984,8 @@ class Node(Generic[S]):
             except (TypeError, ValueError, OverflowError) as exc:  # a result JSON cannot carry
                 self._handler_failed("the reply's encoding", message.topic, exc)
                 return
-            await self.publish(reply_to, data, qos=1)
+            # checked by _reply_problem: a reply goes where the command asked, in scope or not
+            await self._outbox.put((reply_to, data, 1, False), self.connected)
 
     async def _rebirth_requested(self, sender: str) -> float:
         """Rebirth now, or at the end of the rate limit's window; the seconds until then.

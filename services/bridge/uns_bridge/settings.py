@@ -7,8 +7,9 @@ from typing import Annotated, ClassVar, Final, Literal
 import msgspec
 
 from uns import ServiceSettings
-from uns.config import PositiveFloat, Strict, parse_broker_url
+from uns.config import PositiveFloat, Strict, UnsConfig, parse_broker_url
 from uns.errors import ConfigError, TopicError
+from uns.scope import Scope
 from uns.topics import validate_filter
 from uns_bridge import logic
 
@@ -157,3 +158,8 @@ class BridgeSettings(ServiceSettings, frozen=True):
                     preset.check_sample(template, logic.SAMPLE_BATCH_TOPIC)
             except logic.Unsendable as exc:
                 raise ValueError(f"topic: {exc}") from None
+
+    def scope(self, config: UnsConfig) -> Scope:
+        """Reads what it forwards (``include``); publishes nothing locally (the cloud is
+        another broker)."""
+        return Scope(subscribe=tuple(self.include))

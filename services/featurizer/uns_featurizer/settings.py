@@ -3,7 +3,8 @@ from typing import Annotated, ClassVar
 import msgspec
 
 from uns import ServiceSettings
-from uns.config import Strict
+from uns.config import Strict, UnsConfig
+from uns.scope import Scope
 
 
 class WaveformSettings(Strict, frozen=True):
@@ -85,3 +86,11 @@ class FeaturizerSettings(ServiceSettings, frozen=True):
     max_signals: Annotated[int, msgspec.Meta(ge=1)] = 1_000
     """Signals (waveforms and slow tags) windowed per device at most; more are excluded
     (``reason="too_many_signals"``)."""
+
+    def scope(self, config: UnsConfig) -> Scope:
+        """Reads every device's raw stream; publishes features of this site's devices."""
+        ns = config.namespace
+        return Scope(
+            publish=(f"{ns.enterprise}/{ns.site}/+/+/+/+/features/+",),
+            subscribe=tuple(f"+/+/+/+/+/+/raw/{m}" for m in ("birth", "data", "death")),
+        )

@@ -3,7 +3,8 @@ from typing import Annotated, ClassVar
 import msgspec
 
 from uns import ServiceSettings
-from uns.config import DevicePathText, PositiveFloat, Slug, Strict
+from uns.config import DevicePathText, PositiveFloat, Slug, Strict, UnsConfig
+from uns.scope import Scope
 
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 
@@ -49,3 +50,16 @@ class InferenceSettings(ServiceSettings, frozen=True):
     devices: dict[DevicePathText, Slug] = {}
     """Device path -> asset type for devices outside ``plant.devices`` (e.g. replayed
     recordings); ``plant.devices[].asset`` covers the rest."""
+
+    def scope(self, config: UnsConfig) -> Scope:
+        """Reads every device's features; publishes this site's scores and anomaly events,
+        and asks a node of this site for a rebirth (its features came without a birth)."""
+        site = f"{config.namespace.enterprise}/{config.namespace.site}"
+        return Scope(
+            publish=(
+                f"{site}/+/+/+/+/scores/+",
+                f"{site}/+/+/+/+/events/anomaly",
+                f"{site}/_node/+/cmd",
+            ),
+            subscribe=tuple(f"+/+/+/+/+/+/features/{m}" for m in ("birth", "data", "death")),
+        )

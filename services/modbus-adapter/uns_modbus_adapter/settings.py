@@ -13,7 +13,8 @@ from typing import Annotated, ClassVar, Final, Literal
 import msgspec
 
 from uns import ServiceSettings
-from uns.config import DevicePathText, Port, PositiveFloat, Slug, Strict
+from uns.config import DevicePathText, Port, PositiveFloat, Slug, Strict, UnsConfig
+from uns.scope import Scope, devices_scope
 
 Table = Literal["coil", "discrete", "input", "holding"]
 RegisterType = Literal["bool", "int16", "uint16", "int32", "uint32", "float32", "float64", "bit"]
@@ -220,3 +221,7 @@ class ModbusAdapterSettings(ServiceSettings, frozen=True):
         """A device's registers: its template's, then its own."""
         base = self.templates.get(device.template, []) if device.template else []
         return [*base, *device.registers]
+
+    def scope(self, config: UnsConfig) -> Scope:
+        """Publishes the raw stream of each device of its tag map, nothing else."""
+        return Scope(publish=devices_scope([d.path for d in self.devices], "raw"))

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 import msgspec
 
 from uns import ServiceSettings
-from uns.config import DevicePathText, PositiveFloat, Strict
+from uns.config import DevicePathText, PositiveFloat, Strict, UnsConfig
 from uns.errors import ConfigError
 from uns.payloads import DataType
+from uns.scope import Scope, devices_scope
 from uns_opcua_adapter import logic, nodetext
 
 if TYPE_CHECKING:
@@ -126,6 +127,10 @@ class OpcUaAdapterSettings(ServiceSettings, frozen=True):
         return logic.expand_devices(
             self.devices, self.templates, self.publishing_interval_ms, _node_problem
         )
+
+    def scope(self, config: UnsConfig) -> Scope:
+        """Publishes the raw stream of each device of its tag map, nothing else."""
+        return Scope(publish=devices_scope([d.path for d in self.devices], "raw"))
 
 
 def _node_problem(text: str) -> str | None:

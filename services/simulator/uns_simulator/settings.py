@@ -4,6 +4,8 @@ import msgspec
 
 from uns import ServiceSettings
 from uns.config import DevicePathText, FieldError, Port, Strict, UnsConfig
+from uns.scope import Scope
+from uns_simulator.catalog import FAULT_EVENT
 
 
 class Endpoint(Strict, frozen=True):
@@ -38,3 +40,13 @@ class SimulatorSettings(ServiceSettings, frozen=True):
         for i, path in enumerate(self.devices or []):
             if path not in plant:
                 raise FieldError(f"devices[{i}]", f"{path!r} is not a device of plant.devices")
+
+    def scope(self, config: UnsConfig) -> Scope:
+        """Obeys ``cmd/fault`` and ``cmd/clear`` (of any device: its own ones are acted on);
+        publishes the ground truth of a fault, ``events/sim_fault``, of each device it
+        simulates."""
+        paths = self.devices if self.devices is not None else [d.path for d in config.plant.devices]
+        return Scope(
+            publish=tuple(f"{path}/events/{FAULT_EVENT}" for path in paths),
+            subscribe=("+/+/+/+/+/+/cmd/fault", "+/+/+/+/+/+/cmd/clear"),
+        )
