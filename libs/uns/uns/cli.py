@@ -1,6 +1,6 @@
 """The ``uns`` command line: the generic commands, and every installed package's groups.
 
-`uns` itself has the commands that know no service (`run`, `up`, `sub`, `tree`, `pub`,
+`uns` itself has the commands that know no service (`run`, `up`, `sub`, `tree`, `top`, `pub`,
 `schema`); `uns sim`, `uns model`, `uns broker`, ... come from the packages that own them,
 found through the ``uns.commands`` entry points (`uns.plugins`) and imported only when
 one of their commands runs or `uns --help` lists them.
@@ -40,7 +40,7 @@ from uns.commands import (
 from uns.commands import run as run_main
 from uns.config import LoadedConfig, parse_broker_url, redact_url
 from uns.errors import ConfigError, PayloadError, TopicError, UnsError
-from uns.topics import matches, node_topic, validate_filter
+from uns.topics import DevicePath, matches, node_topic, validate_filter
 
 log = logging.getLogger("uns")
 
@@ -408,6 +408,58 @@ def tree(
         )
         raise typer.Exit(1)
     Console().print(view.render())
+
+
+@app.command()
+def top(
+    topic_filter: Annotated[str, typer.Argument(metavar="[FILTER]", help="e.g. acme/pune/#")] = "#",
+    once: Annotated[bool, typer.Option("--once", help="Print one frame and exit")] = False,
+    wait: Annotated[
+        float,
+        typer.Option(
+            min=0.1,
+            help="With --once: seconds to reach the broker, then of traffic the frame shows",
+        ),
+    ] = 3.0,
+    refresh: Annotated[float, typer.Option(min=0.1, help="Seconds between frames")] = 1.0,
+    metrics: Annotated[
+        bool, typer.Option(help="Read each service's /metrics (connected, reconnects, drops)")
+    ] = True,
+    broker: BrokerOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """A live view of the plant: every device (online, score, RUL, open events, message
+    rate, last seen) and the services beneath; q or Ctrl-C ends it."""
+    try:
+        validate_filter(topic_filter)
+    except TopicError as exc:
+        raise fail(str(exc)) from None
+    from uns.top import PlantView, watch  # rich: not resident in `uns up`
+
+    loaded = load_config(config)
+    url, settings = broker_target(loaded, broker)
+    ns = loaded.config.namespace
+    view = PlantView(
+        (DevicePath.parse(d.path) for d in loaded.config.plant.devices),
+        home=(ns.enterprise, ns.site),
+        topic_filter=topic_filter,
+    )
+
+    def main(stop: Stop) -> Any:
+        return watch(
+            view,
+            url,
+            redact_url(url),
+            settings,
+            stop,
+            once=once,
+            wait_s=wait,
+            refresh_s=refresh,
+            scrape_metrics=metrics,
+        )
+
+    # like `uns sub`: q or Ctrl-C is its normal end (0 once the broker was reached)
+    raise typer.Exit(run_main(main, grace_s=GRACE_S))
 
 
 @app.command()
