@@ -13,13 +13,14 @@ imported by the functions that need them.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import os
 import random
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Annotated, Any, Final
 
@@ -181,7 +182,9 @@ def _anomaly_method(m: train.AnomalyModel, folds: int, quantile: float, margin: 
         " standardised vector, so the score splits exactly into non-negative per-feature"
         f" contributions. Raise threshold = {margin:g} x the {quantile * 100:g}th percentile of"
         f" out-of-fold scores ({folds} contiguous time blocks, each scored by a model fitted"
-        " on the others), clear threshold below it for hysteresis. Chosen over a deep"
+        " on the others; a handful of excursions far above what every block agrees on are"
+        " left out of the fit and the threshold), clear threshold below it for hysteresis."
+        " Chosen over a deep"
         " model: it needs only healthy data, trains in milliseconds, explains each score"
         " by feature, and is a handful of ONNX operators anyone can audit."
     )
@@ -224,6 +227,91 @@ def _for_asset(
     return asset
 
 
+def data_time_ms(text: str, option: str) -> int:
+    """``--from``/``--to``: epoch milliseconds, or ISO 8601 (UTC when it names no zone)."""
+    value = text.strip()
+    if value.lstrip("-").isdigit():
+        return int(value)
+    try:
+        when = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise CommandError(
+            f"{option}: {text!r} is neither ISO 8601 (2025-11-22T09:15:00Z) nor epoch ms"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return round(when.timestamp() * 1000)
+
+
+def _utc(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _between(ds: record.Dataset, start_ms: int | None, end_ms: int | None) -> record.Dataset:
+    """The rows whose data time (window end) is in [start_ms, end_ms)."""
+    import numpy as np
+
+    if start_ms is None and end_ms is None:
+        return ds
+    keep = np.ones(len(ds.ts), dtype=bool)
+    if start_ms is not None:
+        keep &= ds.ts >= start_ms
+    if end_ms is not None:
+        keep &= ds.ts < end_ms
+    if not keep.any():
+        raise CommandError(
+            f"--from/--to: no row between {_utc(start_ms) if start_ms is not None else 'the start'}"
+            f" and {_utc(end_ms) if end_ms is not None else 'the end'}: the recording holds"
+            f" {_utc(int(ds.ts.min()))} to {_utc(int(ds.ts.max()))}"
+        )
+    return replace(
+        ds,
+        x=ds.x[keep],
+        ts=ds.ts[keep],
+        device=[d for d, k in zip(ds.device, keep, strict=True) if k],
+        run=ds.run[keep],
+    )
+
+
+def _threshold_warnings(am: train.AnomalyModel, ds: record.Dataset) -> list[str]:
+    """What the user should know before trusting the raise threshold: rows left out of it,
+    and a fold or a few rows that hold it up."""
+    from uns_inference import train
+
+    cal = am.calibration
+    if cal is None:
+        return []
+    out = []
+    if len(cal.excursions):
+        rows = ", ".join(
+            f"{ds.device[i]} at {_utc(int(ds.ts[i]))} (score {s:.3g})"
+            for i, s in zip(cal.excursions[:5], cal.excursion_scores[:5], strict=False)
+        )
+        more = f" and {len(cal.excursions) - 5} more" if len(cal.excursions) > 5 else ""
+        out.append(
+            f"WARNING: {len(cal.excursions)} row(s) left out of the fit and the threshold:"
+            f" excursions above {train.EXCURSION_FACTOR:g} x the folds' median threshold:"
+            f" {rows}{more}; with them the raise threshold would be {cal.untrimmed:.4g}, not"
+            f" {cal.threshold:.4g}. A glitch, or a way of running the model should learn?"
+        )
+    fold = cal.driving_fold
+    if fold is not None:
+        rows_of = cal.folds[fold]
+        out.append(
+            f"WARNING: one fold drives the raise threshold: without its {len(rows_of)} rows"
+            f" ({_utc(int(ds.ts[rows_of].min()))} to {_utc(int(ds.ts[rows_of].max()))}) it would"
+            f" be {cal.without_fold[fold]:.4g}, not {cal.threshold:.4g}; that stretch runs unlike"
+            " the rest (leave it out with --from/--to, or record more like it)"
+        )
+    elif cal.driven_by_top_rows:
+        out.append(
+            f"WARNING: the {cal.top_rows} highest out-of-fold scores drive the raise threshold:"
+            f" without them it would be {cal.without_top:.4g}, not {cal.threshold:.4g};"
+            " record more healthy data, or give a lower --quantile"
+        )
+    return out
+
+
 def model_train(
     data: Sequence[Path],
     kind: str,
@@ -240,18 +328,23 @@ def model_train(
     variance: float = TRAINING.variance,
     quantile: float = TRAINING.quantile,
     margin: float = TRAINING.margin,
+    folds: int = TRAINING.folds,
     clear_fraction: float = TRAINING.clear_fraction,
     min_raise_s: float = TRAINING.min_raise_s,
     min_clear_s: float = TRAINING.min_clear_s,
     rul_unit: str = TRAINING.rul_unit,
     rul_cap: float = TRAINING.rul_cap,
+    start_ms: int | None = None,
+    end_ms: int | None = None,
     created: str | None = None,
 ) -> tuple[Card, list[str]]:
     """Fit a model on recordings and write ``model.onnx`` + ``card.json`` into ``out``.
 
     ``plant`` (device path -> asset type, from the config) gives the asset type when
     ``asset`` is not given, and leaves out recorded devices of other asset types.
-    Returns the card and notes for the user (dropped or suspicious features).
+    ``start_ms``/``end_ms``: only rows whose data time (window end) is in [start, end).
+    Returns the card and notes for the user (dropped or suspicious features; those that
+    start ``WARNING:`` say the raise threshold is not to be trusted as it is).
     """
     # numpy, onnx and the training maths only here: the other commands start without them
     from uns_inference import build, record, train
@@ -268,20 +361,23 @@ def model_train(
         flog = record.read_features(data, devices)
         asset = _for_asset(flog, asset, plant or {}, notes)
         names = record.choose_features(flog, include, exclude)
-        ds = record.matrix(flog, names, max_age_s)
+        ds = _between(record.matrix(flog, names, max_age_s), start_ms, end_ms)
         constant = train.constant_features(ds.x, names)
         if constant:
             notes.append(f"left out, constant in the data: {', '.join(constant)}")
             names = [n for n in names if n not in constant]
             if not names:
                 raise CommandError("every feature is constant in the data")
-            ds = record.matrix(flog, names, max_age_s)
+            ds = _between(record.matrix(flog, names, max_age_s), start_ms, end_ms)
         if flog.stats.skipped:
             notes.append(f"{flog.stats.skipped} of {flog.stats.lines} lines skipped (undecodable)")
         params: dict[str, object] = {"max_feature_age_s": max_age_s, "exclude": list(exclude)}
         if include:
             params["include"] = list(include)
-        folds = TRAINING.folds
+        if start_ms is not None:
+            params["from"] = _utc(start_ms)
+        if end_ms is not None:
+            params["to"] = _utc(end_ms)
         if kind == "anomaly":
             trending = train.trending_features(ds.x, names)
             if trending:
@@ -299,6 +395,7 @@ def model_train(
                 clear_fraction=clear_fraction,
                 critical_factor=TRAINING.critical_factor,
             )
+            notes.extend(_threshold_warnings(am, ds))
             graph = build.anomaly_onnx(am)
             transform, evaluation = am.transform, am.evaluation
             method = _anomaly_method(am, folds, quantile, margin)
@@ -608,17 +705,34 @@ def train_command(
     device: Annotated[
         list[str] | None, typer.Option(help="Only devices matching (glob, repeat)")
     ] = None,
+    start: Annotated[
+        str | None,
+        typer.Option(
+            "--from",
+            help="Only rows from this data time on (ISO 8601, UTC if no zone; or epoch ms)",
+        ),
+    ] = None,
+    end: Annotated[
+        str | None, typer.Option("--to", help="Only rows before this data time (as --from)")
+    ] = None,
     training: Training = TRAINING,
     config: ConfigOpt = None,
 ) -> None:
     """Fit a model on recorded features; writes model.onnx and card.json (sign it next)."""
+    try:
+        start_ms = data_time_ms(start, "--from") if start is not None else None
+        end_ms = data_time_ms(end, "--to") if end is not None else None
+    except CommandError as exc:
+        raise fail(str(exc)) from None
+    if start_ms is not None and end_ms is not None and end_ms <= start_ms:
+        raise fail(f"--to: {end} is not after --from {start}")
     loaded = load_config(config)
     plant = {d.path: d.asset for d in loaded.config.plant.devices}
     options: dict[str, Any] = {}
     if exclude is not None:
         options["exclude"] = exclude
     try:
-        _, notes = model_train(
+        card, notes = model_train(
             data,
             kind,
             out,
@@ -628,17 +742,30 @@ def train_command(
             version=version,
             include=features or (),
             devices=device or (),
+            variance=training.variance,
+            quantile=training.quantile,
+            margin=training.margin,
+            folds=training.folds,
             min_raise_s=training.min_raise_s,
             min_clear_s=training.min_clear_s,
             rul_unit=training.rul_unit,
             rul_cap=training.rul_cap,
+            start_ms=start_ms,
+            end_ms=end_ms,
             **options,
         )
     except CommandError as exc:
         raise fail(str(exc), code=1) from None
     for note in notes:
-        typer.echo(f"note: {note}", err=True)
+        typer.echo(note if note.startswith("WARNING:") else f"note: {note}", err=True)
     typer.echo(model_info(out))
+    if card.thresholds is not None:
+        e = card.evaluation
+        typer.echo(
+            f"false alarms on the {card.training.rows} training rows (score >= raise"
+            f" {card.thresholds.raise_:g}): in-sample {e['breach_rate_in_sample']:.2%},"
+            f" out-of-fold {e['breach_rate_out_of_fold']:.2%}"
+        )
     typer.echo(f"\nwrote {out}; next: uns model sign {out} --key KEYFILE", err=True)
 
 

@@ -18,6 +18,10 @@ class Training(msgspec.Struct, frozen=True, kw_only=True):
     """How a model is fitted from recorded features."""
 
     ON_COMMAND_LINE: ClassVar[tuple[str, ...]] = (
+        "variance",
+        "quantile",
+        "margin",
+        "folds",
         "min_raise_s",
         "min_clear_s",
         "rul_unit",
@@ -62,7 +66,11 @@ class Training(msgspec.Struct, frozen=True, kw_only=True):
     ] = 2.0
     folds: Annotated[
         int,
-        msgspec.Meta(ge=2, description="Contiguous blocks (or run groups) of the cross-validation"),
+        msgspec.Meta(
+            ge=2,
+            description="Contiguous blocks (or run groups) of the cross-validation; the"
+            " threshold's spread across them is on the card",
+        ),
     ] = 5
 
 
