@@ -366,3 +366,9 @@ def test_once_exits_1_when_the_broker_is_never_reached() -> None:
     r = uns("top", "--once", "--wait", "1", "--broker", url)
     assert r.returncode == 1
     assert f"never reached the broker at {url}" in r.stderr
+
+
+def test_without_a_terminal_it_says_to_use_once() -> None:
+    r = uns("top", "--broker", f"mqtt://127.0.0.1:{free_port()}")
+    assert r.returncode == 2
+    assert "--once prints one frame" in r.stderr

@@ -434,6 +434,8 @@ def top(
         validate_filter(topic_filter)
     except TopicError as exc:
         raise fail(str(exc)) from None
+    if not once and not sys.stdout.isatty():
+        raise fail("uns top draws on a terminal; --once prints one frame")
     from uns.top import PlantView, watch  # rich: not resident in `uns up`
 
     loaded = load_config(config)

@@ -81,6 +81,8 @@ class NodeState:
     """A service node across its sessions, and what its ``/metrics`` said last."""
 
     bdseq: int | None = None
+    born: int | None = None
+    """``ts`` of the latest birth."""
     died: bool = False
     restarts: int = 0
     """Births of a new session (another bdseq, or after a death) since the view started:
@@ -152,9 +154,13 @@ class PlantView:
                 birth: p.NodeBirth = p.decode(payload, p.NodeBirth)
             except PayloadError:
                 return
-            if state.bdseq is not None and (state.died or birth.bdseq != state.bdseq):
+            # a new session: another bdseq, or the same after a death (a restart that
+            # counts from 0 again); not the same retained birth brought by a reconnect,
+            # nor a rebirth on request (same bdseq, no death)
+            again = state.born == birth.ts
+            if state.born is not None and not again and (state.died or birth.bdseq != state.bdseq):
                 state.restarts += 1
-            state.bdseq, state.died = birth.bdseq, False
+            state.bdseq, state.born, state.died = birth.bdseq, birth.ts, state.died and again
 
     def _event(self, device: DeviceState, payload: bytes) -> None:
         try:
