@@ -58,3 +58,32 @@ def passwd(
     except ConfigError as exc:
         raise fail(str(exc)) from None
     typer.echo(f"{username} written to {file}")
+
+
+@app.command("secure")
+def secure(
+    out: Annotated[
+        Path, typer.Option("--out", help="Directory to write the secrets and broker files to")
+    ] = Path("secrets"),
+    rotate: Annotated[
+        bool, typer.Option(help="New passwords, not the ones in DIR/secrets")
+    ] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Least-privilege broker policy for the config: one random credential per service, an
+    operator (may send commands) and a read-only app; Mosquitto's password_file and
+    acl_file, and the embedded broker's users and ACL. Passwords are never printed."""
+    from uns_broker.secure import write_policy
+
+    loaded = load_config(config)
+    try:
+        written = write_policy(loaded, out, rotate=rotate)
+    except (ConfigError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    typer.echo(
+        f"{len(written.secrets)} users ({', '.join(written.policy)}); passwords in {out}/secrets/"
+    )
+    typer.echo(
+        f"Mosquitto: password_file {written.mosquitto_passwords}, acl_file {written.mosquitto_acl}"
+    )
+    typer.echo(f"embedded broker: services.broker as in {written.amqtt_settings}")

@@ -1,4 +1,4 @@
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import msgspec
 
@@ -14,6 +14,8 @@ class AclEntry(Strict, frozen=True):
 
 
 class BrokerServerSettings(ServiceSettings, frozen=True):
+    bus_client: ClassVar[bool] = False
+
     host: str = "127.0.0.1"
     """Address to listen on; 0.0.0.0 to accept other machines."""
     port: Port = 1883

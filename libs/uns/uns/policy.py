@@ -1,0 +1,56 @@
+"""The broker policy of a site, made from the services' own declared scopes.
+
+One user per service (its node id), with exactly the topics its settings declare plus its
+node's own (`uns.scope`); an ``operator`` who may send commands (``cmd`` topics, to
+devices and to nodes) and read the site; an ``app`` that reads the site and may publish
+nothing. No one else, and no anonymous access: what a broker does with this policy is
+up to ``uns broker secure`` (Mosquitto's ``password_file``/``acl_file``, the embedded
+broker's settings).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from uns.config import LoadedConfig
+from uns.plugins import services
+from uns.scope import REPLY_FILTER, Scope, node_scope
+
+OPERATOR: Final = "operator"
+APP: Final = "app"
+
+
+def operator_scope(enterprise: str, site: str) -> Scope:
+    """Sends commands to any device or node of the site; reads the site and the replies."""
+    base = f"{enterprise}/{site}"
+    return Scope(
+        publish=(f"{base}/+/+/+/+/cmd/+", f"{base}/_node/+/cmd"),
+        subscribe=(f"{base}/#", REPLY_FILTER),
+    )
+
+
+def app_scope(enterprise: str, site: str) -> Scope:
+    """Reads the site (dashboards, ``uns top``, a historian); publishes nothing."""
+    return Scope(subscribe=(f"{enterprise}/{site}/#",))
+
+
+def site_policy(loaded: LoadedConfig) -> dict[str, Scope]:
+    """User -> scope for every installed service that is a bus client, the operator and the
+    app. A service that declares no scope gets its node's own topics only."""
+    ns = loaded.config.namespace
+    policy: dict[str, Scope] = {}
+    for name, plugin in sorted(services().items()):
+        settings_cls = plugin.load_settings()
+        if not settings_cls.bus_client:
+            continue
+        settings = loaded.service(name, settings_cls)
+        node_id = settings.node_id or name
+        declared = settings.scope(loaded.config)
+        own = node_scope(ns.enterprise, ns.site, node_id)
+        policy[node_id] = own if declared is None else own | declared
+    for user in (OPERATOR, APP):
+        if user in policy:
+            raise ValueError(f"a service's node id is {user!r}, a name the policy keeps")
+    policy[OPERATOR] = operator_scope(ns.enterprise, ns.site)
+    policy[APP] = app_scope(ns.enterprise, ns.site)
+    return policy
