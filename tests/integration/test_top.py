@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from clitools import Proc, uns
+from fixtures.brokers import Mosquitto, need_mosquitto
 from fixtures.need import missing
 from fixtures.ports import free_port
 from uns import (
@@ -255,16 +256,18 @@ def test_it_survives_a_broker_restart_and_ends_on_ctrl_c(plant: Plant, top: Pane
 # ---- --once: one frame, for scripts --------------------------------------------------------
 
 
-async def test_once_prints_what_the_namespace_says_of_each_device_and_node(amqtt_broker):
-    """Without a plant: births, deaths, scores and an event published by hand, as the
-    services would, and the frame `uns top --once` prints of them."""
-    base = "acme/pune/stamping/line-3"
-    scored, rul, robot, conveyor = (
-        f"{base}/cell-a/press-01",
-        f"{base}/cell-a/press-02",
-        f"{base}/cell-b/robot-01",
-        f"{base}/cell-b/conveyor-01",
-    )
+BASE = "acme/pune/stamping/line-3"
+SCORED, RUL, ROBOT, CONVEYOR = (
+    f"{BASE}/cell-a/press-01",
+    f"{BASE}/cell-a/press-02",
+    f"{BASE}/cell-b/robot-01",
+    f"{BASE}/cell-b/conveyor-01",
+)
+
+
+async def once(publisher: str, viewer: str) -> subprocess.CompletedProcess[str]:
+    """`uns top --once` on ``viewer`` (a broker URL) while ``publisher`` does by hand what
+    the services would: births, deaths, then scores and an event, again and again."""
     ref = ModelRef(name="press-anomaly", version="1.0.0", sha256="0" * 64)
     anomaly = [MetricDef(name="anomaly_score", datatype="double")]
     life = [MetricDef(name="rul", datatype="double", unit="h", low=0, high=500)]
@@ -279,7 +282,7 @@ async def test_once_prints_what_the_namespace_says_of_each_device_and_node(amqtt
         metrics = [Metric(name=k, value=v) for k, v in values.items()]
         return encode(DeviceData(ts=now_ms(), node="inference", seq=2, metrics=metrics, model=ref))
 
-    async with connect(amqtt_broker.url) as bus:
+    async with connect(publisher) as bus:
         for node, url in (
             ("opcua-adapter", f"http://127.0.0.1:{free_port()}/metrics"),  # nobody serves it
             ("inference", ""),
@@ -305,37 +308,41 @@ async def test_once_prints_what_the_namespace_says_of_each_device_and_node(amqtt
             retain=True,
         )
         for device, node, metrics in (
-            (scored, "opcua-adapter", raw),
-            (rul, "opcua-adapter", raw),
-            (conveyor, "opcua-adapter", raw),
-            (robot, "modbus-adapter", raw),
-            (scored, "inference", anomaly),
-            (rul, "inference", life),
+            (SCORED, "opcua-adapter", raw),
+            (RUL, "opcua-adapter", raw),
+            (CONVEYOR, "opcua-adapter", raw),
+            (ROBOT, "modbus-adapter", raw),
+            (SCORED, "inference", anomaly),
+            (RUL, "inference", life),
         ):
             stream = "raw" if node != "inference" else "scores"
             await bus.publish(f"{device}/{stream}/birth", birth(node, device, metrics), retain=True)
         await bus.publish(
-            f"{conveyor}/raw/death",
+            f"{CONVEYOR}/raw/death",
             b'{"type":"ddeath","ts":1,"node":"opcua-adapter","device":"d","bdseq":0,"seq":3,'
             b'"reason":"BadCommunicationError"}',
             retain=True,
         )
         event = Event(
-            ts=now_ms(), id="e1", kind="anomaly", state="raised", device=scored,
+            ts=now_ms(), id="e1", kind="anomaly", state="raised", device=SCORED,
             started=now_ms(), severity="critical", score=7.3, threshold=5.0,
         )  # fmt: skip
 
         top = asyncio.create_task(
-            asyncio.to_thread(uns, "top", "--once", "--wait", "2", "--broker", amqtt_broker.url)
+            asyncio.to_thread(uns, "top", "--once", "--wait", "2", "--broker", viewer)
         )
         while not top.done():  # what the services keep sending while it watches
             await bus.publish(
-                f"{scored}/scores/data", scores(anomaly_score=7.3, anomaly_threshold=5.0), qos=0
+                f"{SCORED}/scores/data", scores(anomaly_score=7.3, anomaly_threshold=5.0), qos=0
             )
-            await bus.publish(f"{rul}/scores/data", scores(rul=120.5), qos=0)
-            await bus.publish(f"{scored}/events/anomaly", encode(event), qos=0)
+            await bus.publish(f"{RUL}/scores/data", scores(rul=120.5), qos=0)
+            await bus.publish(f"{SCORED}/events/anomaly", encode(event), qos=0)
             await asyncio.sleep(0.1)
-        r = await top
+        return await top
+
+
+async def test_once_prints_what_the_namespace_says_of_each_device_and_node(amqtt_broker):
+    r = await once(amqtt_broker.url, amqtt_broker.url)
     assert r.returncode == 0, r.stderr
     shown = rows(r.stdout)
     cell_a, cell_b = "stamping/line-3/cell-a", "stamping/line-3/cell-b"
@@ -359,6 +366,33 @@ async def test_once_prints_what_the_namespace_says_of_each_device_and_node(amqtt
     assert shown["opcua-adapter"][7] == "no /metrics (URLError)"
     assert shown["modbus-adapter"][4] == "offline (lost)"
     assert "devices 2/6 online" in r.stdout and "open events 1" in r.stdout
+
+
+@pytest.mark.mosquitto
+async def test_a_read_only_credential_is_enough(tmp_path: Path) -> None:
+    """On Mosquitto with an ACL that lets the viewer read and nothing else (its own publish
+    is refused): top subscribes only, so it shows all of it; the password stays out of
+    what it prints."""
+    need_mosquitto()
+    acl = tmp_path / "acl"
+    acl.write_text("user services\ntopic readwrite #\n\nuser viewer\ntopic read #\n")
+    users = {"services": "s3rvices-pw", "viewer": "v1ewer-pw"}
+    broker = Mosquitto(tmp_path, users=users, login="services", extra=f"acl_file {acl}\n")
+    broker.start()
+    viewer = f"mqtt://viewer:v1ewer-pw@127.0.0.1:{broker.port}"
+    try:
+        async with connect(viewer) as bus:  # refused by the ACL (MQTT 3.1.1: silently)
+            intruder = NodeBirth(ts=now_ms(), node="intruder", service="x", bdseq=0)
+            await bus.publish("acme/pune/_node/intruder/birth", encode(intruder), retain=True)
+        r = await once(broker.url, viewer)
+    finally:
+        broker.kill()
+    assert r.returncode == 0, r.stderr
+    shown = rows(r.stdout)
+    assert shown[SCORED.split("/", 2)[2]][1:4] == ["online", "7.30", "5.00"]
+    assert "open events 1" in r.stdout
+    assert "intruder" not in r.stdout  # the viewer may read, not write
+    assert "v1ewer-pw" not in r.stdout + r.stderr
 
 
 def test_once_exits_1_when_the_broker_is_never_reached() -> None:
