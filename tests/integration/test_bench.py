@@ -62,5 +62,44 @@ def test_a_quick_bench_reports_every_scenario_with_nothing_lost(tmp_path, loaded
         assert all(v > 0 for v in rates.values()), row
     vibration = next(row for row in results if row["scenario"] == "2 vibration")
     assert vibration["figures"]["scores"] == vibration["figures"]["windows expected"] > 0
+    # every rate through a broker against both ceilings of this run's broker scenario
+    rated = [row for row in results if row["rate"]]
+    assert {row["scenario"] for row in rated} == {"2 vibration", "3 slow tags", "5 bridge"}
+    for row in rated:
+        assert set(row["of_ceiling"]) == {"amqtt", "mosquitto"}, row
+        assert all(v is not None and v > 0 for v in row["of_ceiling"].values()), row
+    assert document["ceiling_source"] == "broker scenario"
     plant = next(row for row in results if row["scenario"] == "6 example plant")
     assert plant["figures"]["RSS sum MB"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_machine_levels_give_a_row_each_and_the_knee_or_its_absence(tmp_path):
+    need_mosquitto()
+    out = tmp_path / "bench.json"
+    r = uns("bench", "vibration", "--machines", "4,2", "--quick", "--json", str(out), timeout=280)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    document = json.loads(out.read_text())
+    rows = document["results"]
+    assert [(row["case"], row["level"]) for row in rows] == [("2 machines", 2), ("4 machines", 4)]
+    assert all(row["limits"] == {"latency p99 ms": 50.0} for row in rows)
+    # the ceilings measured for the ratios, the broker scenario not being in the run
+    assert document["ceiling_source"] == "quick"
+    assert all(set(row["of_ceiling"]) == {"amqtt", "mosquitto"} for row in rows)
+    # the report says where the pipeline stopped keeping up, or that it never did
+    knees = [row["level"] for row in rows if row["knee"]]
+    [verdict] = document["knees"]
+    if knees:
+        assert verdict.startswith(f"knee of 2 vibration: {knees[0]} machines"), verdict
+        assert f"| {knees[0]} machines **(knee)** |" in r.stdout
+    else:
+        assert verdict.startswith("no knee in 2 vibration: nothing lost"), verdict
+        assert verdict.endswith("up to 4 machines"), verdict
+    assert f"- {verdict}" in r.stdout
+
+
+@pytest.mark.parametrize("levels", ["0", "2,-1", "two", "2,,4"])
+def test_a_machine_level_that_is_not_a_count_exits_2_naming_the_option(levels):
+    r = uns("bench", "vibration", "--machines", levels, timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "--machines" in r.stderr

@@ -10,6 +10,19 @@ import typer
 from uns.commands import LogOpt, fail, setup_logging
 
 
+def _levels(text: str | None) -> list[int]:
+    """``160,240,320`` -> [160, 240, 320]; ValueError saying which part is not a number."""
+    if text is None:
+        return []
+    levels = []
+    for part in text.split(","):
+        try:
+            levels.append(int(part.strip()))
+        except ValueError:
+            raise ValueError(f"{part.strip()!r} is not a number of machines") from None
+    return levels
+
+
 def bench(
     scenarios: Annotated[
         list[str] | None,
@@ -21,6 +34,15 @@ def bench(
     quick: Annotated[
         bool, typer.Option("--quick", help="One short run of each at low load: checks the harness")
     ] = False,
+    machines: Annotated[
+        str | None,
+        typer.Option(
+            "--machines",
+            metavar="N,N,...",
+            help="Load levels of vibration (machines) and slowtags (devices): one row each;"
+            " the first that loses anything or misses its latency target is the knee",
+        ),
+    ] = None,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write every figure to this file")
     ] = None,
@@ -28,11 +50,16 @@ def bench(
 ) -> None:
     """Measure the pipeline on this machine: services as processes, load from another one;
     loss first, then rates, latencies, CPU and peak RSS per service, as a Markdown table."""
-    from uns_bench.main import SCENARIOS
+    from uns_bench.main import SCENARIOS, check_machines
     from uns_bench.main import run as run_bench
 
     setup_logging(log_level)
     unknown = [s for s in scenarios or [] if s not in SCENARIOS]
     if unknown:
         raise fail(f"no scenario {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
-    run_bench(scenarios or [], quick=quick, json_path=json_out, say=typer.echo)
+    try:
+        levels = _levels(machines)
+        check_machines(levels, scenarios or [])
+    except ValueError as exc:
+        raise fail(f"--machines: {exc}") from None
+    run_bench(scenarios or [], quick=quick, machines=levels, json_path=json_out, say=typer.echo)

@@ -1,4 +1,5 @@
-"""What every scenario gets: the work directory, how hard to go, the ceiling measured so far."""
+"""What every scenario gets: the work directory, how hard to go, the load levels asked for,
+the broker ceilings measured in the run."""
 
 from __future__ import annotations
 
@@ -17,13 +18,16 @@ class Context:
     quick: bool
     repeats: int
     say: Callable[[str], None]
+    machines: tuple[int, ...] = ()
+    """The load levels asked for (``--machines``): machines (or devices) per row of a
+    scenario that has a level; empty: each scenario's own levels."""
     ceiling: dict[str, float] = field(default_factory=dict)
-    """``{broker}/{message kind}`` -> messages/s measured by the broker scenario of this run."""
+    """``{broker}/{message kind}`` -> messages/s measured by the broker scenario of this run
+    (or by a quick measurement when it did not run); every rated row is compared with it."""
 
-    def ratio(self, msgs_per_s: float, key: str) -> dict[str, float]:
-        """``msgs_per_s`` as a fraction of the ceiling ``key``, if it was measured."""
-        ceiling = self.ceiling.get(key)
-        return {f"of ceiling ({key})": round(msgs_per_s / ceiling, 3)} if ceiling else {}
+    def levels(self, default: tuple[int, ...], quick: tuple[int, ...]) -> tuple[int, ...]:
+        """The machine counts to run: those asked for, else the scenario's (quick) ones."""
+        return self.machines or (quick if self.quick else default)
 
 
 class Receiver:

@@ -158,6 +158,7 @@ async def _vibration(
         start = time.monotonic() + 0.1
         m = len(devices)
         t_first = t_last = 0.0
+        streamed = [[0.0, 0.0] for _ in range(m)]  # each device's first and last block
         # independent machines: each one's windows start at its own block (the featurizer
         # windows from the first block it sees), so windows complete spread over the second
         first = [round(i * WINDOW_BLOCKS / m) % WINDOW_BLOCKS for i in range(m)]
@@ -181,6 +182,8 @@ async def _vibration(
                 t_pub = time.monotonic()
                 if not t_first:
                     t_first = t_pub
+                streamed[i][0] = streamed[i][0] or t_pub
+                streamed[i][1] = t_pub
                 await bus.publish(topics[i], payload)
                 sent_blocks += 1
                 if last_of_window:
@@ -199,6 +202,9 @@ async def _vibration(
         "t_last": t_last,
         "lag_max_s": lag_max,
         "block_bytes": len(payload),
+        # what the machines sent together while each streamed (the first and last windows
+        # of the staggered machines overlap only partly)
+        "blocks_per_s": sum((blocks_per_device - 1) / (b - a) for a, b in streamed if b > a),
     }
 
 

@@ -1,4 +1,5 @@
-"""Run the scenarios, print the table, write the JSON."""
+"""Run the scenarios, compare their rates with the broker ceilings, find the knees, print
+the table, write the JSON."""
 
 from __future__ import annotations
 
@@ -13,7 +14,14 @@ from typing import Any
 from uns_bench import alert, bridge, broker, plant, slowtags, vibration
 from uns_bench.context import Context
 from uns_bench.procs import in_process, shutdown_pool
-from uns_bench.report import Row, machine, markdown, write_json
+from uns_bench.report import (
+    Row,
+    compare_with_ceilings,
+    machine,
+    mark_knees,
+    markdown,
+    write_json,
+)
 
 Scenario = Callable[[Context], Awaitable[list[Row]]]
 
@@ -25,18 +33,37 @@ SCENARIOS: dict[str, Scenario] = {
     "bridge": bridge.run,
     "plant": plant.run,
 }
+LEVELLED = ("vibration", "slowtags")
+"""The scenarios with a load level in machines (``--machines``)."""
+RATED = ("vibration", "slowtags", "bridge")
+"""The scenarios whose rows carry a rate through a broker, compared with its ceiling."""
+
+
+def check_machines(levels: list[int], names: list[str]) -> tuple[int, ...]:
+    """The levels ascending, once each; ValueError for a level below 1, or for levels given
+    to scenarios that have none."""
+    bad = [n for n in levels if n < 1]
+    if bad:
+        raise ValueError(f"a level is a number of machines, 1 or more; not {bad[0]}")
+    if levels and names and not set(names) & set(LEVELLED):
+        raise ValueError(f"only {' and '.join(LEVELLED)} have machine levels")
+    return tuple(sorted(set(levels)))
 
 
 def run(
     names: list[str],
     *,
     quick: bool = False,
+    machines: list[int] | None = None,
     json_path: Path | None = None,
     say: Callable[[str], None] = print,
 ) -> list[Row]:
+    """``machines``: the load levels of the scenarios that have one (`LEVELLED`), each a
+    row; the first that loses anything or misses its target is marked as the knee."""
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
         raise ValueError(f"no scenario {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+    levels = check_machines(machines or [], names)
     chosen = names or list(SCENARIOS)
     started = time.monotonic()
     before = machine()
@@ -44,11 +71,13 @@ def run(
     with tempfile.TemporaryDirectory(prefix="uns-bench-") as tmp:
         workdir = Path(keep) if keep else Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        ctx = Context(workdir, quick=quick, repeats=1 if quick else 3, say=say)
+        ctx = Context(workdir, quick=quick, repeats=1 if quick else 3, say=say, machines=levels)
         rows = asyncio.run(_run(ctx, chosen, before))
+    compare_with_ceilings(rows, ctx.ceiling, broker.BROKERS)
+    knees = mark_knees(rows)
     elapsed = time.monotonic() - started
     say("")
-    say(markdown(rows))
+    say(markdown(rows, knees))
     say(f"\n{'quick ' if quick else ''}run of {', '.join(chosen)} in {elapsed:.0f} s")
     if json_path is not None:
         write_json(
@@ -59,6 +88,12 @@ def run(
                 "scenarios": chosen,
                 "quick": quick,
                 "repeats": ctx.repeats,
+                "machines": list(levels),
+                "ceiling": ctx.ceiling,
+                "ceiling_source": (
+                    ("broker scenario" if "broker" in chosen else "quick") if ctx.ceiling else None
+                ),
+                "knees": knees,
                 "seconds": elapsed,
             },
         )
@@ -74,9 +109,14 @@ async def _run(ctx: Context, names: list[str], m: dict[str, Any]) -> list[Row]:
     await in_process(os.getpid)  # the load process starts now, not inside a measurement
     rows: list[Row] = []
     try:
+        if "broker" not in names and set(names) & set(RATED):
+            ctx.say("broker ceilings (quick, for the rates' ratios):")
+            await broker.quick_ceiling(ctx)
         for name in names:
             ctx.say(f"{name}:")
+            t0 = time.monotonic()
             rows += await SCENARIOS[name](ctx)
+            ctx.say(f"  ({time.monotonic() - t0:.0f} s)")
     finally:
         shutdown_pool()
     return rows

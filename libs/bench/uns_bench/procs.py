@@ -146,9 +146,18 @@ class Proc:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM (what `uns up` sends), then SIGKILL if it does not go."""
-        if self.popen is None or self.popen.poll() is not None:
+        self.terminate()
+        self.wait_gone(timeout_s)
+
+    def terminate(self) -> None:
+        """SIGTERM, not waiting: processes stopped together go in the time of the slowest."""
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+
+    def wait_gone(self, timeout_s: float = 10.0) -> None:
+        """Until it has exited after `terminate`; SIGKILL if it does not go."""
+        if self.popen is None:
             return
-        self.popen.send_signal(signal.SIGTERM)
         try:
             self.popen.wait(timeout_s)
         except subprocess.TimeoutExpired:
@@ -221,12 +230,14 @@ class Procs:
         return proc, f"mqtt://127.0.0.1:{port}"
 
     def stop(self) -> None:
+        """The services together (each says goodbye to a broker that is still there), then
+        the brokers together."""
         brokers = [p for p in self.all if "broker" in p.name or "mosquitto" in p.name]
-        for p in reversed(self.all):
-            if p not in brokers:
-                p.stop()
-        for p in brokers:
-            p.stop()
+        for group in ([p for p in reversed(self.all) if p not in brokers], brokers):
+            for p in group:
+                p.terminate()
+            for p in group:
+                p.wait_gone()
         self.all.clear()
 
 

@@ -46,6 +46,22 @@ class Row:
     repeats: list[dict[str, Any]] = field(default_factory=list)
     """The figures of each repeat."""
     notes: list[str] = field(default_factory=list)
+    level: int | None = None
+    """The load level of a series of rows (``unit``: machines, devices): the knee is sought
+    along it; None for a row that has no level to vary."""
+    unit: str = ""
+    limits: dict[str, float] = field(default_factory=dict)
+    """Figure -> the most it may be at this level (a target): a level above it missed."""
+    rate: str = ""
+    """The figure that is this row's message rate through a broker (compared with the
+    broker ceilings of the run); empty for a row that measures no broker traffic."""
+    kind: str = ""
+    """The broker scenario's message kind the rate is compared with: block or slow."""
+    of_ceiling: dict[str, float | None] = field(default_factory=dict)
+    """Broker -> ``rate`` as a fraction of that broker's ceiling measured in this run;
+    None where that ceiling was not measured (n/a)."""
+    knee: str = ""
+    """Set on the first level of a series that lost anything or missed a limit: why."""
 
 
 def summarise(scenario: str, case: str, load: str, runs: list[dict[str, Any]]) -> Row:
@@ -71,6 +87,62 @@ def summarise(scenario: str, case: str, load: str, runs: list[dict[str, Any]]) -
         repeats=runs,
         notes=sorted({n for r in runs for n in r.get("notes", [])}),
     )
+
+
+def compare_with_ceilings(
+    rows: list[Row], ceilings: dict[str, float], brokers: tuple[str, ...]
+) -> None:
+    """Each rated row's rate as a fraction of every broker's ceiling (``{broker}/{kind}``
+    -> msgs/s, measured in the same run): how near the pipeline runs to what the broker
+    alone passes. A ceiling not measured is None, shown as n/a."""
+    for row in rows:
+        if not row.rate:
+            continue
+        rate = row.figures.get(row.rate, 0.0)
+        for broker in brokers:
+            ceiling = ceilings.get(f"{broker}/{row.kind}")
+            row.of_ceiling[broker] = round(rate / ceiling, 3) if ceiling else None
+
+
+def misses(row: Row) -> list[str]:
+    """What this row lost or which limit it passed, in words; empty if neither."""
+    out = [f"lost {row.lost:,}"] if row.lost else []
+    for name, limit in row.limits.items():
+        value = row.figures.get(name)
+        if value is not None and value > limit:
+            out.append(f"{name} {_fmt(value)} > {_fmt(limit)}")
+    return out
+
+
+def mark_knees(rows: list[Row]) -> list[str]:
+    """Find each series' knee, the lowest level that lost anything or missed a limit
+    (where the pipeline stops keeping up on this machine), mark it, and say so, or say
+    that every level held."""
+    series: dict[tuple[str, str, str], list[Row]] = {}
+    for row in rows:
+        if row.level is not None:
+            series.setdefault((row.scenario, row.unit, _series_case(row)), []).append(row)
+    lines = []
+    for (scenario, unit, case), levels in series.items():
+        levels.sort(key=lambda r: r.level or 0)
+        name = f"{scenario}{f', {case}' if case else ''}"
+        knee = next((r for r in levels if misses(r)), None)
+        if knee is None:
+            limits = sorted({k for r in levels for k in r.limits})
+            held = "nothing lost" + (f", {', '.join(limits)} within target" if limits else "")
+            top = levels[-1].level or 0
+            lines.append(f"no knee in {name}: {held} at every level up to {top:,} {unit}")
+            continue
+        knee.knee = "; ".join(misses(knee))
+        below = [f"{r.level:,}" for r in levels if (r.level or 0) < (knee.level or 0)]
+        held = f" ({', '.join(below)} {unit} held)" if below else " (the lowest level run)"
+        lines.append(f"knee of {name}: {knee.level or 0:,} {unit}, {knee.knee}{held}")
+    return lines
+
+
+def _series_case(row: Row) -> str:
+    """The case without its level ("raw namespace -> featurizer"; "" for "160 machines")."""
+    return "" if row.case == f"{row.level} {row.unit}" else row.case
 
 
 def machine() -> dict[str, Any]:
@@ -110,22 +182,38 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}"
 
 
-def markdown(rows: list[Row]) -> str:
-    """One table: loss first, then the figures, CPU (cores) and peak RSS per service."""
+def markdown(rows: list[Row], knees: list[str] | None = None) -> str:
+    """One table: loss first, then the figures, the rate against the broker ceilings, CPU
+    (cores) and peak RSS per service; the knees (`mark_knees`) and the notes below it."""
     lines = [
-        "| scenario | case | load | lost | figures (median) | CPU, cores | peak RSS, MB |",
-        "|---|---|---|---:|---|---|---|",
+        "| scenario | case | load | lost | figures (median) | of ceiling | CPU, cores"
+        " | peak RSS, MB |",
+        "|---|---|---|---:|---|---|---|---|",
     ]
     for r in rows:
         figures = ", ".join(f"{k} {_fmt(v)}" for k, v in r.figures.items())
         cpu = ", ".join(f"{k} {v:.2f}" for k, v in r.cpu_s.items())
         rss = ", ".join(f"{k} {v:.0f}" for k, v in r.rss_mb.items())
         lost = f"**{r.lost}**" if r.lost else "0"
-        lines.append(f"| {r.scenario} | {r.case} | {r.load} | {lost} | {figures} | {cpu} | {rss} |")
+        case = f"{r.case} **(knee)**" if r.knee else r.case
+        lines.append(
+            f"| {r.scenario} | {case} | {r.load} | {lost} | {figures} | {_ceiling(r)} | {cpu}"
+            f" | {rss} |"
+        )
+    if knees:
+        lines += ["", *(f"- {k}" for k in knees)]
     notes = [f"- {r.scenario} {r.case}: {n}" for r in rows for n in r.notes]
     if notes:
         lines += ["", *notes]
     return "\n".join(lines)
+
+
+def _ceiling(row: Row) -> str:
+    """``amqtt 0.25, mosquitto n/a (block)``; empty for a row without a broker rate."""
+    if not row.rate:
+        return ""
+    parts = [f"{b} {'n/a' if v is None else f'{v:.3g}'}" for b, v in row.of_ceiling.items()]
+    return f"{', '.join(parts) or 'n/a'} ({row.rate}, {row.kind} ceiling)"
 
 
 def write_json(path: Path, rows: list[Row], meta: dict[str, Any]) -> None:

@@ -24,13 +24,20 @@ ENTERPRISE = "bench"
 # (devices, tags per message, messages per second per device)
 LEVELS = ((100, 50, 5), (100, 50, 10), (100, 100, 10), (200, 100, 10))
 QUICK_LEVELS = ((10, 10, 5),)
+PER_DEVICE = (100, 10)
+"""Tags per message and messages/s of a device at a ``--machines`` level (1,000 values/s)."""
+QUICK_PER_DEVICE = (10, 5)
 ADAPTER_MACHINES = 40
 ADAPTER_TICK_S = 0.05
 """The simulator updates every tag 20 times a second: each value changes, so each is sent."""
 
 
 async def run(ctx: Context) -> list[Row]:
-    rows = [await _raw(ctx, *level) for level in (QUICK_LEVELS if ctx.quick else LEVELS)]
+    levels: tuple[tuple[int, int, float], ...] = QUICK_LEVELS if ctx.quick else LEVELS
+    if ctx.machines:  # the devices asked for, each sending as many values as a default level
+        per_message, rate = QUICK_PER_DEVICE if ctx.quick else PER_DEVICE
+        levels = tuple((n, per_message, rate) for n in ctx.machines)
+    rows = [await _raw(ctx, *level) for level in levels]
     for adapter in ("opcua-adapter", "modbus-adapter"):
         rows.append(await _adapter(ctx, adapter))
     return rows
@@ -82,7 +89,6 @@ async def _raw(ctx: Context, devices_n: int, per_message: int, rate: float) -> R
                         "offered values/s": devices_n * per_message * rate,
                         "messages/s": round(msgs_per_s),
                         "catch-up s": round(max(t_end - sent["t_last"], 0.0), 2),
-                        **ctx.ratio(msgs_per_s, "amqtt/slow"),
                     },
                     "cpu": sampler.cores(sent["t_first"], sent["t_last"]),
                     "rss": sampler.peak_rss(),
@@ -97,6 +103,11 @@ async def _raw(ctx: Context, devices_n: int, per_message: int, rate: float) -> R
         f"{devices_n} devices x {per_message} tags/msg x {rate:g} msg/s, {seconds:g} s",
         runs,
     )
+    if ctx.machines:  # the knee is sought along the devices asked for
+        row.level, row.unit = devices_n, "devices"
+    else:  # the default levels vary tags and rates too: along the values offered
+        row.level, row.unit = round(devices_n * per_message * rate), "values/s offered"
+    row.rate, row.kind = "messages/s", "slow"
     ctx.say(f"  raw {row.load}: {row.figures['tag values/s']:,.0f} values/s, lost {row.lost}")
     return row
 
@@ -191,7 +202,11 @@ async def _adapter(ctx: Context, adapter: str) -> Row:
         running["featurizer"] = procs.uns("featurizer", "run", "featurizer", *common, metrics=True)
         receiver = await Receiver(url, f"{ENTERPRISE}/+/+/+/+/+/raw/data", keep=counter).start()
         running[adapter] = procs.uns(adapter, "run", adapter, *common, metrics=True)
+        started = time.monotonic()
         await _flowing(counter, running[adapter], adapter)
+        ctx.say(
+            f"  {adapter}: every machine's values flowing after {time.monotonic() - started:.1f} s"
+        )
         runs = []
         for _ in range(ctx.repeats):
             pids = {name: p.pid for name, p in running.items()}
@@ -225,6 +240,7 @@ async def _adapter(ctx: Context, adapter: str) -> Row:
         + (" + vibration" if adapter == "opcua-adapter" else ""),
         runs,
     )
+    row.rate, row.kind = "messages/s", "slow"
     row.notes.append(
         "lost = sequence gaps seen downstream of the adapter; values that did not change"
         " between updates are not sent (report by exception)"

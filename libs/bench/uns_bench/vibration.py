@@ -14,9 +14,16 @@ from uns_bench.procs import Proc, Procs, in_process, load_pid, metric_sum, wait_
 from uns_bench.report import Row, percentile, summarise
 from uns_bench.sampler import Sampler
 
-LEVELS = (1, 10, 40, 80, 160)
+LEVELS = (1, 10, 40, 80, 160, 320)
 QUICK_LEVELS = (2,)
 ENTERPRISE = "bench"
+WARM_UPS = 3
+
+
+def p99_target_ms(machines: int) -> float:
+    """The block-to-score p99 a level must keep (issue 17's targets): 50 ms up to 160
+    machines, 100 ms beyond (320 is the last level with a target: it holds above too)."""
+    return 50.0 if machines <= 160 else 100.0
 
 
 async def start_pipeline(
@@ -47,12 +54,12 @@ async def start_pipeline(
 async def run(ctx: Context) -> list[Row]:
     rows = []
     seconds = 2.0 if ctx.quick else 10.0
-    for m in QUICK_LEVELS if ctx.quick else LEVELS:
+    for m in ctx.levels(LEVELS, QUICK_LEVELS):
         procs = Procs(ctx.workdir)
         try:
             devices = load.device_paths(ENTERPRISE, m)
             url, running = await start_pipeline(ctx, procs, f"vibration-{m}", devices)
-            await measure(ctx, url, running, devices, 2.0)  # warm-up: births, first windows
+            await warm_up(ctx, url, running, devices)
             runs = [await measure(ctx, url, running, devices, seconds) for _ in range(ctx.repeats)]
         finally:
             procs.stop()
@@ -62,6 +69,9 @@ async def run(ctx: Context) -> list[Row]:
             f"{m * 10_000:,} samples/s ({m * 10} blocks/s) + {m * 10} slow tags/s, {seconds:g} s",
             runs,
         )
+        row.level, row.unit = m, "machines"
+        row.limits = {"latency p99 ms": p99_target_ms(m)}
+        row.rate, row.kind = "blocks/s", "block"
         f = row.figures
         ctx.say(
             f"  {m} machines: lost {row.lost}, latency p50 {f['latency p50 ms']:.1f} ms"
@@ -69,6 +79,18 @@ async def run(ctx: Context) -> list[Row]:
         )
         rows.append(row)
     return rows
+
+
+async def warm_up(
+    ctx: Context, url: str, running: dict[str, Proc], devices: list[str], seconds: float = 2.0
+) -> None:
+    """Short runs, unmeasured, until one produced a score: every service has seen the
+    births and the first windows, so the measured runs time the pipeline, not its start."""
+    for _ in range(WARM_UPS):
+        if (await measure(ctx, url, running, devices, seconds))["figures"]["scores"]:
+            return
+    logs = ", ".join(str(running[n].log) for n in ("featurizer", "inference"))
+    raise RuntimeError(f"no score in {WARM_UPS} warm-ups of {seconds:g} s; see {logs}")
 
 
 async def measure(
@@ -103,7 +125,6 @@ async def measure(
     matched = [k for k in expected if k in scores]
     lost_scores = len(expected) - len(matched)
     latencies = [(scores[k] - expected[k]) * 1000 for k in matched]
-    span = sent["t_last"] - sent["t_first"]
     m = len(devices)
     cores = sampler.cores(sent["t_first"], t_end)
     services = sum(v for k, v in cores.items() if k != "load")
@@ -116,7 +137,7 @@ async def measure(
         notes.append(f"{excluded} samples excluded by the featurizer (gaps, duplicates)")
     if sent["lag_max_s"] > 0.1:
         notes.append(f"the load generator fell {sent['lag_max_s']:.2f} s behind its schedule")
-    blocks_per_s = sent["blocks"] / max(span, 1e-9)
+    blocks_per_s = sent["blocks_per_s"]
     return {
         "lost": max(lost_raw, 0) + lost_scores,
         "figures": {
@@ -128,8 +149,8 @@ async def measure(
             "scores": len(matched),
             "windows expected": len(expected),
             "blocks lost": max(lost_raw, 0),
+            "blocks/s": round(blocks_per_s),
             "service cores per machine": round(services / m, 4),
-            **ctx.ratio(blocks_per_s, "amqtt/block"),
         },
         "cpu": cores,
         "rss": sampler.peak_rss(),

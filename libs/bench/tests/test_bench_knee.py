@@ -1,0 +1,64 @@
+"""What `uns bench` reports from its rows: the knee of each series of load levels (the first
+that lost anything or missed its target) and every rate against the broker ceilings."""
+
+from __future__ import annotations
+
+from uns_bench.report import Row, compare_with_ceilings, mark_knees, markdown
+from uns_bench.vibration import p99_target_ms
+
+
+def level(machines: int, p99_ms: float, lost: int = 0) -> Row:
+    return Row(
+        "2 vibration",
+        f"{machines} machines",
+        f"{machines * 10} blocks/s",
+        lost,
+        figures={"latency p99 ms": p99_ms, "blocks/s": machines * 10.0},
+        level=machines,
+        unit="machines",
+        limits={"latency p99 ms": p99_target_ms(machines)},
+        rate="blocks/s",
+        kind="block",
+    )
+
+
+def test_the_knee_is_the_first_level_that_passed_its_latency_target() -> None:
+    rows = [level(320, 90.0), level(160, 40.0), level(240, 120.0), level(400, 500.0, lost=21)]
+    knees = mark_knees(rows)
+    assert [r.level for r in rows if r.knee] == [240]
+    assert knees == [
+        "knee of 2 vibration: 240 machines, latency p99 ms 120 > 100 (160 machines held)"
+    ]
+    table = markdown(rows, knees)
+    assert "| 240 machines **(knee)** |" in table
+    assert "- knee of 2 vibration: 240 machines" in table
+
+
+def test_a_level_that_lost_anything_is_the_knee_whatever_its_latency() -> None:
+    rows = [level(2, 10.0), level(4, 12.0, lost=3)]
+    assert mark_knees(rows) == ["knee of 2 vibration: 4 machines, lost 3 (2 machines held)"]
+
+
+def test_every_level_held_says_so_up_to_the_last() -> None:
+    rows = [level(2, 10.0), level(4, 12.0)]
+    assert mark_knees(rows) == [
+        "no knee in 2 vibration: nothing lost, latency p99 ms within target at every level"
+        " up to 4 machines"
+    ]
+    assert not any(r.knee for r in rows)
+
+
+def test_the_targets_are_50_ms_up_to_160_machines_and_100_ms_beyond() -> None:
+    assert [p99_target_ms(m) for m in (1, 160, 161, 320, 400)] == [50, 50, 100, 100, 100]
+
+
+def test_rows_without_a_level_have_no_knee() -> None:
+    assert mark_knees([Row("5 bridge", "journal alone", "", 5)]) == []
+
+
+def test_each_rate_is_a_fraction_of_both_ceilings_or_na() -> None:
+    rows = [level(160, 40.0), Row("6 example plant", "uns up", "", 0)]
+    compare_with_ceilings(rows, {"amqtt/block": 6400.0}, ("amqtt", "mosquitto"))
+    assert rows[0].of_ceiling == {"amqtt": 0.25, "mosquitto": None}
+    assert rows[1].of_ceiling == {}  # no broker rate
+    assert "| amqtt 0.25, mosquitto n/a (blocks/s, block ceiling) |" in markdown(rows)
