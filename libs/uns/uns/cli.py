@@ -193,6 +193,18 @@ def up(
             help="Print what would run (each installed service, its metrics port) and exit",
         ),
     ] = False,
+    secure: Annotated[
+        bool,
+        typer.Option(
+            "--secure",
+            help="Users and ACLs from the services' declared topics (uns broker secure):"
+            " no anonymous client, each service logs in as itself",
+        ),
+    ] = False,
+    secrets: Annotated[
+        Path,
+        typer.Option(help="Directory of the --secure credentials (written when missing)"),
+    ] = Path("var/secrets"),
 ) -> None:
     """Start the broker and every installed service; restart crashed ones; Ctrl-C stops all."""
     from uns.supervisor import Child, supervise, uns_argv
@@ -202,6 +214,20 @@ def up(
     config_args = ["--config", str(loaded.path)] if loaded.path else []
     common = [*config_args, "--log-level", log_level]
     broker_child = None
+    policy = None
+    if secure:
+        from uns.secure import node_id, prepare
+
+        if broker is not None:
+            raise fail(
+                "--secure runs the embedded broker with the policy; for another broker write"
+                " it with `uns broker secure` and give each service its credential"
+            )
+        if not plan:
+            try:
+                policy = prepare(secrets, uns_argv("broker", "secure", *config_args))
+            except ConfigError as exc:
+                raise fail(str(exc)) from None
     if broker is None:
         url = f"mqtt://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         if not plan:
@@ -210,7 +236,9 @@ def up(
         _port_free("127.0.0.1", cloud_port, "--cloud-port")
     if broker is None:
         broker_child = Child(
-            "broker", uns_argv("broker", "--host", host, "--port", str(port), *common)
+            "broker",
+            uns_argv("broker", "--host", host, "--port", str(port), *common),
+            env=policy.broker_env if policy else {},
         )
     else:
         url, _ = broker_target(loaded, broker)
@@ -249,12 +277,17 @@ def up(
                 uns_argv("run", name, "--metrics-port", mport, *common),
                 # in the environment, not argv: every user of the box can read a command
                 # line (ps), and the URL may carry the broker password
-                env={**env, "UNS_BROKER_URL": url},
+                env={
+                    **env,
+                    "UNS_BROKER_URL": url,
+                    **(policy.service_env(node_id(loaded, name)) if policy else {}),
+                },
             )
         )
     shown = redact_url(url)  # the log must not carry the broker password
     if plan:
         where = f"embedded on {host}:{port}" if broker_child else shown
+        where += ", users and ACLs (--secure)" if secure else ""
         typer.echo(f"{'broker':<16} {where}")
         typer.echo("\n".join(planned))
         return
@@ -266,6 +299,7 @@ def up(
             broker_child,
             children,
             broker_address=(target.host, target.port) if broker_child else None,
+            broker_login=policy.probe_login() if policy else None,
         )
     )
 

@@ -154,16 +154,24 @@ async def _terminate(children: list[Child], timeout_s: float = 10.0) -> None:
             await c.process.wait()
 
 
-async def _port_open(host: str, port: int, timeout_s: float) -> bool:
+async def _port_open(
+    host: str, port: int, timeout_s: float, login: tuple[str, str] | None = None
+) -> bool:
     """Wait until the broker accepts an MQTT connection (a bare TCP probe makes amqtt log
-    an error about a client that sent nothing)."""
+    an error about a client that sent nothing); with ``login`` (a broker that refuses
+    anonymous clients), as that user."""
     from uns.bus import connect
+    from uns.config import BrokerSettings
     from uns.errors import BusError
 
+    user, password = login or (None, None)
+    settings = BrokerSettings(username=user, password=password)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            async with connect(f"mqtt://{host}:{port}", client_id="uns-up-probe", timeout_s=2):
+            async with connect(
+                f"mqtt://{host}:{port}", client_id="uns-up-probe", timeout_s=2, settings=settings
+            ):
                 return True
         except BusError:
             await asyncio.sleep(0.1)
@@ -175,13 +183,15 @@ async def supervise(
     services: list[Child],
     *,
     broker_address: tuple[str, int] | None = None,
+    broker_login: tuple[str, str] | None = None,
     stop: asyncio.Event | None = None,
     liveness_s: float = LIVENESS_S,
 ) -> None:
     """Run until SIGINT/SIGTERM (or ``stop``), then stop services, then the broker.
 
     ``liveness_s``: a child whose event loop has not ticked for this long is killed and
-    restarted (0: only exits are watched).
+    restarted (0: only exits are watched). ``broker_login``: the user the readiness probe
+    logs in as (a secure broker refuses an anonymous probe).
     """
     stop = stop or asyncio.Event()
     heartbeats = Path(tempfile.mkdtemp(prefix="uns-up-")) if liveness_s > 0 else None
@@ -192,7 +202,9 @@ async def supervise(
     try:
         if broker is not None:
             tasks.append(asyncio.create_task(_keep_running(broker, stop, liveness_s, heartbeats)))
-            if broker_address and not await _port_open(*broker_address, timeout_s=15):
+            if broker_address and not await _port_open(
+                *broker_address, timeout_s=15, login=broker_login
+            ):
                 log.warning("the broker is not accepting connections yet; services will retry")
         for child in services:
             tasks.append(asyncio.create_task(_keep_running(child, stop, liveness_s, heartbeats)))

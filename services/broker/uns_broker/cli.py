@@ -64,7 +64,7 @@ def passwd(
 def secure(
     out: Annotated[
         Path, typer.Option("--out", help="Directory to write the secrets and broker files to")
-    ] = Path("secrets"),
+    ] = Path("var/secrets"),
     rotate: Annotated[
         bool, typer.Option(help="New passwords, not the ones in DIR/secrets")
     ] = False,

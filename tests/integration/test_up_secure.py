@@ -1,0 +1,67 @@
+"""`uns up --secure`: the embedded broker with the generated users and ACLs, every service
+logged in as itself (its credential in its environment, never on a command line or in a
+log), anonymous clients refused, and a CLI client logging in through the environment."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from clitools import Proc, start, sub_json, uns
+from fixtures.ports import free_port
+
+pytestmark = pytest.mark.integration
+
+DEMO = "acme/pune/demo/line-0/cell-0/demo-01"
+DEMO_ONLY = ("--config", str(Path(__file__).with_name("demo-only.yaml")))
+
+
+def test_uns_up_secure_runs_each_service_as_itself_and_refuses_anonymous_clients(
+    tmp_path: Path, procs: list[Proc]
+) -> None:
+    port, secrets = free_port(), tmp_path / "secrets"
+    up = start(
+        procs,
+        "up",
+        "--secure",
+        "--secrets",
+        str(secrets),
+        "--port",
+        str(port),
+        "--metrics-port",
+        "0",
+        *DEMO_ONLY,
+        ready="births published",
+    )
+    password = {f.stem: f.read_text().strip() for f in (secrets / "secrets").glob("*.password")}
+    assert {"demo", "operator", "app"} <= set(password)
+
+    # the demo published as itself: the read-only app sees its data
+    app = f"mqtt://app:{password['app']}@127.0.0.1:{port}"
+    [data] = sub_json(app, f"{DEMO}/raw/data", count=1)
+    assert data["payload"]["node"] == "demo"
+    # anonymous and wrong passwords are refused
+    for url in (f"mqtt://127.0.0.1:{port}", f"mqtt://app:{password['demo']}@127.0.0.1:{port}"):
+        r = uns("sub", "#", "--timeout", "1", "--broker", url)
+        assert r.returncode == 1, (url, r.stderr)
+    # a CLI client logs in through the environment, like a service
+    env = {
+        **os.environ,
+        "UNS_BROKER__USERNAME": "operator",
+        "UNS_BROKER__PASSWORD_FILE": str(secrets / "secrets" / "operator.password"),
+    }
+    r = uns(
+        "sub", "acme/pune/_node/demo/birth", "--count", "1", "--timeout", "10",
+        "--broker", f"mqtt://127.0.0.1:{port}", env=env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+
+    log = "\n".join(up.lines)
+    assert not [user for user, pw in password.items() if pw in log], "a password was logged"
+    assert "not accepting connections yet" not in log  # the readiness probe logs in
+    for f in (secrets / "secrets").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+    assert up.stop() == 0
