@@ -12,7 +12,14 @@ import logging
 from collections.abc import Iterable, Sequence
 from typing import Any, Final, Generic, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 
 from uns.topics import NODE_LEVEL, STREAMS
 
@@ -67,6 +74,9 @@ class ServiceMetrics:
         self.service = service
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # process_start_time_seconds (a restart is a change of it: the restart alerts),
+        # memory, CPU and open files, on Linux; nothing elsewhere.
+        ProcessCollector(registry=r)
         self.received = Counter(
             "uns_messages_received_total",
             "Messages received from the broker",
