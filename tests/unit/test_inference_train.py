@@ -194,6 +194,24 @@ def test_a_fold_unlike_the_others_is_kept_and_named_as_driving_the_threshold() -
     assert len(model.evaluation["raise_threshold_per_fold"]) == 5
 
 
+def test_the_t2_family_runs_in_onnx_as_in_numpy_and_auto_picks_the_one_detecting_more() -> None:
+    x, fault = labelled_plant(1000, seed=0)
+    t2 = train.fit_anomaly(x[:400], SENSORS, family="t2")
+    assert t2.family == "t2" and t2.components == len(SENSORS)
+    onnx = session(build.anomaly_onnx(t2), SENSORS, ["score", "contributions"])
+    out = onnx.run(x.astype(np.float32))
+    ref = t2.score(x.astype(np.float32).astype(np.float64))
+    assert np.abs(out["score"] - ref).max() <= 1e-4 * max(1.0, ref.max())
+    assert (t2.score(x[400:][fault[400:]]) >= t2.raise_threshold).mean() >= 0.9
+    auto = train.fit_anomaly(x[:400], SENSORS, family="auto")
+    detection = auto.evaluation["probe_detection_out_of_fold"]
+    assert set(detection) == {"pca", "t2"}
+    assert auto.family == ("t2" if detection["t2"] > detection["pca"] else "pca")
+    assert auto.evaluation["family"] == auto.family
+    with pytest.raises(train.TrainingError, match="family"):
+        train.fit_anomaly(x[:400], SENSORS, family="deep")
+
+
 # ---- remaining useful life -----------------------------------------------------------
 
 

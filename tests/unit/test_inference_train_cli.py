@@ -103,9 +103,23 @@ def test_the_defaults_are_those_of_the_training_struct(tmp_path: Path, recording
     code, _, stderr = train("--data", str(recording), "--out", str(out), "--asset", "press")
     assert code == 0, stderr
     parameters = json.loads((out / "card.json").read_text())["training"]["parameters"]
-    for option in ("quantile", "margin", "variance", "folds"):
+    for option in ("quantile", "margin", "variance", "folds", "family"):
         assert parameters[option] == getattr(TRAINING, option)
     assert "from" not in parameters and "to" not in parameters
+
+
+def test_the_card_says_which_detector_auto_chose_and_why(tmp_path: Path, recording: Path) -> None:
+    out = tmp_path / "m"
+    code, _, stderr = train(
+        *("--data", str(recording), "--out", str(out), "--asset", "press", "--family", "auto")
+    )
+    assert code == 0, stderr
+    card = json.loads((out / "card.json").read_text())
+    chosen = card["evaluation"]["family"]
+    detection = card["evaluation"]["probe_detection_out_of_fold"]
+    assert chosen == max(("pca", "t2"), key=lambda f: (detection[f], f == "pca"))
+    assert card["training"]["parameters"]["family"] == "auto"
+    assert f"it detects {detection[chosen]:.1%}" in card["method"]
 
 
 def test_a_spike_in_the_training_data_is_named_with_its_data_time(tmp_path: Path) -> None:
@@ -130,6 +144,7 @@ def test_a_spike_in_the_training_data_is_named_with_its_data_time(tmp_path: Path
         (("--variance", "1"), "--variance"),
         (("--folds", "1"), "--folds"),
         (("--folds", "many"), "--folds"),
+        (("--family", "deep"), "--family"),
         (("--from", "yesterday"), "--from"),
         (("--to", "2026-13-01"), "--to"),
         (("--from", "2026-11-22T01:00:00Z", "--to", "2026-11-22T00:00:00Z"), "--to"),

@@ -170,6 +170,20 @@ async def _record(
 
 
 def _anomaly_method(m: train.AnomalyModel, folds: int, quantile: float, margin: float) -> str:
+    threshold = (
+        f"Raise threshold = {margin:g} x the {quantile * 100:g}th percentile of out-of-fold"
+        f" scores ({folds} contiguous time blocks, each scored by a model fitted on the others;"
+        " a handful of excursions far above what every block agrees on are left out of the"
+        " fit and the threshold), clear threshold below it for hysteresis."
+    )
+    if m.family == "t2":
+        return (
+            "Hotelling's T² on standardised features (band energies and envelope amplitudes"
+            f" log-transformed first) in all {m.components} principal components (the"
+            " Mahalanobis distance), divided by their number so a healthy window scores about"
+            " 1; a sum of squares of one linear map of the standardised vector, so it splits"
+            f" into non-negative per-feature contributions. {threshold}" + _chosen(m)
+        )
     return (
         "PCA process monitoring on standardised features (band energies and envelope"
         " amplitudes log-transformed first: they are positive and multiplicative). Score ="
@@ -180,13 +194,23 @@ def _anomaly_method(m: train.AnomalyModel, folds: int, quantile: float, margin: 
         " without an RMS rise). Each is divided by its mean on the training data, so a"
         " healthy window scores about 1, and both are sums of squares of linear maps of the"
         " standardised vector, so the score splits exactly into non-negative per-feature"
-        f" contributions. Raise threshold = {margin:g} x the {quantile * 100:g}th percentile of"
-        f" out-of-fold scores ({folds} contiguous time blocks, each scored by a model fitted"
-        " on the others; a handful of excursions far above what every block agrees on are"
-        " left out of the fit and the threshold), clear threshold below it for hysteresis."
-        " Chosen over a deep"
+        f" contributions. {threshold} Chosen over a deep"
         " model: it needs only healthy data, trains in milliseconds, explains each score"
-        " by feature, and is a handful of ONNX operators anyone can audit."
+        " by feature, and is a handful of ONNX operators anyone can audit." + _chosen(m)
+    )
+
+
+def _chosen(m: train.AnomalyModel) -> str:
+    detection = m.evaluation.get("probe_detection_out_of_fold")
+    if not detection:
+        return ""
+    from uns_inference import train
+
+    return (
+        f" Chosen by --family auto: with one feature at a time shifted by"
+        f" {train.PROBE_SHIFT:g} standard deviations, out of fold, it detects"
+        f" {detection[m.family]:.1%} of the rows at its threshold, the other family"
+        f" {max(v for k, v in detection.items() if k != m.family):.1%}."
     )
 
 
@@ -329,6 +353,7 @@ def model_train(
     quantile: float = TRAINING.quantile,
     margin: float = TRAINING.margin,
     folds: int = TRAINING.folds,
+    family: str = TRAINING.family,
     clear_fraction: float = TRAINING.clear_fraction,
     min_raise_s: float = TRAINING.min_raise_s,
     min_clear_s: float = TRAINING.min_clear_s,
@@ -394,6 +419,7 @@ def model_train(
                 margin=margin,
                 clear_fraction=clear_fraction,
                 critical_factor=TRAINING.critical_factor,
+                family=family,
             )
             notes.extend(_threshold_warnings(am, ds))
             graph = build.anomaly_onnx(am)
@@ -408,7 +434,7 @@ def model_train(
             )
             outputs = ["score", "contributions"]
             params.update(variance=variance, quantile=quantile, margin=margin, folds=folds)
-            params.update(clear_fraction=clear_fraction)
+            params.update(clear_fraction=clear_fraction, family=family)
         else:
             y = train.rul_targets(ds.ts.astype(float), ds.run, UNITS_S[rul_unit], rul_cap)
             rm = train.fit_rul(ds.x, y, names, runs=ds.run, cap=rul_cap, folds=folds)
@@ -746,6 +772,7 @@ def train_command(
             quantile=training.quantile,
             margin=training.margin,
             folds=training.folds,
+            family=training.family,
             min_raise_s=training.min_raise_s,
             min_clear_s=training.min_clear_s,
             rul_unit=training.rul_unit,

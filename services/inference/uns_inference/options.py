@@ -22,6 +22,7 @@ class Training(msgspec.Struct, frozen=True, kw_only=True):
         "quantile",
         "margin",
         "folds",
+        "family",
         "min_raise_s",
         "min_clear_s",
         "rul_unit",
@@ -64,6 +65,15 @@ class Training(msgspec.Struct, frozen=True, kw_only=True):
         float,
         msgspec.Meta(gt=0.0, description="Anomaly: critical threshold / raise threshold"),
     ] = 2.0
+    family: Annotated[
+        str,
+        msgspec.Meta(
+            pattern="^(pca|t2|auto)$",
+            description="Anomaly detector: pca (T² in the components + SPE), t2 (T² in every"
+            " component), or auto (the one detecting more out-of-fold rows with one feature"
+            " shifted 3 sd)",
+        ),
+    ] = "pca"
     folds: Annotated[
         int,
         msgspec.Meta(

@@ -126,6 +126,8 @@ class AnomalyModel:
     evaluation: dict[str, Any] = field(default_factory=dict)
     calibration: Calibration | None = None
     """How the raise threshold came about: per fold, and what was left out of it."""
+    family: str = "pca"
+    """`FAMILIES`: which detector the maps compute."""
 
     def contributions(self, x: Array) -> Array:
         """Per-feature shares of the score (non-negative, summing to it): float64 reference."""
@@ -164,6 +166,38 @@ def _fit_pca(z: Array, variance: float) -> _Pca:
     t2_map = (p / np.sqrt(lam_k)) @ p.T / np.sqrt(weight * k)
     spe_map = (np.eye(f) - p @ p.T) / np.sqrt(weight * theta) if has_spe else np.zeros((f, f))
     return _Pca(t2_map=t2_map, spe_map=spe_map, k=k, kept=float(ratio[k - 1]))
+
+
+T2_FLOOR_REL: Final = 1e-6
+"""T² in every component: eigenvalues floored at this share of the largest, so a direction
+the training data barely moves in (two features that are one) does not make any wiggle
+along it an alarm."""
+
+
+def _fit_t2(z: Array) -> _Pca:
+    """Hotelling's T² in every component (the Mahalanobis distance), divided by the
+    number of features so a healthy row scores about 1: no residual part."""
+    n, f = z.shape
+    _, s, vt = np.linalg.svd(z, full_matrices=False)
+    lam = s**2 / max(n - 1, 1)
+    if float(lam.sum()) <= 0.0:
+        raise TrainingError("the features do not vary at all in the data")
+    lam = np.maximum(lam, T2_FLOOR_REL * lam[0])
+    p = vt.T
+    t2_map = (p / np.sqrt(lam)) @ p.T / np.sqrt(len(lam))
+    return _Pca(t2_map=t2_map, spe_map=np.zeros((f, f)), k=len(lam), kept=1.0)
+
+
+FAMILIES: Final = ("pca", "t2")
+"""Detector families: ``pca`` (T² in the components keeping ``variance`` + SPE, the
+default) and ``t2`` (T² in every component: simpler, no residual)."""
+PROBE_SHIFT: Final = 3.0
+"""``family="auto"`` compares the families on out-of-fold rows with one feature at a time
+shifted by this many standard deviations: the share each detects at its own threshold."""
+
+
+def _fit_family(z: Array, family: str, variance: float) -> _Pca:
+    return _fit_t2(z) if family == "t2" else _fit_pca(z, variance)
 
 
 def _phi(z: Array, pca: _Pca) -> Array:
@@ -262,15 +296,30 @@ def calibrate(
 
 
 def _out_of_fold(
-    x: Array, names: Sequence[str], variance: float, folds: Sequence[NDArray[np.intp]]
-) -> Array:
-    """Each block scored by a model fitted on the other blocks."""
-    oof = np.empty(len(x))
+    x: Array,
+    names: Sequence[str],
+    variance: float,
+    folds: Sequence[NDArray[np.intp]],
+    family: str = "pca",
+    probe: bool = False,
+) -> tuple[Array, Array]:
+    """Each block scored by a model fitted on the other blocks; with ``probe``, also its
+    rows with each feature in turn shifted by ``PROBE_SHIFT`` (rows x features)."""
+    n, f = x.shape
+    oof = np.empty(n)
+    probes = np.empty((n, f) if probe else (0, f))
     for block in folds:
-        rest = np.setdiff1d(np.arange(len(x)), block)
+        rest = np.setdiff1d(np.arange(n), block)
         t = fit_transform(x[rest], names)
-        oof[block] = _phi(t.apply(x[block]), _fit_pca(t.apply(x[rest]), variance))
-    return oof
+        model = _fit_family(t.apply(x[rest]), family, variance)
+        z = t.apply(x[block])
+        oof[block] = _phi(z, model)
+        if probe:
+            for j in range(f):
+                shifted = z.copy()
+                shifted[:, j] += PROBE_SHIFT
+                probes[block, j] = _phi(shifted, model)
+    return oof, probes
 
 
 def fit_anomaly(
@@ -283,6 +332,7 @@ def fit_anomaly(
     margin: float = TRAINING.margin,
     clear_fraction: float = TRAINING.clear_fraction,
     critical_factor: float = TRAINING.critical_factor,
+    family: str = TRAINING.family,
 ) -> AnomalyModel:
     """Fit on healthy rows (``x``: rows x features, float64, finite).
 
@@ -297,6 +347,11 @@ def fit_anomaly(
     one spike in the training stretch (|z| = 30 on one sensor) lifted it 70-280 times,
     while the spike's variance blinded the model to a later fault of that sensor. On
     data without excursions the model is what it was without this step.
+
+    ``family``: ``pca``, ``t2`` (`FAMILIES`), or ``auto``: both fitted, and the one that
+    detects more out-of-fold rows with one feature shifted by ``PROBE_SHIFT`` standard
+    deviations at its own threshold is chosen (the PCA family on a tie); the card's
+    evaluation records both shares.
     """
     x = np.asarray(x, dtype=np.float64)
     n, f = x.shape
@@ -309,14 +364,30 @@ def fit_anomaly(
         raise TrainingError(f"{n} rows of {f} features: need at least {need}")
     if not 0.5 <= variance < 1.0:
         raise TrainingError("variance: expected 0.5 <= variance < 1")
-    oof = _out_of_fold(x, names, variance, contiguous_folds(n, folds))
+    if family not in (*FAMILIES, "auto"):
+        raise TrainingError(f"family: {family!r} is not one of {', '.join(FAMILIES)}, auto")
+    first = "t2" if family == "t2" else "pca"
+    oof, _ = _out_of_fold(x, names, variance, contiguous_folds(n, folds), first)
     excursions = find_excursions(oof, contiguous_folds(n, folds), quantile, margin)
     kept = np.setdiff1d(np.arange(n), excursions)
     blocks = contiguous_folds(len(kept), folds)
-    if len(excursions):
-        untrimmed = _level(oof, quantile, margin)
-        oof[kept] = _out_of_fold(x[kept], names, variance, blocks)
-    cal = calibrate(oof[kept], blocks, quantile, margin)
+    untrimmed = _level(oof, quantile, margin)
+    results: dict[str, tuple[Array, Calibration, Array]] = {}
+    for candidate in FAMILIES if family == "auto" else (family,):
+        scores, probes = oof.copy(), np.empty((0, f))
+        if len(excursions) or candidate != first or family == "auto":
+            scores[kept], probes = _out_of_fold(
+                x[kept], names, variance, blocks, candidate, probe=family == "auto"
+            )
+        results[candidate] = (scores, calibrate(scores[kept], blocks, quantile, margin), probes)
+    detection: dict[str, float] = {}
+    if family == "auto":
+        detection = {
+            c: round(float((pr >= c_cal.threshold).mean()), 6)
+            for c, (_, c_cal, pr) in results.items()
+        }
+        family = "t2" if detection["t2"] > detection["pca"] else "pca"
+    oof, cal, _ = results[family]
     if len(excursions):
         cal = replace(
             cal,
@@ -326,7 +397,7 @@ def fit_anomaly(
             untrimmed=untrimmed,
         )
     transform = fit_transform(x[kept], names)
-    pca = _fit_pca(transform.apply(x[kept]), variance)
+    pca = _fit_family(transform.apply(x[kept]), family, variance)
     raise_threshold = cal.threshold
     in_sample = _phi(transform.apply(x), pca)
     evaluation = {
@@ -343,6 +414,8 @@ def fit_anomaly(
         "raise_threshold_per_fold": [round(v, 6) for v in cal.per_fold],
         "raise_threshold_without_fold": [round(v, 6) for v in cal.without_fold],
         "excursions_left_out": len(excursions),
+        "family": family,
+        **({"probe_detection_out_of_fold": detection} if detection else {}),
         "log_features": [name for name, lg in zip(names, transform.log, strict=True) if lg],
     }
     return AnomalyModel(
@@ -357,6 +430,7 @@ def fit_anomaly(
         critical_threshold=critical_factor * raise_threshold,
         evaluation=evaluation,
         calibration=cal,
+        family=family,
     )
 
 
