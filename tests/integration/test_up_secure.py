@@ -65,3 +65,48 @@ def test_uns_up_secure_runs_each_service_as_itself_and_refuses_anonymous_clients
     for f in (secrets / "secrets").iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
     assert up.stop() == 0
+
+
+def test_uns_up_secure_with_mosquitto_logs_each_service_in_with_the_same_policy(
+    tmp_path: Path, procs: list[Proc]
+) -> None:
+    """An edge box with Mosquitto installed: it reads the generated files, and
+    ``uns up --secure --broker`` starts the services with the credentials in them."""
+    from fixtures.brokers import started_mosquitto
+    from uns.config import load
+    from uns_broker.secure import write_policy
+
+    secrets = tmp_path / "secrets"
+    written = write_policy(load(DEMO_ONLY[1]), secrets)
+    broker = started_mosquitto(
+        tmp_path,
+        extra=(
+            "allow_anonymous false\n"
+            f"password_file {written.mosquitto_passwords}\n"
+            f"acl_file {written.mosquitto_acl}\n"
+        ),
+    )
+    try:
+        url = f"mqtt://127.0.0.1:{broker.port}"
+        start(
+            procs,
+            "up",
+            "--secure",
+            "--secrets",
+            str(secrets),
+            "--broker",
+            url,
+            "--metrics-port",
+            "0",
+            *DEMO_ONLY,
+            ready="births published",
+        )
+        app = written.secrets["app"].read_text().strip()
+        [data] = sub_json(f"mqtt://app:{app}@127.0.0.1:{broker.port}", f"{DEMO}/raw/data", 1)
+        assert data["payload"]["node"] == "demo"
+        r = uns("sub", "#", "--timeout", "1", "--broker", url)
+        assert r.returncode == 1, "anonymous clients are refused"
+    finally:
+        for p in procs:
+            p.stop()
+        broker.kill()

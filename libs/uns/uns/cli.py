@@ -198,7 +198,8 @@ def up(
         typer.Option(
             "--secure",
             help="Users and ACLs from the services' declared topics (uns broker secure):"
-            " no anonymous client, each service logs in as itself",
+            " no anonymous client, each service logs in as itself (with --broker, that"
+            " broker reads the generated Mosquitto files)",
         ),
     ] = False,
     secrets: Annotated[
@@ -218,16 +219,18 @@ def up(
     if secure:
         from uns.secure import node_id, prepare
 
-        if broker is not None:
-            raise fail(
-                "--secure runs the embedded broker with the policy; for another broker write"
-                " it with `uns broker secure` and give each service its credential"
-            )
         if not plan:
             try:
                 policy = prepare(secrets, uns_argv("broker", "secure", *config_args))
             except ConfigError as exc:
                 raise fail(str(exc)) from None
+            if broker is not None:  # Mosquitto on the box: it reads the same policy
+                log.info(
+                    "--secure: the broker at %s must read %s and %s",
+                    redact_url(broker),
+                    policy.directory / "mosquitto" / "password_file",
+                    policy.directory / "mosquitto" / "acl_file",
+                )
     if broker is None:
         url = f"mqtt://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         if not plan:
