@@ -110,3 +110,32 @@ def test_uns_up_secure_with_mosquitto_logs_each_service_in_with_the_same_policy(
         for p in procs:
             p.stop()
         broker.kill()
+
+
+def test_broker_secure_writes_private_files_never_prints_a_password_and_keeps_them(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "policy"
+    first = uns("broker", "secure", "--out", str(out), *DEMO_ONLY)
+    assert first.returncode == 0, first.stderr
+    password = {f.stem: f.read_text().strip() for f in (out / "secrets").glob("*.password")}
+    assert {"demo", "featurizer", "inference", "operator", "app"} <= set(password)
+    assert "broker" not in password  # the broker is no client of itself
+    assert len(set(password.values())) == len(password)  # one each
+    printed = first.stdout + first.stderr
+    assert not [u for u, pw in password.items() if pw in printed], "a password was printed"
+    for f in [*out.rglob("*")]:
+        mode = stat.S_IMODE(f.stat().st_mode)
+        assert mode == (0o700 if f.is_dir() else 0o600), (f, oct(mode))
+    lines = (out / "mosquitto" / "password_file").read_text().splitlines()
+    assert all(line.split(":", 1)[1].startswith("$7$101$") for line in lines)
+
+    again = uns("broker", "secure", "--out", str(out), *DEMO_ONLY)
+    assert again.returncode == 0, again.stderr
+    kept = {f.stem: f.read_text().strip() for f in (out / "secrets").glob("*.password")}
+    assert kept == password  # a second run changes the ACLs, not the credentials
+    rotated = uns("broker", "secure", "--out", str(out), "--rotate", *DEMO_ONLY)
+    assert rotated.returncode == 0, rotated.stderr
+    new = {f.stem: f.read_text().strip() for f in (out / "secrets").glob("*.password")}
+    assert new.keys() == password.keys()
+    assert not set(new.values()) & set(password.values())

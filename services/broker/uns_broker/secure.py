@@ -101,6 +101,7 @@ def write_policy(loaded: LoadedConfig, out: Path, *, rotate: bool = False) -> Wr
     from pwdlib.hashers.argon2 import Argon2Hasher
 
     policy = site_policy(loaded)
+    _dir(out)
     secret_dir, mosq_dir, amqtt_dir = (
         _dir(out / "secrets"),
         _dir(out / "mosquitto"),
