@@ -1,19 +1,29 @@
-"""The deployment files, checked with the real programs (no Docker engine here)."""
+"""The deployment files, checked with the real programs (no Docker engine here): the
+compose file as ``docker-compose config`` resolves it, and what it promises a plant's
+security review (no published port, read-only configuration, state on named volumes,
+health checks that mean something), the health check itself against a running service."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import sys
+from functools import cache
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
-from fixtures.brokers import Mosquitto
+from fixtures.brokers import Mosquitto, started_mosquitto
 from fixtures.need import missing
+from uns.testing import running
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
+HEALTHCHECK = ROOT / "deploy/healthcheck.py"
+PUBLISH = ROOT / "deploy/compose.publish.yml"
 
 
 def need(program: str) -> str:
@@ -23,26 +33,158 @@ def need(program: str) -> str:
     return path
 
 
-def test_the_compose_file_is_valid():
+def compose_config(
+    *files: Path, profile: str | None = None, env: dict[str, str] | None = None
+) -> str:
+    args = [need("docker-compose")]
+    for f in files or (ROOT / "docker-compose.yml",):
+        args += ["-f", str(f)]
+    if profile:
+        args += ["--profile", profile]
     result = subprocess.run(
-        [need("docker-compose"), "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
+        [*args, "config"],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
+        env={"PATH": "/usr/bin:/bin", **(env or {})},
     )
     assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@cache
+def resolved(profile: str | None = "demo") -> dict[str, Any]:
+    """The compose file as docker-compose resolves it (anchors merged, paths absolute)."""
+    config: dict[str, Any] = yaml.safe_load(compose_config(profile=profile))
+    return config
+
+
+def uns_services() -> dict[str, dict[str, Any]]:
+    """The containers running a service of ours (`uns run SERVICE`)."""
+    return {
+        name: spec
+        for name, spec in resolved()["services"].items()
+        if (spec.get("command") or [])[:1] == ["run"]
+    }
+
+
+def test_the_compose_file_is_valid():
+    compose_config()
+    compose_config(profile="demo")
+    compose_config(ROOT / "docker-compose.yml", PUBLISH)
 
 
 def test_every_compose_service_runs_a_service_that_exists():
-    import yaml
-
     from uns.plugins import service_classes
 
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    for name, spec in compose["services"].items():
-        command = spec.get("command")
-        if command and command[0] == "run":
-            assert command[1] in service_classes(), name
+    for name, spec in uns_services().items():
+        assert spec["command"][1] in service_classes(), name
+
+
+def test_the_demo_profile_holds_the_simulated_plant_and_cloud_not_the_pipeline():
+    services = resolved()["services"]
+    demo = {name for name, spec in services.items() if "demo" in spec.get("profiles", [])}
+    assert demo == {"simulator", "demo", "cloud"}
+    started = set(services) - demo
+    assert {"mosquitto", "opcua-adapter", "modbus-adapter", "featurizer", "inference"} <= started
+    assert {"bridge", "prometheus", "grafana"} <= started
+    for name in started:  # a dependency on what is not started would stop `up`
+        assert not set(services[name].get("depends_on", {})) & demo, name
+
+
+def test_no_port_is_published_unless_the_operator_opts_in():
+    published = {n: s["ports"] for n, s in resolved()["services"].items() if s.get("ports")}
+    assert not published, f"docker-compose.yml publishes {published}"
+    opted = yaml.safe_load(compose_config(ROOT / "docker-compose.yml", PUBLISH))["services"]
+    ports = {n: s["ports"] for n, s in opted.items() if s.get("ports")}
+    assert set(ports) == {"mosquitto", "grafana", "prometheus"}
+    for name, entries in ports.items():
+        for entry in entries:
+            spec = entry if isinstance(entry, str) else f"{entry['host_ip']}:{entry['published']}"
+            assert spec.startswith("127.0.0.1:"), f"{name} published beyond the box: {entry}"
+    there = compose_config(
+        ROOT / "docker-compose.yml", PUBLISH, env={"UNS_PUBLISH_ADDR": "10.20.0.5"}
+    )
+    assert "10.20.0.5:3000:3000" in there
+
+
+def test_every_container_restarts_and_every_service_is_checked_by_its_own_metrics():
+    for name, spec in resolved()["services"].items():
+        assert spec.get("restart") == "unless-stopped", name
+        assert spec.get("healthcheck", {}).get("test"), f"{name} has no health check"
+    for name, spec in uns_services().items():
+        command = spec["command"]
+        port = command[command.index("--metrics-port") + 1]
+        assert spec["healthcheck"]["test"] == [
+            "CMD",
+            "python",
+            "/opt/uns/deploy/healthcheck.py",
+            port,
+        ], name
+        host = f"UNS_SERVICES__{command[1].upper().replace('-', '_')}__METRICS_HOST"
+        assert spec["environment"].get(host) == "0.0.0.0", f"{name}: Prometheus cannot scrape it"
+        assert spec.get("cap_drop") == ["ALL"], name
+
+
+def test_configuration_is_mounted_read_only_and_state_lives_on_named_volumes():
+    named = set(resolved()["volumes"])
+    for name, spec in resolved()["services"].items():
+        for mount in spec.get("volumes", []):
+            source, _target, *mode = mount.split(":")
+            if source.startswith("/"):  # a file or directory of the host: configuration
+                assert mode == ["ro"], f"{name} mounts {source} writable"
+                assert Path(source).exists(), f"{name} mounts {source}, which does not exist"
+            else:
+                assert source in named, f"{name}: {source} is not a named volume"
+    inference, bridge = uns_services()["inference"], uns_services()["bridge"]
+    env = {**inference["environment"], **bridge["environment"]}
+
+    def volume_at(container: dict[str, Any], path: str) -> str:
+        for mount in container["volumes"]:
+            source, target, *_ = mount.split(":")
+            if source in named and (path + "/").startswith(target.rstrip("/") + "/"):
+                return source
+        raise AssertionError(f"{path} is on no named volume")
+
+    assert volume_at(bridge, env["UNS_SERVICES__BRIDGE__JOURNAL__PATH"]) == "bridge-journal"
+    assert volume_at(inference, env["UNS_SERVICES__INFERENCE__AUDIT_LOG"]) == "inference-audit"
+    assert volume_at(inference, env["UNS_SERVICES__INFERENCE__MODELS_DIR"]) == "models"
+
+
+def test_prometheus_and_grafana_are_given_their_provisioning():
+    services = resolved()["services"]
+    mounts = {m.split(":")[1]: Path(m.split(":")[0]) for m in services["prometheus"]["volumes"]}
+    assert mounts["/etc/prometheus"] == ROOT / "deploy/prometheus"
+    grafana = {m.split(":")[1]: Path(m.split(":")[0]) for m in services["grafana"]["volumes"]}
+    provider = yaml.safe_load(
+        (grafana["/etc/grafana/provisioning"] / "dashboards/uns.yml").read_text()
+    )["providers"][0]
+    dashboards = grafana[provider["options"]["path"]]
+    assert list(dashboards.glob("*.json")), "the provisioned dashboard directory is empty"
+    source = yaml.safe_load(
+        (grafana["/etc/grafana/provisioning"] / "datasources/prometheus.yml").read_text()
+    )["datasources"][0]
+    assert source["url"] == "http://prometheus:9090"
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in services["grafana"]["environment"]
+    assert services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD__FILE"].startswith(
+        "/run/secrets/"
+    )
+
+
+def test_the_image_runs_uns_as_a_user_and_carries_the_health_check():
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    assert "FROM python:3.11-slim" in lines
+    assert 'ENTRYPOINT ["uns"]' in lines  # exec form: signals reach uns, not a shell
+    users = [line.split()[1] for line in lines if line.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0")
+    assert any(
+        line.startswith("COPY deploy/healthcheck.py /opt/uns/deploy/healthcheck.py")
+        or line == "COPY deploy/healthcheck.py deploy/healthcheck.py"
+        for line in lines
+    )
+    ignored = (ROOT / ".dockerignore").read_text()
+    assert "!keys/models.pub" in ignored and "!keys/\n" not in ignored  # no signing key
 
 
 def test_the_compose_mosquitto_config_starts_a_working_broker(tmp_path):
@@ -62,3 +204,55 @@ def test_the_compose_mosquitto_config_starts_a_working_broker(tmp_path):
         assert "never reached" not in r.stderr
     finally:
         broker.kill()
+
+
+# ---- the containers' health check, against a service that runs ---------------------------
+
+
+async def health(port: int) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-I",
+        str(HEALTHCHECK),
+        str(port),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate()
+    return proc.returncode or 0, out.decode().strip()
+
+
+async def health_until(port: int, code: int, interval: float = 0.2, retries: int = 150) -> str:
+    """Run the check as Docker does, every ``interval``, until it exits ``code``; what it said."""
+    for _ in range(retries):
+        result, said = await health(port)
+        if result == code:
+            return said
+        await asyncio.sleep(interval)
+    raise AssertionError(f"the health check never exited {code}; last it said {said!r}")
+
+
+async def test_the_health_check_says_healthy_only_while_the_service_is_on_the_broker(tmp_path):
+    from uns_demo.service import DemoService
+
+    broker = started_mosquitto(tmp_path)
+    try:
+        async with running(DemoService, broker.url, "acme", interval_s=0.5) as node:
+            port = node.metrics._server.server_port
+            assert await health(port) == (0, "")
+            broker.kill()
+            said = await health_until(port, 1)
+            assert said == "not connected to the broker (uns_connected is 0)"
+            broker.start()
+            await health_until(port, 0)
+    finally:
+        broker.kill()
+    code, said = await health(port)
+    assert code == 1 and "does not answer" in said, said
+
+
+def test_the_health_check_wants_one_port():
+    result = subprocess.run(
+        [sys.executable, "-I", str(HEALTHCHECK)], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2 and "usage" in result.stderr
