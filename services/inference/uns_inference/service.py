@@ -287,6 +287,20 @@ class Inference(Service[InferenceSettings]):
             "1 for the id of the key the model audit log is chained under",
             ["key"],
         )
+        # For the dashboard (deploy/grafana): a plant has tens of devices, not thousands.
+        self.m_anomaly = m.gauge(
+            "uns_inference_anomaly_score",
+            "The latest anomaly score of each device (as published on its scores stream)",
+            ["device"],
+        )
+        self.m_threshold = m.gauge(
+            "uns_inference_anomaly_threshold",
+            "The score above which each device's anomaly event is raised",
+            ["device"],
+        )
+        m.gauge("uns_inference_open_events", "Anomaly events open now").labels().set_function(
+            lambda: sum(1 for d in self.devices.values() if d.events.is_open)
+        )
         self._audit_key = ""
         self._restore_events()
 
@@ -754,6 +768,8 @@ class Inference(Service[InferenceSettings]):
                 contributions = outputs["contributions"][0]
                 h = served.hysteresis
                 assert h is not None
+                self.m_anomaly.labels(str(device.path)).set(score)
+                self.m_threshold.labels(str(device.path)).set(h.raise_)
                 values = [
                     ("anomaly_score", score),
                     ("anomaly_threshold", h.raise_),
