@@ -4,18 +4,24 @@ provisioned data source; the panels show what an operator looks at."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import re
 import shutil
 import subprocess
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from fixtures.exported import exported_metrics, metric_names
 from fixtures.need import missing
+from uns import DeviceBirth, DeviceData, Metric, MetricDef, Window, connect, encode
+from uns.testing import memory_broker, running, watching
 
 pytestmark = pytest.mark.integration
 GRAFANA = Path(__file__).parents[2] / "deploy/grafana"
@@ -100,3 +106,88 @@ def test_panels_do_not_overlap():
         assert not cells & taken, f"{panel['title']} overlaps another panel"
         assert g["x"] + g["w"] <= 24, panel["title"]
         taken |= cells
+
+
+# ---- the machines row, from a running inference ---------------------------------------------
+
+
+def card_features(card: dict[str, Any], fault: float = 1.0) -> dict[str, float]:
+    """A window at the card's training means (a healthy machine), its BPFO envelope times
+    ``fault``."""
+    norm = card["normalisation"]
+    values: dict[str, float] = {}
+    for name, mean, log, offset in zip(
+        card["features"], norm["means"], norm["log"], norm["offsets"], strict=True
+    ):
+        values[name] = math.exp(mean) - offset if log else mean
+    values["vibration.env_bpfo"] *= fault
+    return values
+
+
+async def test_the_anomaly_panels_show_what_the_scores_stream_says(tmp_path):
+    """Per device: the latest score and its threshold as published; the open events, 0 then
+    1 once a fault has raised one (the shipped, signed press model)."""
+    from uns_inference import Inference
+
+    root = DASHBOARD.parents[3]
+    card = json.loads((root / "models/press/anomaly/1.0.0/card.json").read_text())
+    dev = "acme/pune/stamping/line-3/cell-a/press-01"
+    t0 = 1_795_334_400_000
+    settings = {
+        "models_dir": str(root / "models"),
+        "pubkey": str(root / "keys/models.pub"),
+        "audit_log": str(tmp_path / "audit.jsonl"),
+    }
+    async with (
+        memory_broker() as url,
+        running(Inference, url, "acme", plant=[(dev, "press")], **settings) as node,
+        watching(url, f"{dev}/#") as w,
+        connect(url) as bus,
+    ):
+        port = node.metrics._server.server_port
+        await w.next(f"{dev}/scores/birth", DeviceBirth)
+        defs = [MetricDef(name=n, datatype="double") for n in card["features"]]
+        birth = DeviceBirth(ts=t0, node="featurizer", device=dev, bdseq=0, seq=0, metrics=defs)
+        await bus.publish(f"{dev}/features/birth", encode(birth), qos=1, retain=True)
+
+        async def window(i: int, fault: float) -> DeviceData:
+            ts = t0 + i * 1000
+            metrics = [Metric(name=n, value=v) for n, v in card_features(card, fault).items()]
+            span = Window(start=ts - 1000, end=ts, good=10_000, total=10_000, node="opcua-adapter")
+            data = DeviceData(ts=ts, node="featurizer", seq=i, metrics=metrics, window=span)
+            await bus.publish(f"{dev}/features/data", encode(data), qos=1)
+            return await w.next(f"{dev}/scores/data", DeviceData)
+
+        healthy = await window(1, 1.0)
+        shown = await scrape(port)
+        published = {m.name: m.value for m in healthy.metrics}
+        labels = (("device", dev), ("service", "inference"))
+        assert shown["uns_inference_anomaly_score", labels] == pytest.approx(
+            published["anomaly_score"], abs=1e-6
+        )
+        assert shown["uns_inference_anomaly_threshold", labels] == card["thresholds"]["raise"]
+        assert shown["uns_inference_open_events", (("service", "inference"),)] == 0
+        i = 2
+        while True:  # a fault long enough to raise (min_raise_s of data time)
+            await window(i, 1e4)
+            i += 1
+            if any(m.topic == f"{dev}/events/anomaly" for m in w.messages):
+                break
+            assert i < 60, "no anomaly event in a minute of faulty windows"
+        shown = await scrape(port)
+        assert shown["uns_inference_open_events", (("service", "inference"),)] == 1
+        assert shown["uns_inference_anomaly_score", labels] > card["thresholds"]["raise"]
+
+
+async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A service's /metrics as Prometheus reads it: (name, sorted labels) -> value."""
+    text = await asyncio.to_thread(
+        lambda: (
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        )
+    )
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
