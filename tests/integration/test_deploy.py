@@ -152,6 +152,42 @@ def test_configuration_is_mounted_read_only_and_state_lives_on_named_volumes():
     assert volume_at(inference, env["UNS_SERVICES__INFERENCE__MODELS_DIR"]) == "models"
 
 
+def test_each_container_environment_is_a_configuration_its_service_accepts():
+    """plant.yaml overlaid with each container's variables, as the service reads it when it
+    starts, for the default run and for the demo cloud: no field refused; the broker, the
+    PLCs and the cloud it is given are compose services; its files are where it mounts them."""
+    from uns import config
+    from uns.plugins import services
+
+    demo_cloud = {
+        "UNS_SERVICES__BRIDGE__REMOTE__URL": "mqtt://cloud:1883",
+        "UNS_SERVICES__BRIDGE__REMOTE__ALLOW_PLAINTEXT": "true",
+    }
+    names = set(resolved()["services"])
+    for env in ({}, demo_cloud):
+        containers = yaml.safe_load(compose_config(profile="demo", env=env))["services"]
+        for name, spec in containers.items():
+            command = spec.get("command") or []
+            if command[:1] != ["run"]:
+                continue
+            environ = {k: str(v) for k, v in spec["environment"].items() if v is not None}
+            mounts = {m.split(":")[1]: m.split(":")[0] for m in spec.get("volumes", [])}
+            loaded = config.load(mounts[environ["UNS_CONFIG"]], environ=environ)
+            settings: Any = loaded.service(command[1], services()[command[1]].load_settings())
+            assert config.parse_broker_url(environ["UNS_BROKER_URL"]).host in names
+            if name == "opcua-adapter":
+                assert settings.url.split("//")[1].split(":")[0] in names
+            if name == "modbus-adapter":
+                assert settings.host in names
+            if name == "inference":
+                assert mounts[settings.pubkey] == str(ROOT / "keys/models.pub")
+            if name == "bridge" and env:
+                assert settings.remote.url == "mqtt://cloud:1883"
+                assert "cloud" in names
+            elif name == "bridge":
+                assert settings.remote is None  # idles until plant.yaml names the cloud
+
+
 def test_prometheus_and_grafana_are_given_their_provisioning():
     services = resolved()["services"]
     mounts = {m.split(":")[1]: Path(m.split(":")[0]) for m in services["prometheus"]["volumes"]}
