@@ -20,18 +20,24 @@ OPERATOR: Final = "operator"
 APP: Final = "app"
 
 
+NAMESPACE_SHAPES: Final = ("+/+/+/+/+/+/+/+", "+/+/_node/+/+")
+"""Every device and node topic, by its shape: a reader that subscribes by level
+(``+/+/+/+/+/+/+/birth``, as ``uns top`` does) is let in by amqtt too, which grants a
+subscription only inside an ACL filter (the box's broker carries one site anyway)."""
+
+
 def operator_scope(enterprise: str, site: str) -> Scope:
-    """Sends commands to any device or node of the site; reads the site and the replies."""
+    """Sends commands to any device or node of the site; reads the namespace and replies."""
     base = f"{enterprise}/{site}"
     return Scope(
         publish=(f"{base}/+/+/+/+/cmd/+", f"{base}/_node/+/cmd"),
-        subscribe=(f"{base}/#", REPLY_FILTER),
+        subscribe=(f"{base}/#", *NAMESPACE_SHAPES, REPLY_FILTER),
     )
 
 
 def app_scope(enterprise: str, site: str) -> Scope:
-    """Reads the site (dashboards, ``uns top``, a historian); publishes nothing."""
-    return Scope(subscribe=(f"{enterprise}/{site}/#",))
+    """Reads the namespace (dashboards, ``uns top``, a historian); publishes nothing."""
+    return Scope(subscribe=(f"{enterprise}/{site}/#", *NAMESPACE_SHAPES))
 
 
 def site_policy(loaded: LoadedConfig) -> dict[str, Scope]:

@@ -21,6 +21,10 @@ them upstream keeps working (the overridden methods keep their signatures).
    client was told it was delivered (a row missing at the end of ``uns replay``). Fix:
    the disconnect waits (at most `DRAIN_S`) until the client's queue has been routed;
    a Last Will so also follows the client's last data, not precedes it.
+4. Its ACL plugin compares a requested filter with an allowed one level by level, a
+   ``#`` as one level: ``+/+/+/+/+/+/features/#`` was granted under ``+/+/+/+/+/+/+/+``
+   (and would deliver ``.../features/a/b``). Fix: `TopicAcl` grants a filter only when
+   every topic it matches, the allowed one matches (`uns.scope.within`), as Mosquitto.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ from collections.abc import Iterator
 from typing import Any, Final
 
 from amqtt.broker import Broker
+from amqtt.plugins.topic_checking import TopicAccessControlListPlugin
+
+from uns.scope import within
 
 DRAIN_S: Final = 5.0
 """How long a disconnect waits for the client's acknowledged messages to be routed."""
@@ -137,3 +144,12 @@ def _route_before_disconnect(handler: Any, queue: _RoutingQueue) -> None:
         await report(goodbye[0] if goodbye else disconnect)
 
     handler.handle_disconnect = handle_disconnect
+
+
+class TopicAcl(TopicAccessControlListPlugin):  # type: ignore[misc]
+    """amqtt's ACL plugin, with a requested filter checked to lie within an allowed one
+    (4. above); a topic published is matched as before."""
+
+    @staticmethod
+    def topic_ac(topic_requested: str, topic_allowed: str) -> bool:
+        return within(topic_requested, topic_allowed)

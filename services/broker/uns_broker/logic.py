@@ -19,7 +19,7 @@ def amqtt_config(settings: BrokerServerSettings) -> dict[str, Any]:
             "password_file": settings.password_file
         }
     if settings.acl is not None:
-        plugins["amqtt.plugins.topic_checking.TopicAccessControlListPlugin"] = {
+        plugins["uns_broker.amqtt_fixes.TopicAcl"] = {
             "publish_acl": {user: list(e.publish) for user, e in settings.acl.items()},
             "acl": {user: list(e.subscribe) for user, e in settings.acl.items()},
         }
