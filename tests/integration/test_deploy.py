@@ -6,6 +6,7 @@ health checks that mean something), the health check itself against a running se
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import subprocess
 import sys
@@ -221,6 +222,44 @@ def test_the_image_runs_uns_as_a_user_and_carries_the_health_check():
     )
     ignored = (ROOT / ".dockerignore").read_text()
     assert "!keys/models.pub" in ignored and "!keys/\n" not in ignored  # no signing key
+
+
+def test_the_build_context_holds_what_the_image_copies_and_no_secret():
+    """The files `docker build` would send, by .dockerignore as Docker reads it (docker-py's
+    own matcher, which docker-compose builds with)."""
+    need("docker-compose")
+    probe = (
+        "import json, sys; from docker.utils.build import exclude_paths;"
+        "lines = open('.dockerignore').read().splitlines();"
+        "pats = [p.strip() for p in lines if p.strip() and not p.startswith('#')];"
+        "print(json.dumps(sorted(exclude_paths('.', pats, dockerfile='Dockerfile'))))"
+    )
+    result = subprocess.run(
+        ["/usr/bin/python3", "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    if result.returncode and "No module named 'docker'" in result.stderr:
+        missing("docker-py is not installed", ci="docker-compose brings python3-docker")
+    assert result.returncode == 0, result.stderr
+    sent = set(json.loads(result.stdout))
+    copied = [
+        line.split()[-2]
+        for line in (ROOT / "Dockerfile").read_text().splitlines()
+        if line.startswith("COPY ")
+    ]
+    for source in copied:
+        assert any(f == source.rstrip("/") or f.startswith(source) for f in sent), source
+    for package in list(ROOT.glob("libs/*/pyproject.toml")) + list(
+        ROOT.glob("services/*/pyproject.toml")
+    ):
+        assert str(package.relative_to(ROOT)) in sent
+    leaked = [
+        f
+        for f in sent
+        if f.startswith((".venv/", ".git/", "var/", "deploy/secrets/", "tests/"))
+        or (f.startswith("keys/") and f != "keys/models.pub")
+        or f.endswith((".key", ".key.pem"))
+    ]
+    assert not leaked, f"the build context sends {leaked[:10]}"
 
 
 def test_the_compose_mosquitto_config_starts_a_working_broker(tmp_path):
