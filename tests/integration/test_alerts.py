@@ -3,6 +3,7 @@ with the real ``promtool``; every alert names metrics the services really export
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from fixtures.exported import exported_metrics, metric_names
+from fixtures.exported import exported_labels, exported_metrics, label_names, metric_names
 from fixtures.need import missing
 
 pytestmark = pytest.mark.integration
@@ -90,6 +91,18 @@ def test_every_alert_names_only_metrics_the_services_export():
     }
     unknown = {name: names for name, names in unknown.items() if names}
     assert not unknown, f"alerts on metrics no service exports: {unknown}"
+
+
+def test_every_alert_matches_and_groups_on_labels_its_metrics_carry():
+    """A selector or a `by` on a label the metric lacks is as silent as a wrong name; so is a
+    `$labels.x` in its text."""
+    exported = exported_labels()
+    for name, rule in alerts().items():
+        carried = set().union(*(exported.get(m, frozenset()) for m in metric_names(rule["expr"])))
+        used = label_names(rule["expr"])
+        for text in rule["annotations"].values():
+            used |= set(re.findall(r"\$labels\.(\w+)", text))
+        assert used <= carried, f"{name} uses labels its metrics lack: {sorted(used - carried)}"
 
 
 def test_every_alert_has_a_severity_and_says_what_happened():

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from fixtures.exported import exported_metrics, metric_names
+from fixtures.exported import exported_labels, exported_metrics, label_names, metric_names
 from fixtures.need import missing
 from uns import DeviceBirth, DeviceData, Metric, MetricDef, Window, connect, encode
 from uns.testing import memory_broker, running, watching
@@ -47,6 +47,21 @@ def test_every_panel_names_only_metrics_the_services_export():
     unknown = {where: names for where, names in unknown.items() if names}
     assert not unknown, f"panels on metrics no service exports (they would say No data): {unknown}"
     assert all(metric_names(expr) for expr in queries().values())
+
+
+def test_every_query_matches_groups_and_names_series_by_labels_its_metrics_carry():
+    exported = exported_labels()
+    for panel in panels():
+        for target in panel["targets"]:
+            expr = target["expr"]
+            carried = set().union(*(exported.get(m, frozenset()) for m in metric_names(expr)))
+            used = label_names(expr) | set(
+                re.findall(r"\{\{\s*(\w+)\s*\}\}", target["legendFormat"])
+            )
+            where = f"{panel['title']} / {target['refId']}"
+            assert used <= carried, (
+                f"{where} uses labels its metrics lack: {sorted(used - carried)}"
+            )
 
 
 def test_every_query_is_valid_promql(tmp_path):
