@@ -106,3 +106,34 @@ def test_every_shipped_service_declares_a_scope_for_the_example_plant() -> None:
     assert not declared["featurizer"].may_publish("acme/pune/a/l/c/d/cmd/fault")
     assert declared["inference"].may_publish("acme/pune/_node/featurizer/cmd")
     assert not declared["opcua-adapter"].may_publish("acme/pune/_node/featurizer/cmd")
+
+
+def test_the_site_policy_gives_each_node_its_scope_the_operator_commands_the_app_reads(
+    tmp_path,
+) -> None:
+    from uns.policy import site_policy
+
+    config = tmp_path / "plant.yaml"
+    config.write_text(
+        "namespace: {enterprise: acme, site: pune}\n"
+        "services:\n  featurizer: {node_id: featurizer-2}\n"
+    )
+    policy = site_policy(load(config))
+    assert "broker" not in policy and "featurizer" not in policy
+    feat = policy["featurizer-2"]
+    assert feat.may_publish("acme/pune/_node/featurizer-2/birth")
+    assert not feat.may_publish("acme/pune/_node/featurizer/birth")
+    assert feat.may_subscribe("acme/pune/_node/featurizer-2/cmd")
+    commanders = {u for u, s in policy.items() if s.may_publish("acme/pune/a/l/c/d/cmd/fault")}
+    assert commanders == {"operator"}
+    assert {u for u, s in policy.items() if s.may_publish("acme/pune/_node/demo/cmd")} == {
+        "operator",
+        "inference",  # its rebirth requests
+    }
+    assert policy["app"].publish == ()
+    assert policy["app"].may_subscribe("+/+/+/+/+/+/+/birth")  # uns top's filters
+    assert not policy["app"].may_subscribe("#")
+
+    config.write_text("services:\n  featurizer: {node_id: operator}\n")
+    with pytest.raises(ValueError, match="'operator', a name the policy keeps"):
+        site_policy(load(config))

@@ -40,9 +40,10 @@ def app_scope(enterprise: str, site: str) -> Scope:
     return Scope(subscribe=(f"{enterprise}/{site}/#", *NAMESPACE_SHAPES))
 
 
-def site_policy(loaded: LoadedConfig) -> dict[str, Scope]:
+def site_policy(loaded: LoadedConfig, undeclared: list[str] | None = None) -> dict[str, Scope]:
     """User -> scope for every installed service that is a bus client, the operator and the
-    app. A service that declares no scope gets its node's own topics only."""
+    app. A service that declares no scope gets its node's own topics only (its name is
+    added to ``undeclared``, to be told)."""
     ns = loaded.config.namespace
     policy: dict[str, Scope] = {}
     for name, plugin in sorted(services().items()):
@@ -54,6 +55,8 @@ def site_policy(loaded: LoadedConfig) -> dict[str, Scope]:
         declared = settings.scope(loaded.config)
         own = node_scope(ns.enterprise, ns.site, node_id)
         policy[node_id] = own if declared is None else own | declared
+        if declared is None and undeclared is not None:
+            undeclared.append(name)
     for user in (OPERATOR, APP):
         if user in policy:
             raise ValueError(f"a service's node id is {user!r}, a name the policy keeps")

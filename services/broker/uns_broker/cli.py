@@ -87,3 +87,9 @@ def secure(
         f"Mosquitto: password_file {written.mosquitto_passwords}, acl_file {written.mosquitto_acl}"
     )
     typer.echo(f"embedded broker: services.broker as in {written.amqtt_settings}")
+    for name in written.undeclared:
+        typer.echo(
+            f"warning: {name} declares no topics (ServiceSettings.scope): its user may use"
+            " its node's birth, death and command only",
+            err=True,
+        )

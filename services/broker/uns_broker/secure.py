@@ -44,6 +44,8 @@ class Written:
     mosquitto_acl: Path
     amqtt_passwords: Path
     amqtt_settings: Path
+    undeclared: list[str]
+    """Services that declare no scope: their users may use their nodes' topics only."""
 
 
 def mosquitto_hash(password: str, salt: bytes | None = None) -> str:
@@ -100,7 +102,8 @@ def write_policy(loaded: LoadedConfig, out: Path, *, rotate: bool = False) -> Wr
     from pwdlib import PasswordHash
     from pwdlib.hashers.argon2 import Argon2Hasher
 
-    policy = site_policy(loaded)
+    undeclared: list[str] = []
+    policy = site_policy(loaded, undeclared)
     _dir(out)
     secret_dir, mosq_dir, amqtt_dir = (
         _dir(out / "secrets"),
@@ -122,4 +125,4 @@ def write_policy(loaded: LoadedConfig, out: Path, *, rotate: bool = False) -> Wr
     amqtt_pw, amqtt_yaml = amqtt_dir / "password_file", amqtt_dir / "broker.yaml"
     _private(amqtt_pw, "".join(f"{u}:{argon2.hash(p)}\n" for u, p in passwords.items()))
     _private(amqtt_yaml, msgspec.yaml.encode(amqtt_settings(policy, amqtt_pw)).decode())
-    return Written(policy, files, mosq_pw, mosq_acl, amqtt_pw, amqtt_yaml)
+    return Written(policy, files, mosq_pw, mosq_acl, amqtt_pw, amqtt_yaml, undeclared)
