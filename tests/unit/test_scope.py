@@ -137,3 +137,19 @@ def test_the_site_policy_gives_each_node_its_scope_the_operator_commands_the_app
     config.write_text("services:\n  featurizer: {node_id: operator}\n")
     with pytest.raises(ValueError, match="'operator', a name the policy keeps"):
         site_policy(load(config))
+
+
+def test_the_policy_is_made_without_importing_a_service_or_its_libraries() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from uns.config import load\n"
+        "from uns.policy import site_policy\n"
+        "site_policy(load())\n"
+        "heavy = ('asyncua', 'pymodbus', 'numpy', 'onnxruntime', 'amqtt')\n"
+        "print([m for m in sys.modules if m.split('.')[0] in heavy or m.endswith('.service')])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
