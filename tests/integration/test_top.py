@@ -53,6 +53,8 @@ class Pane:
             "new-session", "-d", "-s", "top", "-x", "160", "-y", "50", "-c", str(ROOT),
             shlex.join(argv), ";", "set-option", "-t", "top", "remain-on-exit", "on",
         )  # fmt: skip
+        self.pid = int(self.tmux("list-panes", "-t", "top", "-F", "#{pane_pid}"))
+        """The command's process (tmux runs it without a shell)."""
 
     def tmux(self, *args: str) -> str:
         r = subprocess.run(
@@ -62,7 +64,10 @@ class Pane:
             timeout=10,
             # the server's environment is the command's: a COLUMNS set here (pytest sets
             # 80) would override the terminal's own size, as no user's shell does
-            env={k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")},
+            env={
+                **{k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")},
+                "PYTHONFAULTHANDLER": "1",  # SIGABRT shows where a stuck command is
+            },
         )
         assert r.returncode == 0, f"tmux {' '.join(args)}: {r.stderr}"
         return r.stdout
@@ -84,23 +89,42 @@ class Pane:
     def keys(self, *keys: str) -> None:
         self.tmux("send-keys", "-t", "top", *keys)
 
+    def ended(self, how: str, timeout: float = 10) -> str:
+        """How the command ended: its exit status, or "signal N". One still running after
+        ``timeout`` is aborted, and the failure shows its threads' stacks (faulthandler)."""
+        try:
+            self.wait_for(lambda s: self.exit_status() is not None, how, timeout)
+        except pytest.fail.Exception:
+            os.kill(self.pid, signal.SIGABRT)
+            self.wait_for(lambda s: self.exit_status() is not None, "the abort", 10)
+            history = self.tmux("capture-pane", "-p", "-t", "top", "-S", "-1000")
+            pytest.fail(f"{how}: still running after {timeout:g} s; its stacks:\n{history}")
+        status = self.exit_status()
+        assert status is not None
+        return status
+
     def exit_status(self) -> str | None:
-        """How the command ended: its exit status, or "signal N" (None while it runs; tmux
-        may tell the pane dead a moment before it tells how)."""
-        dead, status, sig = (
-            self.tmux(
-                "list-panes",
-                "-t",
-                "top",
-                "-F",
-                "#{pane_dead}:#{pane_dead_status}:#{pane_dead_signal}",
+        """None while the command runs. The kernel tells first: tmux sometimes leaves an
+        exited command a zombie, its pane alive, for many seconds (tmux 3.3a, seen here)."""
+        try:
+            stat = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # reaped: tmux knows how it ended
+            dead, status, sig = (
+                self.tmux(
+                    "list-panes",
+                    "-t",
+                    "top",
+                    "-F",
+                    "#{pane_dead}:#{pane_dead_status}:#{pane_dead_signal}",
+                )
+                .strip()
+                .split(":")
             )
-            .strip()
-            .split(":")
-        )
-        if dead != "1" or not (status or sig):
+            return (status or f"signal {sig}") if dead == "1" else None
+        if stat[0] != "Z":
             return None
-        return status or f"signal {sig}"
+        code = int(stat[-1])  # as waitpid(2) reports it
+        return str(code >> 8) if code & 0x7F == 0 else f"signal {code & 0x7F}"
 
     def close(self) -> None:
         subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True)
@@ -233,8 +257,7 @@ def test_every_device_shows_online_with_its_score_and_a_fault_as_an_open_event(
     top.wait_for(lambda s: "sim_fault" not in events(s, device), "the event cleared")
 
     top.keys("q")
-    top.wait_for(lambda s: top.exit_status() is not None, "uns top ending on q", timeout=10)
-    assert top.exit_status() == "0"
+    assert top.ended("uns top ending on q") == "0"
 
 
 def test_it_survives_a_broker_restart_and_ends_on_ctrl_c(plant: Plant, top: Pane) -> None:
@@ -249,8 +272,7 @@ def test_it_survives_a_broker_restart_and_ends_on_ctrl_c(plant: Plant, top: Pane
     assert "connected since" in top.screen()
 
     top.keys("C-c")
-    top.wait_for(lambda s: top.exit_status() is not None, "uns top ending on Ctrl-C", timeout=10)
-    assert top.exit_status() == "0"
+    assert top.ended("uns top ending on Ctrl-C") == "0"
 
 
 # ---- --once: one frame, for scripts --------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import signal
 import sys
 import time
 import urllib.request
@@ -596,8 +597,8 @@ async def _scrape_all(view: PlantView) -> None:
 
 @contextmanager
 def _keys(stop: Stop) -> Iterator[None]:
-    """``q`` sets ``stop``: the terminal in cbreak mode (keys without Enter, Ctrl-C still a
-    signal) while the view runs, as it was afterwards."""
+    """``q`` stops the view as Ctrl-C does: the terminal in cbreak mode (keys without
+    Enter, Ctrl-C still a signal) while the view runs, as it was afterwards."""
     if not sys.stdin.isatty():
         yield
         return
@@ -610,7 +611,9 @@ def _keys(stop: Stop) -> Iterator[None]:
 
     def key() -> None:
         if b"q" in os.read(fd, 64).lower():
-            stop.set()
+            # as Ctrl-C does: the stop and its grace (a connect stuck in a thread cannot
+            # hold the exit); the code stays 0
+            os.kill(os.getpid(), signal.SIGINT)
 
     tty.setcbreak(fd)
     loop.add_reader(fd, key)
@@ -618,4 +621,4 @@ def _keys(stop: Stop) -> Iterator[None]:
         yield
     finally:
         loop.remove_reader(fd)
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
