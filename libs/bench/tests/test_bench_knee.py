@@ -62,3 +62,16 @@ def test_each_rate_is_a_fraction_of_both_ceilings_or_na() -> None:
     assert rows[0].of_ceiling == {"amqtt": 0.25, "mosquitto": None}
     assert rows[1].of_ceiling == {}  # no broker rate
     assert "| amqtt 0.25, mosquitto n/a (blocks/s, block ceiling) |" in markdown(rows)
+
+
+def test_a_back_fill_drained_between_two_polls_is_timed_from_the_last_poll_that_saw_none() -> None:
+    from uns_bench.bridge import _backfill_rate
+
+    # 1,990 of 2,000 forwarded by the first poll that saw any: the last 10 say nothing of
+    # the pace (their rate, 10 / 0.05 s, was once reported as the back-fill's)
+    times = [(0.0, 0.0), (0.05, 0.0), (0.10, 1990.0), (0.15, 2000.0), (0.20, 2001.0)]
+    rate, started, t_done, polls = _backfill_rate(times, 2000)
+    assert (rate, started, t_done, polls) == (20_000.0, 0.05, 0.15, 2)
+    # a drain over many polls: from the first that saw deliveries to the one that saw all
+    steady = [(0.0, 0.0), *((0.1 * k, 1000.0 * k) for k in range(1, 6))]
+    assert _backfill_rate(steady, 5000)[::3] == (10_000.0, 0)

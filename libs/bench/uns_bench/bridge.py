@@ -23,6 +23,7 @@ ENTERPRISE = "bench"
 TOPIC = f"{ENTERPRISE}/pune/stamping/line-3/cell-a/press-01/features/data"
 BATCHES = (1, 10, 100)
 POLL_S = 0.05
+_SHORT_DRAIN = f"drained within {{}} poll{{}} of {POLL_S:g} s: the rate is a lower bound"
 
 
 def features_payload() -> bytes:
@@ -156,15 +157,7 @@ async def _backfill(ctx: Context, batch: int, payload: bytes, per_hour: int) -> 
                     ):
                         break
                     await asyncio.sleep(POLL_S)
-            # from the first poll that saw deliveries to the first that saw them all
-            delivering = [(t, f) for t, f in times if f > 0]
-            forwarded = times[-1][1]
-            started, first = delivering[0] if delivering else (times[-1][0], 0.0)
-            t_done = next((t for t, f in times if f >= forwarded), times[-1][0])
-            if t_done > started:
-                rate = (forwarded - first) / (t_done - started)
-            else:  # all in one polling interval: at least this fast
-                rate = forwarded / POLL_S
+            rate, started, t_done, bound = _backfill_rate(times, n)
             runs.append(
                 {
                     "lost": max(n - int(forwarded), 0),  # into the journal and out of it
@@ -175,7 +168,10 @@ async def _backfill(ctx: Context, batch: int, payload: bytes, per_hour: int) -> 
                     },
                     "cpu": sampler.cores(started, t_done),
                     "rss": sampler.peak_rss(),
-                    "notes": [f"{n - held} of {n} never reached the journal"] if held < n else [],
+                    "notes": [
+                        *([f"{n - held} of {n} never reached the journal"] if held < n else []),
+                        *([_SHORT_DRAIN.format(bound, "" if bound == 1 else "s")] if bound else []),
+                    ],
                 }
             )
         finally:
@@ -211,6 +207,27 @@ async def _settled(bridge: Any, n: int, idle_s: float = 3.0) -> int:
         elif time.monotonic() - since > idle_s:
             return int(held)
         await asyncio.sleep(0.1)
+
+
+def _backfill_rate(times: list[tuple[float, float]], n: int) -> tuple[float, float, float, int]:
+    """Messages/s of the back-fill from the polled forwarded counts ``(time, count)``, the
+    interval it covers, and, when the drain was too short for that, how many polls it
+    took (the rate is then a lower bound).
+
+    From the first poll that saw deliveries to the first that saw the outage's ``n`` (the
+    journal may hold a message more, of the bridge's own, forwarded later: not part of
+    the back-fill). When that is under three polls, the first poll saw most of the drain
+    and the rest says nothing of its pace: then ``n`` over the time since the last poll
+    that saw none."""
+    forwarded = times[-1][1]
+    want = min(n, forwarded)
+    first_i = next((i for i, (_, f) in enumerate(times) if f > 0), len(times) - 1)
+    done_i = next((i for i, (_, f) in enumerate(times) if f >= want), len(times) - 1)
+    (started, first), (t_done, done) = times[first_i], times[done_i]
+    if done_i - first_i >= 3:
+        return (done - first) / (t_done - started), started, t_done, 0
+    since = times[max(first_i - 1, 0)][0]
+    return done / max(t_done - since, POLL_S), since, t_done, done_i - first_i + 1
 
 
 def _last_change(times: list[tuple[float, float]]) -> float:
