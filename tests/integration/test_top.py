@@ -383,6 +383,9 @@ async def test_once_prints_what_the_namespace_says_of_each_device_and_node(amqtt
     assert shown[f"{cell_a}/press-03"][1:3] == ["no birth", "no model"]
     assert shown[f"{cell_b}/robot-01"][1:3] == ["offline (node modbus-adapter offline)", "no model"]
     assert shown[f"{cell_b}/conveyor-01"][1:3] == ["offline (BadCommunicationError)", "no model"]
+    # heard from: press-01 by its scores; the robot only by a retained birth from before
+    assert shown[f"{cell_a}/press-01"][8].endswith(" s ago")
+    assert shown[f"{cell_b}/robot-01"][7:] == ["0.0", "-"]
     # node, service, version, host, state, up, restarts, connected (then reconnects, ...)
     assert shown["opcua-adapter"][1:5] == ["opcua-adapter", "-", "edge-1", "online"]
     assert shown["opcua-adapter"][7] == "no /metrics (URLError)"

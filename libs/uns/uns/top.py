@@ -120,7 +120,11 @@ class PlantView:
 
     # ---- taking messages -------------------------------------------------------------------
 
-    def add(self, topic: str, payload: bytes, now: float | None = None) -> None:
+    def add(
+        self, topic: str, payload: bytes, retained: bool = False, now: float | None = None
+    ) -> None:
+        """Take one message; a retained one (a birth from before the view started) does not
+        count as the device heard from."""
         if not matches(self.topic_filter, topic):
             return
         try:
@@ -140,10 +144,9 @@ class PlantView:
             self._event(device, payload)
         elif parsed.message == "data":
             device.arrivals.append(now)
-            device.last_seen = now
             if parsed.stream == "scores":
                 self._scores(device, payload, now)
-        if payload:
+        if payload and not retained:
             device.last_seen = now
 
     def _node(self, topic: NodeTopic, payload: bytes) -> None:
@@ -504,7 +507,7 @@ async def watch(
         link.reached.set()
         try:
             async for message in bus.messages():
-                view.add(message.topic, message.payload)
+                view.add(message.topic, message.payload, message.retain)
         finally:
             link.connected, link.since = False, time.time()
 
