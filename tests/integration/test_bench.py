@@ -77,25 +77,39 @@ def test_a_quick_bench_reports_every_scenario_with_nothing_lost(tmp_path, loaded
 def test_machine_levels_give_a_row_each_and_the_knee_or_its_absence(tmp_path):
     need_mosquitto()
     out = tmp_path / "bench.json"
-    r = uns("bench", "vibration", "--machines", "4,2", "--quick", "--json", str(out), timeout=280)
+    r = uns(
+        *("bench", "vibration", "--machines", "4,2", "--brokers", "amqtt,mosquitto", "--quick"),
+        *("--json", str(out)),
+        timeout=280,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     document = json.loads(out.read_text())
     rows = document["results"]
-    assert [(row["case"], row["level"]) for row in rows] == [("2 machines", 2), ("4 machines", 4)]
+    assert [(row["case"], row["level"]) for row in rows] == [
+        ("2 machines", 2),
+        ("4 machines", 4),
+        ("2 machines on Mosquitto", 2),
+        ("4 machines on Mosquitto", 4),
+    ]
     assert all(row["limits"] == {"latency p99 ms": 50.0} for row in rows)
+    assert all(row["lost"] == 0 for row in rows[2:]), rows  # the pipeline on Mosquitto
     # the ceilings measured for the ratios, the broker scenario not being in the run
     assert document["ceiling_source"] == "quick"
     assert all(set(row["of_ceiling"]) == {"amqtt", "mosquitto"} for row in rows)
-    # the report says where the pipeline stopped keeping up, or that it never did
-    knees = [row["level"] for row in rows if row["knee"]]
-    [verdict] = document["knees"]
-    if knees:
-        assert verdict.startswith(f"knee of 2 vibration: {knees[0]} machines"), verdict
-        assert f"| {knees[0]} machines **(knee)** |" in r.stdout
-    else:
-        assert verdict.startswith("no knee in 2 vibration: nothing lost"), verdict
-        assert verdict.endswith("up to 4 machines"), verdict
-    assert f"- {verdict}" in r.stdout
+    # the report says, for each broker, where the pipeline stopped keeping up or that it
+    # never did
+    assert len(document["knees"]) == 2
+    for series, verdict in zip(("amqtt", "Mosquitto"), document["knees"]):
+        knees = [row["level"] for row in rows if row["knee"] and series in row["series"]]
+        if knees:
+            assert verdict.startswith(f"knee of 2 vibration, {series}: {knees[0]} machines")
+        else:
+            assert verdict.startswith(f"no knee in 2 vibration, {series}: nothing lost")
+            assert verdict.endswith("up to 4 machines"), verdict
+        assert f"- {verdict}" in r.stdout
+    assert any("**(knee)** |" in line for line in r.stdout.splitlines()) == any(
+        row["knee"] for row in rows
+    )
 
 
 @pytest.mark.parametrize("levels", ["0", "2,-1", "two", "2,,4"])
@@ -103,3 +117,9 @@ def test_a_machine_level_that_is_not_a_count_exits_2_naming_the_option(levels):
     r = uns("bench", "vibration", "--machines", levels, timeout=60)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "--machines" in r.stderr
+
+
+def test_a_broker_the_harness_cannot_start_exits_2_naming_the_option():
+    r = uns("bench", "vibration", "--brokers", "amqtt,rabbit", timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "--brokers" in r.stderr and "rabbit" in r.stderr

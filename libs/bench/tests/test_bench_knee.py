@@ -3,8 +3,11 @@ that lost anything or missed its target) and every rate against the broker ceili
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from uns_bench.context import Context
 from uns_bench.report import Row, compare_with_ceilings, mark_knees, markdown
-from uns_bench.vibration import p99_target_ms
+from uns_bench.vibration import p99_target_ms, plan
 
 
 def level(machines: int, p99_ms: float, lost: int = 0) -> Row:
@@ -16,6 +19,7 @@ def level(machines: int, p99_ms: float, lost: int = 0) -> Row:
         figures={"latency p99 ms": p99_ms, "blocks/s": machines * 10.0},
         level=machines,
         unit="machines",
+        series="amqtt",
         limits={"latency p99 ms": p99_target_ms(machines)},
         rate="blocks/s",
         kind="block",
@@ -27,22 +31,22 @@ def test_the_knee_is_the_first_level_that_passed_its_latency_target() -> None:
     knees = mark_knees(rows)
     assert [r.level for r in rows if r.knee] == [240]
     assert knees == [
-        "knee of 2 vibration: 240 machines, latency p99 ms 120 > 100 (160 machines held)"
+        "knee of 2 vibration, amqtt: 240 machines, latency p99 ms 120 > 100 (160 machines held)"
     ]
     table = markdown(rows, knees)
     assert "| 240 machines **(knee)** |" in table
-    assert "- knee of 2 vibration: 240 machines" in table
+    assert "- knee of 2 vibration, amqtt: 240 machines" in table
 
 
 def test_a_level_that_lost_anything_is_the_knee_whatever_its_latency() -> None:
     rows = [level(2, 10.0), level(4, 12.0, lost=3)]
-    assert mark_knees(rows) == ["knee of 2 vibration: 4 machines, lost 3 (2 machines held)"]
+    assert mark_knees(rows) == ["knee of 2 vibration, amqtt: 4 machines, lost 3 (2 machines held)"]
 
 
 def test_every_level_held_says_so_up_to_the_last() -> None:
     rows = [level(2, 10.0), level(4, 12.0)]
     assert mark_knees(rows) == [
-        "no knee in 2 vibration: nothing lost, latency p99 ms within target at every level"
+        "no knee in 2 vibration, amqtt: nothing lost, latency p99 ms within target at every level"
         " up to 4 machines"
     ]
     assert not any(r.knee for r in rows)
@@ -50,6 +54,20 @@ def test_every_level_held_says_so_up_to_the_last() -> None:
 
 def test_the_targets_are_50_ms_up_to_160_machines_and_100_ms_beyond() -> None:
     assert [p99_target_ms(m) for m in (1, 160, 161, 320, 400)] == [50, 50, 100, 100, 100]
+
+
+def test_vibration_runs_the_targets_levels_on_mosquitto_too_unless_told() -> None:
+    def ctx(quick: bool = False, machines: tuple[int, ...] = (), brokers: tuple[str, ...] = ()):
+        return Context(Path("."), quick, 3, print, machines=machines, brokers=brokers)
+
+    amqtt = [("amqtt", m) for m in (1, 10, 40, 80, 160, 320)]
+    assert plan(ctx()) == [*amqtt, ("mosquitto", 160), ("mosquitto", 320)]
+    assert plan(ctx(quick=True)) == [("amqtt", 2)]
+    assert plan(ctx(machines=(240,))) == [("amqtt", 240)]
+    assert plan(ctx(machines=(2, 4), brokers=("mosquitto",))) == [
+        ("mosquitto", 2),
+        ("mosquitto", 4),
+    ]
 
 
 def test_rows_without_a_level_have_no_knee() -> None:

@@ -43,6 +43,15 @@ def bench(
             " the first that loses anything or misses its latency target is the knee",
         ),
     ] = None,
+    brokers: Annotated[
+        str | None,
+        typer.Option(
+            "--brokers",
+            metavar="amqtt,mosquitto",
+            help="What vibration runs on, each level on each"
+            " [default: every level on amqtt, 160 and 320 on Mosquitto too; quick: amqtt]",
+        ),
+    ] = None,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write every figure to this file")
     ] = None,
@@ -50,7 +59,7 @@ def bench(
 ) -> None:
     """Measure the pipeline on this machine: services as processes, load from another one;
     loss first, then rates, latencies, CPU and peak RSS per service, as a Markdown table."""
-    from uns_bench.main import SCENARIOS, check_machines
+    from uns_bench.main import SCENARIOS, check_brokers, check_machines
     from uns_bench.main import run as run_bench
 
     setup_logging(log_level)
@@ -62,4 +71,16 @@ def bench(
         check_machines(levels, scenarios or [])
     except ValueError as exc:
         raise fail(f"--machines: {exc}") from None
-    run_bench(scenarios or [], quick=quick, machines=levels, json_path=json_out, say=typer.echo)
+    on = [b.strip() for b in brokers.split(",")] if brokers is not None else []
+    try:
+        check_brokers(on, scenarios or [])
+    except ValueError as exc:
+        raise fail(f"--brokers: {exc}") from None
+    run_bench(
+        scenarios or [],
+        quick=quick,
+        machines=levels,
+        brokers=on,
+        json_path=json_out,
+        say=typer.echo,
+    )

@@ -21,6 +21,8 @@ class Context:
     machines: tuple[int, ...] = ()
     """The load levels asked for (``--machines``): machines (or devices) per row of a
     scenario that has a level; empty: each scenario's own levels."""
+    brokers: tuple[str, ...] = ()
+    """The brokers to run the vibration levels on (``--brokers``); empty: its own plan."""
     ceiling: dict[str, float] = field(default_factory=dict)
     """``{broker}/{message kind}`` -> messages/s measured by the broker scenario of this run
     (or by a quick measurement when it did not run); every rated row is compared with it."""

@@ -39,6 +39,17 @@ RATED = ("vibration", "slowtags", "bridge")
 """The scenarios whose rows carry a rate through a broker, compared with its ceiling."""
 
 
+def check_brokers(brokers: list[str], names: list[str]) -> tuple[str, ...]:
+    """The brokers to run vibration on, once each; ValueError for one the harness cannot
+    start, or for brokers given to a run without vibration."""
+    unknown = [b for b in brokers if b not in broker.BROKERS]
+    if unknown:
+        raise ValueError(f"no broker {unknown[0]!r}; known: {', '.join(broker.BROKERS)}")
+    if brokers and names and "vibration" not in names:
+        raise ValueError("only vibration runs on the broker of your choice")
+    return tuple(dict.fromkeys(brokers))
+
+
 def check_machines(levels: list[int], names: list[str]) -> tuple[int, ...]:
     """The levels ascending, once each; ValueError for a level below 1, or for levels given
     to scenarios that have none."""
@@ -55,15 +66,18 @@ def run(
     *,
     quick: bool = False,
     machines: list[int] | None = None,
+    brokers: list[str] | None = None,
     json_path: Path | None = None,
     say: Callable[[str], None] = print,
 ) -> list[Row]:
     """``machines``: the load levels of the scenarios that have one (`LEVELLED`), each a
-    row; the first that loses anything or misses its target is marked as the knee."""
+    row; the first that loses anything or misses its target is marked as the knee.
+    ``brokers``: what vibration runs on (amqtt, mosquitto; each level on each)."""
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
         raise ValueError(f"no scenario {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
     levels = check_machines(machines or [], names)
+    on = check_brokers(brokers or [], names)
     chosen = names or list(SCENARIOS)
     started = time.monotonic()
     before = machine()
@@ -71,7 +85,9 @@ def run(
     with tempfile.TemporaryDirectory(prefix="uns-bench-") as tmp:
         workdir = Path(keep) if keep else Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        ctx = Context(workdir, quick=quick, repeats=1 if quick else 3, say=say, machines=levels)
+        ctx = Context(
+            workdir, quick=quick, repeats=1 if quick else 3, say=say, machines=levels, brokers=on
+        )
         rows = asyncio.run(_run(ctx, chosen, before))
     compare_with_ceilings(rows, ctx.ceiling, broker.BROKERS)
     knees = mark_knees(rows)
@@ -89,6 +105,7 @@ def run(
                 "quick": quick,
                 "repeats": ctx.repeats,
                 "machines": list(levels),
+                "brokers": list(on),
                 "ceiling": ctx.ceiling,
                 "ceiling_source": (
                     ("broker scenario" if "broker" in chosen else "quick") if ctx.ceiling else None

@@ -50,6 +50,8 @@ class Row:
     """The load level of a series of rows (``unit``: machines, devices): the knee is sought
     along it; None for a row that has no level to vary."""
     unit: str = ""
+    series: str = ""
+    """What the rows of one series share besides the scenario (the broker, the path)."""
     limits: dict[str, float] = field(default_factory=dict)
     """Figure -> the most it may be at this level (a target): a level above it missed."""
     rate: str = ""
@@ -121,7 +123,7 @@ def mark_knees(rows: list[Row]) -> list[str]:
     series: dict[tuple[str, str, str], list[Row]] = {}
     for row in rows:
         if row.level is not None:
-            series.setdefault((row.scenario, row.unit, _series_case(row)), []).append(row)
+            series.setdefault((row.scenario, row.unit, row.series), []).append(row)
     lines = []
     for (scenario, unit, case), levels in series.items():
         levels.sort(key=lambda r: r.level or 0)
@@ -138,11 +140,6 @@ def mark_knees(rows: list[Row]) -> list[str]:
         held = f" ({', '.join(below)} {unit} held)" if below else " (the lowest level run)"
         lines.append(f"knee of {name}: {knee.level or 0:,} {unit}, {knee.knee}{held}")
     return lines
-
-
-def _series_case(row: Row) -> str:
-    """The case without its level ("raw namespace -> featurizer"; "" for "160 machines")."""
-    return "" if row.case == f"{row.level} {row.unit}" else row.case
 
 
 def machine() -> dict[str, Any]:

@@ -103,6 +103,7 @@ async def _raw(ctx: Context, devices_n: int, per_message: int, rate: float) -> R
         f"{devices_n} devices x {per_message} tags/msg x {rate:g} msg/s, {seconds:g} s",
         runs,
     )
+    row.series = row.case
     if ctx.machines:  # the knee is sought along the devices asked for
         row.level, row.unit = devices_n, "devices"
     else:  # the default levels vary tags and rates too: along the values offered

@@ -15,7 +15,10 @@ from uns_bench.report import Row, percentile, summarise
 from uns_bench.sampler import Sampler
 
 LEVELS = (1, 10, 40, 80, 160, 320)
+MOSQUITTO_LEVELS = (160, 320)
+"""The levels the targets name on Mosquitto too (160 on both brokers, 320 on Mosquitto)."""
 QUICK_LEVELS = (2,)
+BROKER_NAMES = {"amqtt": "amqtt", "mosquitto": "Mosquitto"}
 ENTERPRISE = "bench"
 WARM_UPS = 3
 
@@ -26,14 +29,28 @@ def p99_target_ms(machines: int) -> float:
     return 50.0 if machines <= 160 else 100.0
 
 
+def plan(ctx: Context) -> list[tuple[str, int]]:
+    """(broker, machines) of each row: the levels asked for on the brokers asked for, else
+    every level on amqtt and the targets' levels on Mosquitto too (quick: amqtt only)."""
+    if ctx.machines or ctx.brokers or ctx.quick:
+        levels = ctx.levels(LEVELS, QUICK_LEVELS)
+        return [(b, m) for b in ctx.brokers or ("amqtt",) for m in levels]
+    return [("amqtt", m) for m in LEVELS] + [("mosquitto", m) for m in MOSQUITTO_LEVELS]
+
+
 async def start_pipeline(
-    ctx: Context, procs: Procs, name: str, devices: list[str], url: str | None = None
+    ctx: Context,
+    procs: Procs,
+    name: str,
+    devices: list[str],
+    url: str | None = None,
+    broker: str = "amqtt",
 ) -> tuple[str, dict[str, Proc]]:
-    """Broker (unless ``url``), featurizer and inference, ready to score ``devices``."""
+    """``broker`` (unless ``url``), featurizer and inference, ready to score ``devices``."""
     cfg = str(config.write(ctx.workdir, name, devices))
     running: dict[str, Proc] = {}
     if url is None:
-        running["broker"], url = procs.broker()
+        running["broker"], url = procs.broker() if broker == "amqtt" else procs.mosquitto()
     await wait_broker(url)
     common = ("--config", cfg, "--broker", url, "--log-level", "WARNING")
     running["featurizer"] = procs.uns("featurizer", "run", "featurizer", *common, metrics=True)
@@ -54,27 +71,29 @@ async def start_pipeline(
 async def run(ctx: Context) -> list[Row]:
     rows = []
     seconds = 2.0 if ctx.quick else 10.0
-    for m in ctx.levels(LEVELS, QUICK_LEVELS):
+    for broker, m in plan(ctx):
         procs = Procs(ctx.workdir)
         try:
             devices = load.device_paths(ENTERPRISE, m)
-            url, running = await start_pipeline(ctx, procs, f"vibration-{m}", devices)
+            url, running = await start_pipeline(
+                ctx, procs, f"vibration-{broker}-{m}", devices, broker=broker
+            )
             await warm_up(ctx, url, running, devices)
             runs = [await measure(ctx, url, running, devices, seconds) for _ in range(ctx.repeats)]
         finally:
             procs.stop()
         row = summarise(
             "2 vibration",
-            f"{m} machines",
+            f"{m} machines" + ("" if broker == "amqtt" else f" on {BROKER_NAMES[broker]}"),
             f"{m * 10_000:,} samples/s ({m * 10} blocks/s) + {m * 10} slow tags/s, {seconds:g} s",
             runs,
         )
-        row.level, row.unit = m, "machines"
+        row.level, row.unit, row.series = m, "machines", BROKER_NAMES[broker]
         row.limits = {"latency p99 ms": p99_target_ms(m)}
         row.rate, row.kind = "blocks/s", "block"
         f = row.figures
         ctx.say(
-            f"  {m} machines: lost {row.lost}, latency p50 {f['latency p50 ms']:.1f} ms"
+            f"  {row.case}: lost {row.lost}, latency p50 {f['latency p50 ms']:.1f} ms"
             f" p99 {f['latency p99 ms']:.1f} ms, cores {row.cpu_s}"
         )
         rows.append(row)
