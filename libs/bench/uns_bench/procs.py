@@ -14,7 +14,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,26 +27,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from uns.bus import connect
 from uns.errors import BusError
+from uns.testing import free_port as free_port  # the harness hands it to its scenarios
 
 T = TypeVar("T")
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A port nothing listens on, never one this process handed out before: the kernel
-    may give the same free port to two binds in a row (the simulator's OPC UA and Modbus
-    servers were once given one port, and the Modbus row measured nothing)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ a test of a light service stays light.
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -41,10 +42,27 @@ from uns.payloads import Payload, decode, encode
 from uns.runtime import Node, Service
 from uns.topics import matches
 
-__all__ = ["Watcher", "memory_broker", "memory_url", "running", "watching"]
+__all__ = ["Watcher", "free_port", "memory_broker", "memory_url", "running", "watching"]
 
 T = TypeVar("T")
 W = TypeVar("W", bound="Watcher")
+
+
+_HANDED_OUT: set[int] = set()
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now (the OS picks it; free until someone
+    binds it), never one this process handed out before: the kernel may give one free port
+    to two binds in a row, and two servers of one test (the simulator's OPC UA and Modbus)
+    were once given the same port, so one of them could not listen."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def memory_url() -> str:
