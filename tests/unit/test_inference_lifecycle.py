@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 
-from uns import DeviceBirth, DeviceData, Metric, MetricDef, Window, connect, encode
+from uns import DeviceBirth, DeviceData, DeviceDeath, Metric, MetricDef, Window, connect, encode
 from uns.config import BrokerSettings
 from uns_inference import CommandError, audit, onnxmodel, record, signing
 from uns_inference import cli as cli_commands
@@ -281,3 +282,88 @@ async def test_record_stops_after_its_duration(memory_url: str, tmp_path: Path) 
         memory_url, BrokerSettings(), "#", out, stop=asyncio.Event(), duration=0.2
     )
     assert written == 0 and out.exists()
+
+
+async def _publish_features(url: str, device: str, n: int, seq0: int = 0) -> None:
+    async with connect(url) as bus:
+        for i in range(n):
+            data = DeviceData(ts=T0 + i, node="featurizer", seq=(seq0 + i) % 256, metrics=[])
+            await bus.publish(f"{device}/features/data", encode(data), qos=1)
+
+
+class Said(list[str]):
+    """What the recorder says, and an event once it said anything (it is subscribed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.subscribed = asyncio.Event()
+
+    def __call__(self, line: str) -> None:
+        self.append(line)
+        self.subscribed.set()
+
+
+async def test_record_until_idle_stops_once_nothing_comes(memory_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "rec.jsonl"
+    said = Said()
+    recorder = asyncio.create_task(
+        cli_commands.record_messages(
+            memory_url,
+            BrokerSettings(),
+            "+/+/+/+/+/+/features/#",
+            out,
+            stop=asyncio.Event(),
+            until_idle=0.3,
+            say=said,
+        )
+    )
+    await said.subscribed.wait()  # it says when it is subscribed: nothing sent after is lost
+    await _publish_features(memory_url, DEV, 5)
+    written = await asyncio.wait_for(recorder, 10)
+    assert written == 5
+    assert said[0].startswith("subscribed to")
+    assert said[-1] == "stopping: nothing came for 0.3 s"
+
+
+async def test_record_until_replay_end_waits_for_every_replayed_device(
+    memory_url: str, tmp_path: Path
+) -> None:
+    other = DEV.replace("press-01", "press-02")
+    out = tmp_path / "rec.jsonl"
+    said = Said()
+    recorder = asyncio.create_task(
+        cli_commands.record_messages(
+            memory_url,
+            BrokerSettings(),
+            "+/+/+/+/+/+/features/#",
+            out,
+            stop=asyncio.Event(),
+            until_replay_end=True,
+            until_idle=0.3,
+            say=said,
+        )
+    )
+    await said.subscribed.wait()
+    await _publish_features(memory_url, DEV, 3)
+    await _publish_features(memory_url, other, 3)
+    end = DeviceDeath(
+        ts=T0,
+        node="replay",
+        device=DEV,
+        bdseq=0,
+        seq=3,
+        reason="end of replay: 3 rows, 3 seen back",
+    )
+    async with connect(memory_url) as bus:
+        await bus.publish(f"{DEV}/raw/death", encode(end), qos=1, retain=True)
+        lost = DeviceDeath(ts=T0, node="replay", device=other, bdseq=0, seq=3, reason="shutdown")
+        await bus.publish(f"{other}/raw/death", encode(lost), qos=1)  # not an end of replay
+    await asyncio.wait({recorder}, timeout=0.6)  # quiet longer than until_idle: one replay
+    assert not recorder.done()  # is not over (a shutdown is not an end of replay)
+    await _publish_features(memory_url, other, 2, seq0=3)  # its last windows
+    other_end = msgspec.structs.replace(end, device=other, seq=5)
+    async with connect(memory_url) as bus:
+        await bus.publish(f"{other}/raw/death", encode(other_end), qos=1)
+    written = await asyncio.wait_for(recorder, 10)
+    assert written == 8  # every features message, none of the deaths
+    assert said[-1] == "stopping: every replay ended and nothing came for 0.3 s"

@@ -247,6 +247,11 @@ class DeviceData(_Envelope, tag="ddata", kw_only=True, frozen=True):
     """Scores: the model that computed them."""
 
 
+END_OF_REPLAY: Final = "end of replay"
+"""How the ``reason`` of a replayed device's raw death begins once the replay has published
+every row (``end of replay: 500 rows, 500 seen back``): a recorder's sign that it is over."""
+
+
 class DeviceDeath(_Envelope, tag="ddeath", kw_only=True, frozen=True):
     """The device is gone (the adapter lost it); its last values are stale."""
 

@@ -20,7 +20,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Annotated, Any, Final
 
@@ -37,8 +37,9 @@ from uns.commands import (
     watch_target,
 )
 from uns.config import BrokerSettings, LoadedConfig
-from uns.errors import BusError, ConfigError, UnsError
-from uns.payloads import now_ms
+from uns.errors import BusError, ConfigError, PayloadError, UnsError
+from uns.payloads import END_OF_REPLAY, DeviceDeath, decode, now_ms
+from uns.topics import matches
 from uns_inference import audit, signing
 from uns_inference import card as cards
 from uns_inference.card import KINDS, Card
@@ -66,10 +67,49 @@ STOP_GRACE_S: Final = 1.0
 (a broker still sending a backlog must not hold the recorder)."""
 
 
+REPLAY_DEATHS: Final = "+/+/+/+/+/+/raw/death"
+"""Where a replay says it has ended (subscribed with ``--until-replay-end``, not recorded)."""
+REPLAY_END_QUIET_S: Final = 2.0
+"""With ``--until-replay-end``: how long nothing more must come after every replay ended."""
+
+
 @dataclass
 class _Recorded:
     written: int = 0
     reached: bool = False
+
+
+@dataclass
+class _Ending:
+    """When a recording is over besides a duration or a count: a quiet spell after the first
+    message, or every recorded device's replay ended (and then a quiet spell)."""
+
+    idle_s: float | None
+    replay_end: bool
+    devices: set[str] = field(default_factory=set)
+    """Devices recorded from (the first six levels of a recorded topic)."""
+    ended: set[str] = field(default_factory=set)
+    """Devices whose replay ended."""
+
+    def wait_s(self, written: int) -> float | None:
+        """How long to wait for the next message before the recording is over."""
+        if self.replay_end:
+            if written and self.devices and self.devices <= self.ended:
+                return self.idle_s if self.idle_s is not None else REPLAY_END_QUIET_S
+            return None
+        return self.idle_s if written else None
+
+    def saw(self, topic: str, payload: bytes, recorded: bool) -> None:
+        device = "/".join(topic.split("/")[:6])
+        if recorded and "/_node/" not in topic:
+            self.devices.add(device)
+        if topic.endswith("/raw/death") and payload:
+            try:
+                death: DeviceDeath = decode(payload, DeviceDeath)
+            except PayloadError:
+                return
+            if death.reason.startswith(END_OF_REPLAY):
+                self.ended.add(device)
 
 
 async def record_messages(
@@ -81,10 +121,18 @@ async def record_messages(
     stop: asyncio.Event,
     duration: float | None = None,
     count: int | None = None,
+    until_idle: float | None = None,
+    until_replay_end: bool = False,
     say: Callable[[str], None] = print,
 ) -> int:
     """Append every message matching ``topic_filter`` to ``out`` (JSON lines) until
     ``duration`` seconds, ``count`` messages or ``stop``; return how many were written.
+
+    ``until_idle``: also stop once that many seconds pass without a recorded message, after
+    the first. ``until_replay_end``: also stop once every device recorded from has ended
+    its replay (its raw death, reason ``END_OF_REPLAY``) and nothing more came for
+    ``until_idle`` (default `REPLAY_END_QUIET_S`: the featurizer's last windows follow the
+    replay's end).
 
     ``stop`` ends it at once, whatever it is waiting for (the next message, the broker,
     a subscription), with every line written so far whole and flushed. An unreachable
@@ -93,8 +141,9 @@ async def record_messages(
     state = _Recorded()
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("ab") as f:
+        ending = _Ending(until_idle, until_replay_end)
         work = asyncio.create_task(
-            _record(url, settings, topic_filter, f, state, stop, duration, count, say)
+            _record(url, settings, topic_filter, f, state, stop, duration, count, ending, say)
         )
         stopper = asyncio.create_task(stop.wait())
         try:
@@ -124,6 +173,7 @@ async def _record(
     stop: asyncio.Event,
     duration: float | None,
     count: int | None,
+    ending: _Ending,
     say: Callable[[str], None],
 ) -> None:
     from uns_inference import record  # numpy
@@ -138,24 +188,39 @@ async def _record(
         try:
             async with connect(url, settings=settings) as bus:
                 await bus.subscribe(topic_filter, qos=1)
+                if ending.replay_end and not matches(topic_filter, REPLAY_DEATHS):
+                    await bus.subscribe(REPLAY_DEATHS, qos=1)  # seen, not recorded
+                if not state.reached:
+                    say(f"subscribed to {topic_filter!r}; recording")
                 state.reached = True
                 delay = 0.5
-                try:
-                    async with asyncio.timeout(remaining()):
-                        async for message in bus.messages():
-                            # one write of a whole line, flushed before the next await:
-                            # whenever the recorder is stopped, the file is valid
-                            f.write(
-                                record.encode_line(
-                                    message.topic, now_ms(), message.retain, message.payload
-                                )
-                            )
-                            f.flush()
-                            state.written += 1
-                            if count is not None and state.written >= count:
-                                return
-                except TimeoutError:
-                    return
+                incoming = bus.messages().__aiter__()
+                while True:
+                    quiet = ending.wait_s(state.written)
+                    left = remaining()
+                    wait = min(x for x in (quiet, left) if x is not None) if quiet or left else None
+                    if left == 0:
+                        return
+                    try:
+                        message = await asyncio.wait_for(anext(incoming), wait)
+                    except TimeoutError:
+                        if quiet is not None and (left is None or quiet <= left):
+                            ended = "every replay ended and " if ending.replay_end else ""
+                            say(f"stopping: {ended}nothing came for {quiet:g} s")
+                        return
+                    recorded = matches(topic_filter, message.topic)
+                    ending.saw(message.topic, message.payload, recorded)
+                    if not recorded:
+                        continue
+                    # one write of a whole line, flushed before the next await:
+                    # whenever the recorder is stopped, the file is valid
+                    f.write(
+                        record.encode_line(message.topic, now_ms(), message.retain, message.payload)
+                    )
+                    f.flush()
+                    state.written += 1
+                    if count is not None and state.written >= count:
+                        return
         except BusError as exc:
             wait = delay * random.uniform(0.8, 1.2)
             say(f"{exc}; retrying in {wait:.1f} s")
@@ -678,11 +743,24 @@ def record_command(
     out: Annotated[Path, typer.Option(help="JSON-lines file to append to")],
     duration: Annotated[float | None, typer.Option(min=0.0, help="Stop after S seconds")] = None,
     count: Annotated[int | None, typer.Option(min=1, help="Stop after N messages")] = None,
+    until_idle: Annotated[
+        float | None,
+        typer.Option(min=0.1, help="Stop once S seconds pass without a message (after the first)"),
+    ] = None,
+    until_replay_end: Annotated[
+        bool,
+        typer.Option(
+            "--until-replay-end",
+            help="Stop once every device recorded from has ended its uns replay (its raw death"
+            " says so) and nothing more came for 2 s (or --until-idle)",
+        ),
+    ] = False,
     broker: BrokerOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Record messages into a file for training: one {"topic", "ts", "retained", "payload"}
-    per line (whichever of --duration and --count comes first; Ctrl-C stops too)."""
+    per line (whichever of --duration, --count, --until-idle and --until-replay-end comes
+    first; Ctrl-C stops too). Says on stderr when it is subscribed and why it stopped."""
     url, settings = watch_target(topic_filter, config, broker)
 
     async def main(stop: asyncio.Event) -> int:
@@ -694,6 +772,8 @@ def record_command(
             stop=stop,
             duration=duration,
             count=count,
+            until_idle=until_idle,
+            until_replay_end=until_replay_end,
             say=lambda line: typer.echo(line, err=True),
         )
         return n

@@ -24,13 +24,10 @@ from typing import Annotated
 import msgspec
 
 from uns import DeviceData, DevicePath, Inbound, Metric, Node, Service, ServiceSettings
+from uns.payloads import END_OF_REPLAY as END_OF_REPLAY  # the contract's; exported here too
 from uns_replay.frames import Recording
 
 log = logging.getLogger(__name__)
-
-END_OF_REPLAY = "end of replay"
-"""How the reason of the device's raw death begins once a replay has published every row:
-``end of replay: 500 rows, 500 seen back`` (the rows sent, and those the broker took)."""
 
 
 class ReplaySettings(ServiceSettings, frozen=True):
