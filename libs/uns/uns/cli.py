@@ -558,6 +558,9 @@ def schema_check(
 
 
 def main() -> None:
+    from uns.supervisor import follow_supervisor
+
+    follow_supervisor()  # a child of `uns up` ends with it, even after a kill -9
     try:
         app()
     except UnsError as exc:

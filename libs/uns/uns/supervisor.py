@@ -45,6 +45,31 @@ def uns_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "uns", *args]
 
 
+SUPERVISOR_ENV = "UNS_SUPERVISOR_PID"
+"""Set by `uns up` for its children: the pid they follow (`follow_supervisor`)."""
+_PR_SET_PDEATHSIG = 1
+
+
+def follow_supervisor() -> None:
+    """End this process (SIGTERM: it stops cleanly, its death published) when the `uns up`
+    that started it dies, even by ``kill -9``: its children run in sessions of their own
+    (so a terminal's Ctrl-C reaches the supervisor alone) and would otherwise live on,
+    orphaned, holding their ports and publishing as if supervised. Linux only (prctl);
+    a no-op elsewhere and outside `uns up`."""
+    expected = os.environ.pop(SUPERVISOR_ENV, None)  # not inherited by what we start
+    if not expected or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if str(os.getppid()) != expected:  # it died before we asked to follow it
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 LIVENESS_S = 60.0
 """A child whose loop has not ticked for this long is killed and restarted (twice the
 services' default ``loop_watchdog_s``: their own watchdog, with a clearer log line, is
@@ -52,7 +77,7 @@ meant to act first)."""
 
 
 async def _start(child: Child, heartbeats: Path | None = None) -> None:
-    env = {**os.environ, **child.env}
+    env = {**os.environ, **child.env, SUPERVISOR_ENV: str(os.getpid())}
     if heartbeats is not None:
         child.heartbeat = heartbeats / f"{child.name}.heartbeat"
         child.heartbeat.unlink(missing_ok=True)  # a new process: no beat until it ticks
