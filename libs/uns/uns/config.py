@@ -161,6 +161,9 @@ class Namespace(Strict, frozen=True):
     site: Slug = "pune"
 
 
+Criticality = Literal["low", "medium", "high", "critical"]
+
+
 class Device(Strict, frozen=True):
     """One machine of the plant."""
 
@@ -168,6 +171,10 @@ class Device(Strict, frozen=True):
     asset: Slug
     """Asset type (press, robot, conveyor, ...): selects simulator physics and models."""
     description: str = ""
+    feeds: list[DevicePathText] = []
+    """Devices this one supplies (material flow): the asset graph's edges, checked at load."""
+    criticality: Criticality = "medium"
+    """How much a fault on it weighs in its cell's, line's, area's and site's health."""
 
 
 class Plant(Strict, frozen=True):
@@ -403,4 +410,34 @@ def load(
                 f" namespace {ns.enterprise}/{ns.site}",
                 also=("namespace.enterprise", "namespace.site"),
             )
+    problem = check_relations(config.plant.devices)
+    if problem is not None:
+        raise result._error(problem)
     return result
+
+
+def check_relations(devices: list[Device]) -> str | None:
+    """Why the ``feeds`` relations are wrong, naming the entry, or None when they are fine:
+    every fed device must be in the plant, and material cannot flow in a circle."""
+    index = {d.path: i for i, d in enumerate(devices)}
+    for i, device in enumerate(devices):
+        for j, fed in enumerate(device.feeds):
+            if fed not in index:
+                return f"plant.devices[{i}].feeds[{j}]: {fed!r} is not a device of the plant"
+    state: dict[str, int] = {}  # 1 on the current walk, 2 done
+
+    def walk(path: str, trail: list[str]) -> list[str] | None:
+        state[path] = 1
+        for fed in devices[index[path]].feeds:
+            if state.get(fed) == 1:
+                return [*trail, path, fed]
+            if fed not in state and (cycle := walk(fed, [*trail, path])) is not None:
+                return cycle
+        state[path] = 2
+        return None
+
+    for device in devices:
+        if device.path not in state and (cycle := walk(device.path, [])) is not None:
+            loop = cycle[cycle.index(cycle[-1]) :]
+            return f"plant.devices[{index[loop[0]]}].feeds: a cycle, " + " -> ".join(loop)
+    return None
