@@ -41,6 +41,7 @@ from uns.config import BrokerSettings, Port, PositiveFloat, Slug, Strict, UnsCon
 from uns.errors import BusError, PayloadError, Reject, TopicError
 from uns.metrics import ServiceMetrics, stream_label
 from uns.scope import Scope, node_scope
+from uns.shard import Shard
 from uns.topics import (
     NODE_LEVEL,
     DevicePath,
@@ -92,6 +93,10 @@ class ServiceSettings(Strict, frozen=True):
     rebirth_min_interval_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     """At most one rebirth per this time on request; requests within it are coalesced into
     one at its end (the rest counted as ``reason="rebirth_rate"``); 0: no limit."""
+    replicas: Annotated[int, msgspec.Meta(ge=1)] = 1
+    """Replicas of a service that shards by device (`Service.shard_by_device`): with N > 1
+    the node id is ``{name}-{index}`` (index 0..N-1) and this replica handles only the
+    devices `uns.shard` gives it among the replicas alive; 1: every device."""
 
     def scope(self, config: UnsConfig) -> Scope | None:
         """The topics this service publishes and subscribes to, besides its node's own
@@ -165,6 +170,11 @@ class Service(Generic[S]):
     through `Inbound.ack`, so what is published while it restarts, or what it received
     and had not kept when it was killed, is delivered to it again (a duplicate bound:
     the broker's in-flight window). For a store-and-forward service (the bridge)."""
+
+    shard_by_device: ClassVar[bool] = False
+    """Its replicas may split the devices between them (``replicas`` in its settings,
+    `uns.shard`): its state is per device, and a device's data and deaths reach one
+    replica only."""
 
     def __init__(self, node: Node[S]) -> None:
         self.node = node
@@ -369,6 +379,12 @@ class Node(Generic[S]):
             None if declared is None else node_scope(self.enterprise, self.site, self.id) | declared
         )
         """What this node may publish and subscribe to; None: undeclared, unchecked."""
+        self.shard: Shard | None = (
+            None
+            if settings.replicas == 1
+            else Shard(self.enterprise, self.site, self.id, settings.replicas)
+        )
+        """This replica's share of the devices; None: every device (one replica)."""
         self._subs: list[_Subscription] = []
         self._devices: dict[tuple[DevicePath, Stream], list[p.MetricDef]] = {}
         self._outbox = _Outbox(settings.queue_size, self.metrics)
@@ -504,6 +520,11 @@ class Node(Generic[S]):
     async def serve(self, service: Service[S], stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then die cleanly. A crash in the service propagates."""
         self.running = service
+        if self.shard is not None and not service.shard_by_device:
+            raise ValueError(
+                f"{self.id}: replicas: {self.settings.replicas}, but {self.service} does not"
+                " shard by device (every replica would handle every device)"
+            )
         port = self.settings.metrics_port
         if port is None:
             port = self.settings.default_metrics_port
@@ -594,6 +615,9 @@ class Node(Generic[S]):
     async def _session(self, bus: Bus, stop: asyncio.Event) -> None:
         self._bus = bus
         await bus.subscribe(self.cmd_topic, qos=1)
+        if self.shard is not None:  # the replica set first: known before any device's data
+            for topic in self.shard.topics:
+                await bus.subscribe(topic, qos=1)
         for sub in self._subs:
             await bus.subscribe(sub.topic_filter, qos=sub.qos)
         async with self._send_lock:
@@ -823,6 +847,11 @@ class Node(Generic[S]):
         if message.topic == self.cmd_topic:
             await self._node_command(message)
             return False
+        if self.shard is not None:
+            if self.shard.observe(message.topic, message.retain):
+                return False
+            if not self.shard.owns(message.topic):
+                return False  # another replica's device
         owned = False
         ack = _Ack(bus, message) if self.running and self.running.persistent_session else None
         for sub in self._subs:

@@ -100,6 +100,7 @@ class Featurizer(Service[FeaturizerSettings]):
     """
 
     name = "featurizer"
+    shard_by_device = True
     Settings = FeaturizerSettings
 
     def __init__(self, node: Node[FeaturizerSettings]) -> None:

@@ -214,6 +214,7 @@ def _metric_defs(card: Card, ref: ModelRef) -> list[MetricDef]:
 
 class Inference(Service[InferenceSettings]):
     name = "inference"
+    shard_by_device = True
     Settings = InferenceSettings
 
     def __init__(self, node: Node[InferenceSettings]) -> None:
