@@ -25,6 +25,10 @@ def broker(
     ctx: typer.Context,
     host: Annotated[str | None, typer.Option(help="Listen address [default: 127.0.0.1]")] = None,
     port: Annotated[int | None, typer.Option(help="Listen port [default: 1883]")] = None,
+    tls_port: Annotated[
+        int | None,
+        typer.Option(help="A TLS listener too (services.broker.certfile/keyfile), e.g. 8883"),
+    ] = None,
     config: ConfigOpt = None,
     log_level: LogOpt = "INFO",
 ) -> None:
@@ -41,7 +45,13 @@ def broker(
         changes["host"] = host
     if port is not None:
         changes["port"] = port
-    settings = msgspec.structs.replace(settings, **changes)
+    if tls_port is not None:
+        changes["tls_port"] = tls_port
+    try:
+        settings = msgspec.structs.replace(settings, **changes)
+        settings.__post_init__()  # replace() does not run the checks
+    except ValueError as exc:
+        raise fail(f"services.broker: {exc}") from None
     run(lambda stop: serve(settings, stop))
 
 
@@ -66,8 +76,16 @@ def secure(
         Path, typer.Option("--out", help="Directory to write the secrets and broker files to")
     ] = Path("var/secrets"),
     rotate: Annotated[
-        bool, typer.Option(help="New passwords, not the ones in DIR/secrets")
+        bool, typer.Option(help="New passwords and a new CA, not the ones in DIR")
     ] = False,
+    tls_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--tls-host",
+            help="A name or address clients reach the broker by (repeat it); the server"
+            " certificate is valid for these [default: localhost, 127.0.0.1, this host name]",
+        ),
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Least-privilege broker policy for the config: one random credential per service, an
@@ -77,7 +95,7 @@ def secure(
 
     loaded = load_config(config)
     try:
-        written = write_policy(loaded, out, rotate=rotate)
+        written = write_policy(loaded, out, rotate=rotate, hosts=tls_host)
     except (ConfigError, ValueError) as exc:
         raise fail(str(exc)) from None
     typer.echo(
@@ -87,6 +105,11 @@ def secure(
         f"Mosquitto: password_file {written.mosquitto_passwords}, acl_file {written.mosquitto_acl}"
     )
     typer.echo(f"embedded broker: services.broker as in {written.amqtt_settings}")
+    tls = written.tls
+    typer.echo(
+        f"TLS: CA {tls.ca_cert} (give it to clients), server certificate {tls.server_cert}"
+        f" for {', '.join(tls.hosts)}; Mosquitto listener {tls.mosquitto_conf}"
+    )
     for name in written.undeclared:
         typer.echo(
             f"warning: {name} declares no topics (ServiceSettings.scope): its user may use"

@@ -23,13 +23,20 @@ def amqtt_config(settings: BrokerServerSettings) -> dict[str, Any]:
             "publish_acl": {user: list(e.publish) for user, e in settings.acl.items()},
             "acl": {user: list(e.subscribe) for user, e in settings.acl.items()},
         }
-    return {
-        "listeners": {
-            "default": {
-                "type": "tcp",
-                "bind": f"{settings.host}:{settings.port}",
-                "max_connections": settings.max_connections,
-            }
-        },
-        "plugins": plugins,
+    listeners: dict[str, Any] = {
+        "default": {
+            "type": "tcp",
+            "bind": f"{settings.host}:{settings.port}",
+            "max_connections": settings.max_connections,
+        }
     }
+    if settings.tls_port is not None:
+        listeners["tls"] = {
+            "type": "tcp",
+            "bind": f"{settings.tls_host}:{settings.tls_port}",
+            "max_connections": settings.max_connections,
+            "ssl": True,
+            "certfile": settings.certfile,
+            "keyfile": settings.keyfile,
+        }
+    return {"listeners": listeners, "plugins": plugins}

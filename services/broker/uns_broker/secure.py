@@ -7,7 +7,9 @@ Written under ``DIR`` (every file 0600, the directories 0700)::
     mosquitto/password_file     PBKDF2-SHA512 ``$7$`` lines, as Mosquitto 2 reads them
     mosquitto/acl_file          ``user``/``topic read|write|readwrite`` lines
     amqtt/password_file         argon2 lines, as the embedded broker reads them
-    amqtt/broker.yaml           the embedded broker's ``services.broker`` users and ACL
+    amqtt/broker.yaml           the embedded broker's ``services.broker`` users, ACL and TLS files
+    tls/, mosquitto/tls.conf    the local CA, the server certificate, Mosquitto's TLS listener
+                                (`uns_broker.tls`; the certificates 0644)
 
 A password already in ``secrets/`` is kept (running it again after a config change
 changes the ACLs, not the credentials); ``--rotate`` makes new ones.
@@ -28,6 +30,7 @@ import msgspec
 from uns.config import LoadedConfig
 from uns.policy import site_policy
 from uns.scope import Scope
+from uns_broker.tls import Tls, default_hosts, write_tls
 
 PBKDF2_ITERATIONS: Final = 101
 """Mosquitto 2's own default for ``$7$`` (mosquitto_passwd writes the same)."""
@@ -46,6 +49,7 @@ class Written:
     amqtt_settings: Path
     undeclared: list[str]
     """Services that declare no scope: their users may use their nodes' topics only."""
+    tls: Tls
 
 
 def mosquitto_hash(password: str, salt: bytes | None = None) -> str:
@@ -71,9 +75,14 @@ def mosquitto_acl(policy: dict[str, Scope]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def amqtt_settings(policy: dict[str, Scope], password_file: Path) -> dict[str, object]:
-    """The embedded broker's ``services.broker`` section enforcing the same policy."""
+def amqtt_settings(
+    policy: dict[str, Scope], password_file: Path, tls: Tls | None = None
+) -> dict[str, object]:
+    """The embedded broker's ``services.broker`` section enforcing the same policy (and
+    the TLS listener's files: it listens when ``tls_port`` is set too)."""
+    files = {"certfile": str(tls.server_cert), "keyfile": str(tls.server_key)} if tls else {}
     return {
+        **files,
         "password_file": str(password_file),
         "allow_anonymous": False,
         "acl": {
@@ -97,8 +106,11 @@ def _dir(path: Path) -> Path:
     return path
 
 
-def write_policy(loaded: LoadedConfig, out: Path, *, rotate: bool = False) -> Written:
-    """Write the credentials, both brokers' password files and ACLs for ``loaded``."""
+def write_policy(
+    loaded: LoadedConfig, out: Path, *, rotate: bool = False, hosts: list[str] | None = None
+) -> Written:
+    """Write the credentials, both brokers' password files and ACLs for ``loaded``, and
+    the TLS files for ``hosts`` (default: `uns_broker.tls.default_hosts`)."""
     from pwdlib import PasswordHash
     from pwdlib.hashers.argon2 import Argon2Hasher
 
@@ -122,7 +134,8 @@ def write_policy(loaded: LoadedConfig, out: Path, *, rotate: bool = False) -> Wr
     mosq_pw, mosq_acl = mosq_dir / "password_file", mosq_dir / "acl_file"
     _private(mosq_pw, "".join(f"{u}:{mosquitto_hash(p)}\n" for u, p in passwords.items()))
     _private(mosq_acl, mosquitto_acl(policy))
+    tls = write_tls(out.resolve(), hosts or default_hosts(), rotate=rotate)
     amqtt_pw, amqtt_yaml = amqtt_dir / "password_file", amqtt_dir / "broker.yaml"
     _private(amqtt_pw, "".join(f"{u}:{argon2.hash(p)}\n" for u, p in passwords.items()))
-    _private(amqtt_yaml, msgspec.yaml.encode(amqtt_settings(policy, amqtt_pw)).decode())
-    return Written(policy, files, mosq_pw, mosq_acl, amqtt_pw, amqtt_yaml, undeclared)
+    _private(amqtt_yaml, msgspec.yaml.encode(amqtt_settings(policy, amqtt_pw, tls)).decode())
+    return Written(policy, files, mosq_pw, mosq_acl, amqtt_pw, amqtt_yaml, undeclared, tls)

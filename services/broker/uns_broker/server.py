@@ -40,6 +40,8 @@ async def serve(
         settings.port,
         "users required" if settings.password_file else "anonymous allowed",
     )
+    if settings.tls_port is not None:
+        log.info("broker listening on mqtts://%s:%d (TLS)", settings.tls_host, settings.tls_port)
     if started is not None:
         started.set()
     # the broker's loop is watched like a service's: stuck, it exits and is restarted

@@ -27,3 +27,15 @@ class BrokerServerSettings(ServiceSettings, frozen=True):
     """Per-user ACLs; ``anonymous`` names clients without a username. No ACL: all allowed."""
     max_connections: Annotated[int, msgspec.Meta(ge=0)] = 0
     """0 = unlimited."""
+    tls_port: Port | None = None
+    """A TLS listener (``mqtts://``) on this port too, for clients from outside the box;
+    ``certfile``/``keyfile`` from `uns broker secure` (``DIR/tls/server.*``)."""
+    tls_host: str = "0.0.0.0"
+    certfile: str | None = None
+    keyfile: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("certfile and keyfile go together")
+        if self.tls_port is not None and self.certfile is None:
+            raise ValueError("tls_port needs certfile and keyfile (uns broker secure writes them)")
