@@ -4,8 +4,12 @@ retained birth it follows, in whichever order the broker sends them."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from uns.config import load
+from uns.policy import site_policy
 from uns.shard import Shard, owner
 
 DEVICES = [f"acme/pune/a/l/c/m{i}" for i in range(200)]
@@ -54,3 +58,24 @@ def test_a_node_id_outside_the_replica_set_is_refused() -> None:
         Shard("acme", "pune", "featurizer", 2)
     with pytest.raises(ValueError, match=r"index 0\.\.1"):
         Shard("acme", "pune", "featurizer-2", 2)
+
+
+def test_the_site_policy_gives_each_replica_a_user_that_reads_the_others(tmp_path: Path) -> None:
+    """In secure mode a replica that could not read the others' births would handle every
+    device: the policy lets each read the replica set's births and deaths, nothing more."""
+    config = tmp_path / "plant.yaml"
+    config.write_text(
+        "namespace: {enterprise: acme, site: pune}\nservices:\n  featurizer: {replicas: 3}\n"
+    )
+    policy = site_policy(load(config))
+    assert "featurizer" not in policy
+    for i in range(3):
+        scope = policy[f"featurizer-{i}"]
+        assert scope.may_publish(node(f"featurizer-{i}", "birth"))
+        assert scope.may_publish("acme/pune/a/l/c/d/features/data")
+        for j in {0, 1, 2} - {i}:
+            assert scope.may_subscribe(node(f"featurizer-{j}", "birth"))
+            assert scope.may_subscribe(node(f"featurizer-{j}", "death"))
+            assert not scope.may_subscribe(node(f"featurizer-{j}", "cmd"))
+            assert not scope.may_publish(node(f"featurizer-{j}", "death"))
+    assert not policy["inference"].may_subscribe(node("featurizer-0", "birth"))

@@ -15,6 +15,7 @@ from typing import Final
 from uns.config import LoadedConfig
 from uns.plugins import services
 from uns.scope import REPLY_FILTER, Scope, node_scope
+from uns.shard import peers_scope, replica_ids
 
 OPERATOR: Final = "operator"
 APP: Final = "app"
@@ -51,10 +52,16 @@ def site_policy(loaded: LoadedConfig, undeclared: list[str] | None = None) -> di
         if not settings_cls.bus_client:
             continue
         settings = loaded.service(name, settings_cls)
-        node_id = settings.node_id or name
         declared = settings.scope(loaded.config)
-        own = node_scope(ns.enterprise, ns.site, node_id)
-        policy[node_id] = own if declared is None else own | declared
+        n = settings.replicas
+        # replicas (uns.shard): one user each, reading the others' births and deaths
+        for node_id in (
+            replica_ids(settings.node_id or name, n) if n > 1 else [settings.node_id or name]
+        ):
+            own = node_scope(ns.enterprise, ns.site, node_id)
+            if n > 1:
+                own = own | peers_scope(ns.enterprise, ns.site, node_id, n)
+            policy[node_id] = own if declared is None else own | declared
         if declared is None and undeclared is not None:
             undeclared.append(name)
     for user in (OPERATOR, APP):

@@ -22,6 +22,7 @@ import logging
 from typing import Final
 
 from uns.errors import TopicError
+from uns.scope import Scope
 from uns.topics import DeviceTopic, NodeTopic, node_topic, parse
 
 log = logging.getLogger(__name__)
@@ -41,23 +42,42 @@ def owner(device: str, replicas: set[str] | frozenset[str]) -> str:
     return max(replicas, key=lambda r: (weight(r, device), r))
 
 
+def replica_ids(node_id: str, replicas: int) -> tuple[str, ...]:
+    """The node ids of the replica set ``node_id`` belongs to (``{base}-0`` ..), or of the
+    set named ``node_id`` when it carries no index (the policy's view of a service section
+    whose replicas get their ids at start)."""
+    base, _, index = node_id.rpartition("-")
+    if not (base and index.isdigit()):
+        base = node_id
+    return tuple(f"{base}-{j}" for j in range(replicas))
+
+
+def peers_scope(enterprise: str, site: str, node_id: str, replicas: int) -> Scope:
+    """What a replica reads of the others: their node births and deaths (the broker policy
+    grants it, or a secure broker would hide the replica set and every replica would
+    handle every device)."""
+    return Scope(
+        subscribe=tuple(
+            node_topic(enterprise, site, m, message)
+            for m in replica_ids(node_id, replicas)
+            if m != node_id
+            for message in ("birth", "death")
+        )
+    )
+
+
 class Shard:
     """One replica's view of its replica set, and which devices are its own."""
 
     def __init__(self, enterprise: str, site: str, node_id: str, replicas: int) -> None:
-        base, _, index = node_id.rpartition("-")
-        if not base or not index.isdigit() or not int(index) < replicas:
+        if node_id not in replica_ids(node_id, replicas):
             raise ValueError(
                 f"node id {node_id!r}: with replicas: {replicas}, the node id must be"
                 f" {{name}}-{{index}}, index 0..{replicas - 1} (e.g. {node_id}-0)"
             )
         self.me = node_id
-        self.members: Final = frozenset(f"{base}-{j}" for j in range(replicas))
-        self.topics: Final = tuple(
-            node_topic(enterprise, site, m, message)
-            for m in sorted(self.members - {node_id})
-            for message in ("birth", "death")
-        )
+        self.members: Final = frozenset(replica_ids(node_id, replicas))
+        self.topics: Final = peers_scope(enterprise, site, node_id, replicas).subscribe
         """The other replicas' node births and deaths: subscribed to before any data."""
         self.live: set[str] = {node_id}
         self._dead_retained: set[str] = set()
