@@ -10,7 +10,9 @@ import pytest
 
 from uns.config import load
 from uns.policy import site_policy
+from uns.runtime import Service, ServiceSettings
 from uns.shard import Shard, owner
+from uns.testing import running
 
 DEVICES = [f"acme/pune/a/l/c/m{i}" for i in range(200)]
 THREE = frozenset({"featurizer-0", "featurizer-1", "featurizer-2"})
@@ -79,3 +81,15 @@ def test_the_site_policy_gives_each_replica_a_user_that_reads_the_others(tmp_pat
             assert not scope.may_subscribe(node(f"featurizer-{j}", "cmd"))
             assert not scope.may_publish(node(f"featurizer-{j}", "death"))
     assert not policy["inference"].may_subscribe(node("featurizer-0", "birth"))
+
+
+class _Counter(Service[ServiceSettings]):
+    """A service whose state is not per device: it must not be split."""
+
+    name = "counter"
+
+
+async def test_a_service_that_does_not_shard_by_device_refuses_replicas(memory_url: str) -> None:
+    with pytest.raises(ValueError, match="does not shard by device"):
+        async with running(_Counter, memory_url, node_id="counter-0", replicas=2):
+            pass
