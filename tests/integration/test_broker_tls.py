@@ -7,6 +7,7 @@ stays on the loopback. The files have owner-only modes and no key is printed."""
 
 from __future__ import annotations
 
+import os
 import stat
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -15,7 +16,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from clitools import uns
+from clitools import Proc, start, uns
 from fixtures.brokers import AmqttBroker, started_mosquitto
 from fixtures.ports import free_port
 from uns import BrokerSettings, BusError, connect
@@ -26,7 +27,8 @@ from uns_broker.tls import mosquitto_tls_conf
 
 pytestmark = pytest.mark.integration
 
-SITE_TOPIC = "acme/pune/stamping/line-3/cell-a/press-01/raw/data"
+DEMO = "acme/pune/demo/line-0/cell-0/demo-01"
+DEMO_ONLY = ("--config", str(Path(__file__).with_name("demo-only.yaml")))
 
 
 @pytest.fixture
@@ -110,7 +112,7 @@ def test_the_ca_and_keys_are_owner_only_and_kept_on_a_second_run(tmp_path: Path)
     tls = out / "tls"
     mode = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tls.iterdir()}
     assert stat.S_IMODE(tls.stat().st_mode) == 0o700
-    assert mode == {"ca.key": 0o600, "server.key": 0o600, "ca.crt": 0o644, "server.crt": 0o644}
+    assert mode == {"ca.key": 0o600, "server.key": 0o600, "ca.crt": 0o600, "server.crt": 0o600}
     assert stat.S_IMODE((out / "mosquitto" / "tls.conf").stat().st_mode) == 0o600
     assert "edge-01.plant.local" in done.stdout
     conf = (out / "mosquitto" / "tls.conf").read_text()
@@ -123,3 +125,33 @@ def test_the_ca_and_keys_are_owner_only_and_kept_on_a_second_run(tmp_path: Path)
     rotated = uns("broker", "secure", "--out", str(out), "--rotate")
     assert rotated.returncode == 0, rotated.stderr
     assert (tls / "ca.crt").read_bytes() != ca
+
+
+def test_uns_up_secure_serves_tls_to_other_machines_and_plaintext_on_the_loopback_only(
+    tmp_path: Path, procs: list[Proc]
+) -> None:
+    refused = uns("up", "--secure", "--host", "0.0.0.0", "--secrets", str(tmp_path / "x"))
+    assert refused.returncode != 0 and "plaintext stays on the loopback" in refused.stderr
+
+    port, tls_port, secrets = free_port(), free_port(), tmp_path / "secrets"
+    up = start(
+        procs,
+        *("up", "--secure", "--secrets", str(secrets), "--metrics-port", "0"),
+        *("--port", str(port), "--tls-port", str(tls_port), *DEMO_ONLY),
+        ready="births published",
+    )
+    password = (secrets / "secrets" / "app.password").read_text().strip()
+    env = {**os.environ, "UNS_BROKER__CA_FILE": str(secrets / "tls" / "ca.crt")}
+    r = uns(
+        "sub", f"{DEMO}/raw/data", "--count", "1", "--timeout", "10", "--json",
+        "--broker", f"mqtts://app:{password}@localhost:{tls_port}", env=env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert msgspec.json.decode(r.stdout.splitlines()[0])["payload"]["node"] == "demo"
+    r = uns(
+        "sub", "#", "--timeout", "1",
+        "--broker", f"mqtts://app:{password}@localhost:{tls_port}",
+    )  # fmt: skip
+    assert r.returncode != 0, "no CA given: the system store must not trust the box's CA"
+    assert "PRIVATE KEY" not in "\n".join(up.lines)
+    assert up.stop() == 0

@@ -206,6 +206,13 @@ def up(
         Path,
         typer.Option(help="Directory of the --secure credentials (written when missing)"),
     ] = Path("var/secrets"),
+    tls_port: Annotated[
+        int | None,
+        typer.Option(
+            help="With --secure: the embedded broker's TLS listener for other machines"
+            " (all addresses, e.g. 8883; the certificate from DIR/tls/)",
+        ),
+    ] = None,
 ) -> None:
     """Start the broker and every installed service; restart crashed ones; Ctrl-C stops all."""
     from uns.supervisor import Child, supervise, uns_argv
@@ -216,6 +223,14 @@ def up(
     common = [*config_args, "--log-level", log_level]
     broker_child = None
     policy = None
+    if tls_port is not None and not (secure and broker is None):
+        raise fail("--tls-port: with --secure and the embedded broker only")
+    if secure and broker is None and host not in ("127.0.0.1", "localhost", "::1"):
+        # users and ACLs are no use if the passwords cross the OT network in the clear
+        raise fail(
+            f"--secure --host {host}: plaintext stays on the loopback; other machines"
+            " connect over TLS (--tls-port 8883)"
+        )
     if secure:
         from uns.secure import node_id, prepare
 
@@ -237,10 +252,17 @@ def up(
             _port_free(host, port, "--port", f" or --broker {url} to use the broker that is there")
     if cloud_port is not None and not plan:
         _port_free("127.0.0.1", cloud_port, "--cloud-port")
+    if tls_port is not None and not plan:
+        _port_free("0.0.0.0", tls_port, "--tls-port")
     if broker is None:
         broker_child = Child(
             "broker",
-            uns_argv("broker", "--host", host, "--port", str(port), *common),
+            uns_argv(
+                "broker",
+                *("--host", host, "--port", str(port)),
+                *(("--tls-port", str(tls_port)) if tls_port is not None else ()),
+                *common,
+            ),
             env=policy.broker_env if policy else {},
         )
     else:

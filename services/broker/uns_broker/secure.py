@@ -9,7 +9,7 @@ Written under ``DIR`` (every file 0600, the directories 0700)::
     amqtt/password_file         argon2 lines, as the embedded broker reads them
     amqtt/broker.yaml           the embedded broker's ``services.broker`` users, ACL and TLS files
     tls/, mosquitto/tls.conf    the local CA, the server certificate, Mosquitto's TLS listener
-                                (`uns_broker.tls`; the certificates 0644)
+                                (`uns_broker.tls`)
 
 A password already in ``secrets/`` is kept (running it again after a config change
 changes the ACLs, not the credentials); ``--rotate`` makes new ones.

@@ -1,7 +1,7 @@
 """The box's own CA and the broker's server certificate, for clients from outside the box.
 
-``uns broker secure`` writes them under ``DIR/tls/`` (the directory 0700, the keys 0600,
-the certificates 0644: a client needs ``ca.crt`` and nothing else)::
+``uns broker secure`` writes them under ``DIR/tls/`` (the directory 0700, every file 0600
+like the rest of ``DIR``; a client needs a copy of ``ca.crt`` and nothing else)::
 
     tls/ca.crt  tls/ca.key          the local CA (EC P-256, 10 years)
     tls/server.crt  tls/server.key  signed by it for the box's names and addresses
@@ -154,11 +154,11 @@ def write_tls(out: Path, hosts: list[str], *, rotate: bool = False) -> Tls:
     else:
         ca, ca_key = _ca(f"uns local CA ({socket.gethostname()})")
         _write(ca_key_file, _pem_key(ca_key), 0o600)
-        _write(ca_crt, ca.public_bytes(serialization.Encoding.PEM), 0o644)
+        _write(ca_crt, ca.public_bytes(serialization.Encoding.PEM), 0o600)
     cert, key = _server(ca, ca_key, hosts)
     server_crt, server_key = tls_dir / "server.crt", tls_dir / "server.key"
     _write(server_key, _pem_key(key), 0o600)
-    _write(server_crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    _write(server_crt, cert.public_bytes(serialization.Encoding.PEM), 0o600)
     mosq_dir = out / "mosquitto"
     mosq_dir.mkdir(parents=True, exist_ok=True)
     conf = mosq_dir / "tls.conf"
