@@ -25,7 +25,17 @@ EXAMPLES = sorted((Path(__file__).parents[2] / "uns-schema" / "examples").glob("
 
 def test_there_are_examples_of_every_payload_type():
     kinds = {json.loads(f.read_text())["type"] for f in EXAMPLES}
-    assert kinds == {"nbirth", "ndeath", "dbirth", "ddata", "ddeath", "event", "cmd", "reply"}
+    assert kinds == {
+        "nbirth",
+        "ndeath",
+        "dbirth",
+        "ddata",
+        "ddeath",
+        "event",
+        "cmd",
+        "reply",
+        "health",
+    }
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda f: f.name)

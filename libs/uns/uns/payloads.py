@@ -303,7 +303,45 @@ class Reply(_Envelope, tag="reply", kw_only=True, frozen=True):
     error: str = ""
 
 
-Payload = NodeBirth | NodeDeath | DeviceBirth | DeviceData | DeviceDeath | Event | Command | Reply
+HealthState = Literal["ok", "warning", "critical"]
+HealthLevel = Literal["site", "area", "line", "cell"]
+
+
+class HealthCause(msgspec.Struct, kw_only=True, frozen=True):
+    """One device that makes its group's health what it is, and why."""
+
+    device: str
+    state: HealthState
+    reason: str
+
+
+class Health(_Envelope, tag="health", kw_only=True, frozen=True):
+    """A cell's, line's, area's or site's health, the worst of its devices' (rule:
+    uns-schema/README.md, Health); retained at ``{path}/_health``."""
+
+    level: HealthLevel
+    path: str
+    """The group: ``enterprise/site``, ``…/area``, ``…/area/line`` or ``…/line/cell``."""
+    state: HealthState
+    devices: Int64 = 0
+    """How many devices of the plant are in the group."""
+    offline: Int64 = 0
+    open_events: Int64 = 0
+    causes: Annotated[list[HealthCause], msgspec.Meta(max_length=MAX_ITEMS)] = []
+    """The devices at the group's state (none when ok)."""
+
+
+Payload = (
+    NodeBirth
+    | NodeDeath
+    | DeviceBirth
+    | DeviceData
+    | DeviceDeath
+    | Event
+    | Command
+    | Reply
+    | Health
+)
 PAYLOAD_TYPES: Final = (
     NodeBirth,
     NodeDeath,
@@ -313,6 +351,7 @@ PAYLOAD_TYPES: Final = (
     Event,
     Command,
     Reply,
+    Health,
 )
 T = TypeVar("T")
 

@@ -89,7 +89,7 @@ async def running(
     /,
     *,
     site: str = "pune",
-    plant: list[tuple[str, str]] | None = None,
+    plant: list[tuple[str, str] | Device] | None = None,
     **settings: Any,
 ) -> AsyncIterator[Node[Any]]:
     """Run ``service_cls`` against ``url`` under ``enterprise``/``site`` for the block, and
@@ -98,11 +98,15 @@ async def running(
 
     ``settings`` are decoded like the service's section of a config file (nested dicts
     allowed; ``metrics_port`` 0 unless given: any free port); ``plant`` gives the config's
-    ``plant.devices`` as (device path, asset type) pairs.
+    ``plant.devices`` as (device path, asset type) pairs or `Device` entries (relations).
     """
     config = UnsConfig(
         namespace=Namespace(enterprise=enterprise, site=site),
-        plant=Plant(devices=[Device(path=p, asset=a) for p, a in plant or []]),
+        plant=Plant(
+            devices=[
+                d if isinstance(d, Device) else Device(path=d[0], asset=d[1]) for d in plant or []
+            ]
+        ),
     )
     s = msgspec.convert({"metrics_port": 0, **settings}, service_cls.Settings, from_attributes=True)
     node: Node[Any] = Node(service_cls.name, s, config, broker_url=url, version="test")

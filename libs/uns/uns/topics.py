@@ -20,6 +20,9 @@ from uns.errors import TopicError
 SLUG: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 LEVELS: Final = ("enterprise", "site", "area", "line", "cell", "device")
 NODE_LEVEL: Final = "_node"
+HEALTH_LEVEL: Final = "_health"
+"""The last level of a group's health topic,
+``{enterprise}/{site}[/{area}[/{line}[/{cell}]]]/_health`` (like ``_node``, never a slug)."""
 
 Stream = Literal["raw", "features", "scores", "events", "cmd"]
 STREAMS: Final[tuple[str, ...]] = get_args(Stream)
@@ -158,6 +161,16 @@ class NodeTopic:
 def node_topic(enterprise: str, site: str, node_id: str, message: NodeMessage) -> str:
     """The topic of a service node's birth, death or command."""
     return str(NodeTopic(enterprise, site, node_id, message))
+
+
+def health_topic(group: tuple[str, ...]) -> str:
+    """The retained health topic of a site, area, line or cell: its 2 to 5 levels, then
+    ``_health``."""
+    if not 2 <= len(group) <= 5:
+        raise TopicError(f"a health group has 2 to 5 levels (site to cell), got {len(group)}")
+    for name, value in zip(LEVELS, group, strict=False):
+        check_slug(value, name)
+    return "/".join((*group, HEALTH_LEVEL))
 
 
 def parse(topic: str) -> DeviceTopic | NodeTopic:
