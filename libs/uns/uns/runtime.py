@@ -490,6 +490,11 @@ class Node(Generic[S]):
         )
         await self.publish(path.topic(stream, "data"), data, qos=qos)
 
+    def owns(self, path: DevicePath) -> bool:
+        """Whether this replica handles ``path`` now (`uns.shard`; always, for one replica):
+        for what a service announces of its own accord, e.g. a stream's birth at start."""
+        return self.shard is None or self.shard.owns_device(str(path))
+
     async def drained(self) -> None:
         """Wait until everything queued so far has been handed to the broker."""
         await self._outbox.empty.wait()

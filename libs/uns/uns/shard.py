@@ -128,7 +128,10 @@ class Shard:
             return True  # not a device's: the handlers judge it
         if not isinstance(parsed, DeviceTopic) or parsed.message not in SHARDED_MESSAGES:
             return True
-        device = str(parsed.path)
+        return self.owns_device(str(parsed.path))
+
+    def owns_device(self, device: str) -> bool:
+        """Whether this replica handles the device at path ``device`` now."""
         mine = self._owners.get(device)
         if mine is None:
             if len(self._owners) >= 100_000:  # made-up paths must not grow it for ever

@@ -225,7 +225,11 @@ class Inference(Service[InferenceSettings]):
         self.models_dir = Path(s.models_dir)
         self.audit_path = Path(s.audit_log)
         self.state_path = (
-            Path(s.state_file) if s.state_file else self.audit_path.parent / "inference-events.json"
+            Path(s.state_file)
+            if s.state_file
+            # replicas keep their open events apart: each its own file
+            else self.audit_path.parent
+            / ("inference-events.json" if node.shard is None else f"{node.id}-events.json")
         )
         self._state_lock = asyncio.Lock()
         self._state_dirty = False
@@ -383,7 +387,10 @@ class Inference(Service[InferenceSettings]):
         for text, device_asset in self.assets.items():
             if device_asset != asset:
                 continue
-            device = self._device_at(DevicePath.parse(text))
+            path = DevicePath.parse(text)
+            if not self.node.owns(path):
+                continue  # another replica's: its first data here (a failover) births it
+            device = self._device_at(path)
             if device is not None:
                 self._check_features(device)
                 await self._ensure_birth(device)  # its scores stream now exists (or changed)

@@ -36,7 +36,7 @@ class InferenceSettings(ServiceSettings, frozen=True):
     state_file: str | None = None
     """Open anomaly events, so a restart goes on with the same ids (and clears them)
     instead of raising them again; ``inference-events.json`` next to ``audit_log`` when
-    absent (one volume keeps both)."""
+    absent (one volume keeps both), ``{node_id}-events.json`` for a replica (``replicas``)."""
     reload_s: PositiveFloat = 2.0
     """How often the models directory is checked for promotions."""
     max_feature_age_s: PositiveFloat = 120.0
