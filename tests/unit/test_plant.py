@@ -135,3 +135,9 @@ def test_an_unknown_device_exits_2(tmp_path: Path):
         app, ["upstream", f"{LINE}/cell-z/ghost", "--config", str(EXAMPLE_CONFIG)]
     )
     assert result.exit_code == 2 and "not a device of the plant" in result.output
+
+
+def test_every_command_has_a_help_page():
+    for command in ("health", "upstream", "downstream"):
+        result = CliRunner().invoke(app, [command, "--help"])
+        assert result.exit_code == 0, result.output

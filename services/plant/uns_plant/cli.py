@@ -30,7 +30,9 @@ QUIET_S = 0.5
 def health(
     path: Annotated[
         str | None,
-        typer.Argument(help="enterprise/site[/area[/line[/cell]]]; the site when absent"),
+        typer.Argument(
+            help="A site, area, line or cell: its path, 2 to 5 levels (the site when absent)"
+        ),
     ] = None,
     config: ConfigOpt = None,
     broker: BrokerOpt = None,
