@@ -31,9 +31,10 @@ async def serve(
             await broker.start()
         except (BrokerError, OSError) as exc:
             cause = exc.__cause__ or exc
-            raise ConfigError(
-                f"services.broker: cannot listen on {settings.host}:{settings.port}: {cause}"
-            ) from None
+            where = f"{settings.host}:{settings.port}"
+            if settings.tls_port is not None:
+                where += f" (TLS: {settings.tls_host}:{settings.tls_port})"
+            raise ConfigError(f"services.broker: cannot listen on {where}: {cause}") from None
     log.info(
         "broker listening on mqtt://%s:%d (%s)",
         settings.host,
