@@ -14,6 +14,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from clitools import Proc
@@ -33,6 +34,8 @@ from uns import (
 from uns.shard import owner
 from uns.testing import Watcher, running, watching
 from uns_featurizer import Featurizer
+from uns_inference import Inference, record
+from uns_inference import cli as inference_cli
 
 pytestmark = pytest.mark.integration
 
@@ -179,3 +182,126 @@ async def test_two_replicas_split_devices_and_fail_over(
             stop_feed.set()
             await feeder
             await other.aclose()
+
+
+WAVE = ["vibration.env_bpfo", "vibration.kurtosis", "vibration.rms"]
+SLOW = ["bearing_temp.mean"]
+PRESSES = [f"shard/pune/stamping/line-3/cell-a/press-{i:02}" for i in range(8)]
+INFERENCE = ("inference-0", "inference-1")
+
+
+def models(root: Path) -> dict[str, Any]:
+    """A signed, promoted press model and the inference settings that serve it."""
+    rng = np.random.default_rng(1)
+    load = rng.normal(size=600)
+    x = np.column_stack(
+        [
+            0.002 * np.exp(0.3 * rng.normal(size=600)),
+            3 + 0.1 * rng.normal(size=600),
+            0.12 + 0.01 * load + 0.003 * rng.normal(size=600),
+            45 + 0.5 * load + 0.2 * rng.normal(size=600),
+        ]
+    )
+    lines = []
+    for i, row in enumerate(x):
+        ts = 1_795_334_400_000 + i * 1000
+        for names in [WAVE] if i % 10 else [SLOW, WAVE]:
+            metrics = [Metric(name=n, value=float(row[(WAVE + SLOW).index(n)])) for n in names]
+            msg = DeviceData(ts=ts, node="featurizer", seq=0, metrics=metrics, window=None)
+            lines.append(record.encode_line(f"{PRESSES[0]}/features/data", ts, False, encode(msg)))
+    data = root / "healthy.jsonl"
+    data.write_bytes(b"".join(lines))
+    key, pub = inference_cli.model_keygen(root / "keys" / "signing")
+    out = root / "build" / "1.0.0"
+    inference_cli.model_train([data], "anomaly", out, asset="press", version="1.0.0")
+    inference_cli.model_sign(out, key)
+    audit = root / "var" / "audit.jsonl"
+    inference_cli.model_promote(out, root / "models", audit_log=audit)
+    return {"models_dir": str(root / "models"), "pubkey": str(pub), "audit_log": str(audit)}
+
+
+async def features_feed(bus: Bus, stop: asyncio.Event) -> None:
+    """What the featurizer publishes per press: a birth, then a window each step."""
+    for device in PRESSES:
+        birth = DeviceBirth(
+            ts=now_ms(),
+            node="featurizer",
+            device=device,
+            bdseq=0,
+            seq=0,
+            metrics=[MetricDef(name=n, datatype="double", unit="1") for n in WAVE + SLOW],
+        )
+        await bus.publish(f"{device}/features/birth", encode(birth), qos=1, retain=True)
+    i = 0
+    while not stop.is_set():
+        values = {"vibration.env_bpfo": 0.002, "vibration.kurtosis": 3.0}
+        values |= {"vibration.rms": 0.12, "bearing_temp.mean": 45.0}
+        for device in PRESSES:
+            metrics = [Metric(name=n, value=v) for n, v in values.items()]
+            data = DeviceData(ts=now_ms(), node="featurizer", seq=(i + 1) % 256, metrics=metrics)
+            await bus.publish(f"{device}/features/data", encode(data), qos=1)
+        i += 1
+        await asyncio.sleep(STEP_S)  # the data rate, not a wait for an event
+
+
+async def test_two_inference_replicas_score_each_device_once_and_fail_over(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    url = mosquitto.url
+    settings = {**models(tmp_path), "replicas": 2}
+    plant = [(d, "press") for d in PRESSES]
+    async with AsyncExitStack() as stack:
+        w: Watcher = await stack.enter_async_context(watching(url, "shard/pune/+/+/+/+/scores/+"))
+        zero = await stack.enter_async_context(
+            running(Inference, url, "shard", plant=plant, node_id="inference-0", **settings)
+        )
+        other = await stack.enter_async_context(AsyncExitStack())
+        one = await other.enter_async_context(
+            running(Inference, url, "shard", plant=plant, node_id="inference-1", **settings)
+        )
+        for node in (zero, one):
+            shard = node.shard
+            assert shard is not None
+            await until(lambda shard=shard: shard.live == set(INFERENCE), shard.changed, 10)
+        expected = {d: owner(d, frozenset(INFERENCE)) for d in PRESSES}
+        assert set(expected.values()) == set(INFERENCE)
+        moved = sorted(d for d, o in expected.items() if o == "inference-1")
+
+        def by(kind: str, since: int = 0) -> dict[str, set[str]]:
+            nodes: dict[str, set[str]] = defaultdict(set)
+            for m in w.messages[since:]:
+                if m.topic.endswith(f"/scores/{kind}") and m.payload:
+                    nodes[m.topic.rsplit("/", 2)[0]].add(decode(m.payload).node)  # type: ignore[attr-defined]
+            return nodes
+
+        def by_count() -> dict[str, int]:
+            n: dict[str, int] = defaultdict(int)
+            for m in w.messages:
+                if m.topic.endswith("/scores/data"):
+                    n[m.topic.rsplit("/", 2)[0]] += 1
+            return n
+
+        stop_feed = asyncio.Event()
+        bus = await stack.enter_async_context(connect(url))
+        feeder = asyncio.create_task(features_feed(bus, stop_feed))
+        try:
+            await until(lambda: len(by("data")) == len(PRESSES), w.changed, 30)
+            # each press scored by its owner alone (its scores births are not: inference-0
+            # loaded its model alone and announced every press; README, Scaling)
+            await until(lambda: min(by_count().values()) >= 4, w.changed, 30)
+            assert by("data") == {d: {o} for d, o in expected.items()}
+
+            before = len(w.messages)
+            ended = time.monotonic()
+            await other.aclose()
+            await until(
+                lambda: all("inference-0" in by("data", before).get(d, ()) for d in moved),
+                w.changed,
+                BOUND_S,
+            )
+            print(f"inference: moved presses scored again in {time.monotonic() - ended:.3f} s")
+            after = by("data", before)
+            assert all(after[d] == {"inference-0"} for d in PRESSES if d not in moved)
+        finally:
+            stop_feed.set()
+            await feeder
