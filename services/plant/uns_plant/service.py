@@ -30,7 +30,10 @@ class PlantService(Service[PlantSettings]):
                 self.groups.setdefault(levels[:n], []).append(state)
         self.published: dict[tuple[str, ...], tuple[object, ...]] = {}
         self.changes = node.metrics.counter(
-            "plant_health_changes_total", "Health messages published on a change", ["level"]
+            "uns_plant_health_changes_total",
+            "Health messages published (each a change of a group's health)",
+            ["level"],
+            zeros=tuple(LEVEL_OF.values()),
         )
         devices = f"{node.enterprise}/{node.site}/+/+/+/+"
         node.subscribe(f"{devices}/raw/birth", DeviceBirth, self.on_birth)
