@@ -302,6 +302,9 @@ async def test_two_inference_replicas_score_each_device_once_and_fail_over(
             print(f"inference: moved presses scored again in {time.monotonic() - ended:.3f} s")
             after = by("data", before)
             assert all(after[d] == {"inference-0"} for d in PRESSES if d not in moved)
+            # the survivor announced the presses it took over again (the retained births
+            # were inference-1's)
+            assert all(by("birth", before).get(d) == {"inference-0"} for d in moved)
         finally:
             stop_feed.set()
             await feeder

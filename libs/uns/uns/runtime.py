@@ -387,6 +387,8 @@ class Node(Generic[S]):
         """This replica's share of the devices; None: every device (one replica)."""
         self._subs: list[_Subscription] = []
         self._devices: dict[tuple[DevicePath, Stream], list[p.MetricDef]] = {}
+        self._disowned: set[tuple[DevicePath, Stream]] = set()
+        """Devices born here that another replica owns now (`uns.shard`)."""
         self._outbox = _Outbox(settings.queue_size, self.metrics)
         self._inbound: asyncio.Queue[tuple[Message, Bus]] = asyncio.Queue(settings.queue_size)
         self._bus: Bus | None = None
@@ -489,6 +491,17 @@ class Node(Generic[S]):
             ts=ts or p.now_ms(), node=self.id, seq=0, metrics=metrics, window=window, model=model
         )
         await self.publish(path.topic(stream, "data"), data, qos=qos)
+
+    async def _reclaim(self) -> None:
+        """The replica set changed: announce again the devices this replica owns anew
+        (another replica's births of them are the retained ones), and leave the ones it
+        lost to their new owner (not replayed on a rebirth)."""
+        for key, metrics in list(self._devices.items()):
+            if not self.owns(key[0]):
+                self._disowned.add(key)
+            elif key in self._disowned:
+                self._disowned.discard(key)
+                await self.device_birth(*key, metrics)
 
     def owns(self, path: DevicePath) -> bool:
         """Whether this replica handles ``path`` now (`uns.shard`; always, for one replica):
@@ -704,6 +717,9 @@ class Node(Generic[S]):
         await bus.publish(base, p.encode(birth), qos=1, retain=True)
         births = 1
         for (path, stream), metrics in list(self._devices.items()):
+            if not self.owns(path):  # another replica's now: its owner announces it
+                self._disowned.add((path, stream))
+                continue
             await bus.publish(path.topic(stream, "death"), b"", qos=1, retain=True)
             dbirth = self._device_birth(path, metrics, self._next_seq())
             await bus.publish(path.topic(stream, "birth"), p.encode(dbirth), qos=1, retain=True)
@@ -853,7 +869,10 @@ class Node(Generic[S]):
             await self._node_command(message)
             return False
         if self.shard is not None:
+            live = set(self.shard.live)
             if self.shard.observe(message.topic, message.retain):
+                if self.shard.live != live:
+                    await self._reclaim()
                 return False
             if not self.shard.owns(message.topic):
                 return False  # another replica's device
