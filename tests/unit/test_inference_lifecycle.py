@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -303,21 +304,27 @@ class Said(list[str]):
         self.subscribed.set()
 
 
-async def test_record_until_idle_stops_once_nothing_comes(memory_url: str, tmp_path: Path) -> None:
-    out = tmp_path / "rec.jsonl"
-    said = Said()
+async def recording(url: str, out: Path, said: Said, **until: Any) -> asyncio.Task[int]:
+    """A recorder of features messages, running, once it said it is subscribed."""
     recorder = asyncio.create_task(
         cli_commands.record_messages(
-            memory_url,
+            url,
             BrokerSettings(),
             "+/+/+/+/+/+/features/#",
             out,
             stop=asyncio.Event(),
-            until_idle=0.3,
             say=said,
+            **until,
         )
     )
     await said.subscribed.wait()  # it says when it is subscribed: nothing sent after is lost
+    return recorder
+
+
+async def test_record_until_idle_stops_once_nothing_comes(memory_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "rec.jsonl"
+    said = Said()
+    recorder = await recording(memory_url, out, said, until_idle=0.3)
     await _publish_features(memory_url, DEV, 5)
     written = await asyncio.wait_for(recorder, 10)
     assert written == 5
@@ -331,19 +338,7 @@ async def test_record_until_replay_end_waits_for_every_replayed_device(
     other = DEV.replace("press-01", "press-02")
     out = tmp_path / "rec.jsonl"
     said = Said()
-    recorder = asyncio.create_task(
-        cli_commands.record_messages(
-            memory_url,
-            BrokerSettings(),
-            "+/+/+/+/+/+/features/#",
-            out,
-            stop=asyncio.Event(),
-            until_replay_end=True,
-            until_idle=0.3,
-            say=said,
-        )
-    )
-    await said.subscribed.wait()
+    recorder = await recording(memory_url, out, said, until_replay_end=True, until_idle=0.3)
     await _publish_features(memory_url, DEV, 3)
     await _publish_features(memory_url, other, 3)
     end = DeviceDeath(
