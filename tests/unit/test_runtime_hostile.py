@@ -788,6 +788,13 @@ def test_ten_thousand_hostile_payloads_into_every_subscription_crash_nothing_and
                 assert accounted() > before, (topic, attack, seed, payload[:300])
 
     try:
+        # A burst of valid rebirth requests (served, coalesced, then refused by rate): the
+        # storm draws one about every 3,000 payloads, too rarely to be sure of the path.
+        burst = p.encode(p.Command(ts=1, name="rebirth", sender="fuzz"))
+        for _ in range(3):
+            before = accounted()
+            loop.run_until_complete(node._dispatch(Message(NODE_CMD, burst), NO_ACK))
+            assert accounted() > before
         storm()
         assert seen["messages"] >= FUZZ_PAYLOADS
         # the storm went through every path, not only the decoder's
