@@ -44,7 +44,10 @@ from uns.topics import matches
 ROOT = Path(__file__).resolve().parents[2]
 ENTERPRISE, SITE = "acme", "pune"
 SERVICES = ("bridge", "featurizer", "inference", "modbus-adapter", "opcua-adapter", "simulator")
-"""What `uns up` runs for the example plant (demo is disabled there)."""
+"""The pipeline's services, which the suite hurts and checks one by one."""
+RUNNING = (*SERVICES, "plant")
+"""What `uns up` runs for the example plant (demo is disabled there): the pipeline and the
+plant view (line health), which the faults do not target yet."""
 FORWARDED = (
     "+/+/+/+/+/+/features/#",
     "+/+/+/+/+/+/scores/#",

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from system.plant import DEVICES, SERVICES, System, rss_mb, wait_for
+from system.plant import DEVICES, RUNNING, System, rss_mb, wait_for
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -217,7 +217,7 @@ def burst(plant: System, report: Any, case: str, seconds: float) -> None:
         assert peak[name] <= bound, (
             f"{name}: RSS {peak[name]:.0f} MB (baseline {baseline[name]:.0f})"
         )
-    assert set(plant.pids()) == set(SERVICES)
+    assert set(plant.pids()) == set(RUNNING)
 
 
 def drain(plant: System, since: float) -> float:
