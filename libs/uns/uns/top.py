@@ -233,8 +233,7 @@ class PlantView:
         return f"{', '.join(down)} offline", "yellow"
 
     def _device_table(self, now: float) -> Table:
-        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-        for column, justify in (
+        table = _table(
             ("device", "left"),
             ("state", "left"),
             ("score", "right"),
@@ -244,8 +243,7 @@ class PlantView:
             ("open events", "left"),
             ("msg/s", "right"),
             ("last seen", "right"),
-        ):
-            table.add_column(column, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+        )
         for path in sorted(self.devices):
             d = self.devices[path]
             state, style = self._state(path)
@@ -280,8 +278,7 @@ class PlantView:
         return ""
 
     def _node_table(self) -> Table:
-        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-        for column, justify in (
+        table = _table(
             ("node", "left"),
             ("service", "left"),
             ("version", "left"),
@@ -293,8 +290,7 @@ class PlantView:
             ("reconnects", "right"),
             ("drops", "right"),
             ("journal", "right"),
-        ):
-            table.add_column(column, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+        )
         for key in sorted(self.namespace.nodes):
             info = self.namespace.nodes[key]
             state = self.nodes.get(key, NodeState())
@@ -625,3 +621,11 @@ def _keys(stop: Stop) -> Iterator[None]:
     finally:
         loop.remove_reader(fd)
         termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
+def _table(*columns: tuple[str, str]) -> Table:
+    """A frame's table: (header, justify) per column, one line per row."""
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for column, justify in columns:
+        table.add_column(column, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    return table
