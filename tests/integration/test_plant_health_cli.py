@@ -49,7 +49,7 @@ async def test_health_prints_the_line_its_cells_and_the_cause(amqtt_broker, tmp_
     )
     async with (
         watching(url, f"{LINE}/+/_health") as w,
-        running(PlantService, url, "acme", plant=plant),
+        running(PlantService, url, "acme", plant=plant, state_file=str(tmp_path / "e.json")),
     ):
         await w.publish(f"{PRESS}/events/anomaly", raised)
         await w.wait(lambda: any(m.payload and b'"critical"' in m.payload for m in w.messages))

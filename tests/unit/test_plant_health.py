@@ -63,11 +63,13 @@ def event(device: str, state: str, severity: str = "critical") -> Event:
     )
 
 
-async def test_a_critical_event_on_a_critical_asset_makes_its_line_critical_until_cleared():
+async def test_a_critical_event_on_a_critical_asset_makes_its_line_critical_until_cleared(
+    tmp_path: Path,
+) -> None:
     async with (
         memory_broker() as url,
         watching(url, "acme/#") as w,
-        running(PlantService, url, "acme", plant=PLANT),
+        running(PlantService, url, "acme", plant=PLANT, state_file=str(tmp_path / "events.json")),
     ):
         await born(w)
         await until(w, LINE, "ok")
@@ -83,11 +85,13 @@ async def test_a_critical_event_on_a_critical_asset_makes_its_line_critical_unti
     assert health(w, "acme/pune/stamping/line-4").state == "ok"  # type: ignore[union-attr]
 
 
-async def test_a_device_going_offline_changes_its_line_and_coming_back_restores_it():
+async def test_a_device_going_offline_changes_its_line_and_coming_back_restores_it(
+    tmp_path: Path,
+) -> None:
     async with (
         memory_broker() as url,
         watching(url, "acme/#") as w,
-        running(PlantService, url, "acme", plant=PLANT),
+        running(PlantService, url, "acme", plant=PLANT, state_file=str(tmp_path / "events.json")),
     ):
         await born(w)
         await until(w, LINE, "ok")
@@ -101,11 +105,11 @@ async def test_a_device_going_offline_changes_its_line_and_coming_back_restores_
     assert line.offline == 1 and line.causes[0].reason == "offline on a high asset"
 
 
-async def test_a_medium_or_low_asset_makes_its_line_at_most_warning():
+async def test_a_medium_or_low_asset_makes_its_line_at_most_warning(tmp_path: Path) -> None:
     async with (
         memory_broker() as url,
         watching(url, "acme/#") as w,
-        running(PlantService, url, "acme", plant=PLANT),
+        running(PlantService, url, "acme", plant=PLANT, state_file=str(tmp_path / "events.json")),
     ):
         await born(w)
         await until(w, LINE, "ok")

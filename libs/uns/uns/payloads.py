@@ -329,6 +329,9 @@ class Health(_Envelope, tag="health", kw_only=True, frozen=True):
     open_events: Int64 = 0
     causes: Annotated[list[HealthCause], msgspec.Meta(max_length=MAX_ITEMS)] = []
     """The devices at the group's state (none when ok)."""
+    node: str = ""
+    """The node id of the plant service that published it: the message is current while
+    that node's birth stands and no death does (uns-schema/README.md, Health)."""
 
 
 Payload = (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Annotated
 
 import typer
@@ -38,11 +39,12 @@ def health(
     broker: BrokerOpt = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the first message")] = 3.0,
 ) -> None:
-    """Print the retained health of PATH and of every group under it (exit 1: none)."""
+    """Print the retained health of PATH and of every group under it (exit 1: none, or
+    stale: the plant service that published it is offline, so it may be out of date)."""
     from uns import Bus, PayloadError, decode
     from uns.errors import TopicError
-    from uns.payloads import Health
-    from uns.topics import HEALTH_LEVEL, health_topic
+    from uns.payloads import Health, NodeDeath
+    from uns.topics import HEALTH_LEVEL, NODE_LEVEL, health_topic
 
     loaded = load_config(config)
     ns = loaded.config.namespace
@@ -53,41 +55,72 @@ def health(
         raise fail(str(exc)) from None
     url, settings = broker_target(loaded, broker)
     filters = ["/".join((*group, *("+",) * n, HEALTH_LEVEL)) for n in range(6 - len(group))]
+    births = f"{ns.enterprise}/{ns.site}/{NODE_LEVEL}/+/birth"
+    deaths = f"{ns.enterprise}/{ns.site}/{NODE_LEVEL}/+/death"
 
-    async def work(bus: Bus) -> dict[str, Health]:
-        for f in filters:
+    async def work(bus: Bus) -> tuple[dict[str, Health], set[str], dict[str, NodeDeath]]:
+        for f in (*filters, births, deaths):
             await bus.subscribe(f, qos=1)
         found: dict[str, Health] = {}
+        born: set[str] = set()
+        dead: dict[str, NodeDeath] = {}
         wait = timeout
         messages = aiter(bus.messages())
         try:
             while True:
                 async with asyncio.timeout(wait):
                     message = await anext(messages)
+                if not message.payload:
+                    continue
+                levels = message.topic.split("/")
+                node = levels[3] if levels[2] == NODE_LEVEL else None
+                if node is not None:  # retained: they come with the health, not alone
+                    if message.topic.endswith("/birth"):
+                        born.add(node)
+                    else:
+                        with contextlib.suppress(PayloadError):
+                            dead[node] = decode(message.payload, NodeDeath)
+                    continue
                 wait = QUIET_S
-                if message.payload:
-                    try:
-                        found[message.topic] = decode(message.payload, Health)
-                    except PayloadError:
-                        continue
+                try:
+                    found[message.topic] = decode(message.payload, Health)
+                except PayloadError:
+                    continue
         except (TimeoutError, StopAsyncIteration):
-            return found
+            return found, born, dead
 
-    async def main(stop: Stop) -> dict[str, Health] | None:
+    async def main(stop: Stop) -> tuple[dict[str, Health], set[str], dict[str, NodeDeath]] | None:
         return await on_broker(url, settings, stop, work)
 
-    found = run_client(main)
+    answer = run_client(main)
+    found, born, dead = answer if answer is not None else ({}, set(), {})
     if not found:
         raise fail(f"no health published under {'/'.join(group)} (is `uns run plant` running?)", 1)
+    stale: dict[str, str] = {}
+    for h in found.values():
+        if not h.node:  # from a plant service older than the node field: cannot tell
+            continue
+        if h.node in dead:
+            stale[h.node] = f"its node {h.node!r} died ({dead[h.node].reason})"
+        elif h.node not in born:
+            stale[h.node] = f"its node {h.node!r} has no birth"
     for topic in sorted(found):
         h = found[topic]
         depth = h.path.count("/") - len(group) + 1
+        mark = " (stale)" if h.node in stale else ""
         typer.echo(
             f"{'  ' * depth}{h.state:<8} {h.level:<4} {h.path}  ({h.devices} devices,"
-            f" {h.offline} offline, {h.open_events} open events)"
+            f" {h.offline} offline, {h.open_events} open events){mark}"
         )
         for cause in h.causes:
             typer.echo(f"{'  ' * depth}    {cause.device}: {cause.reason}")
+    if stale:
+        raise fail(
+            "stale: the plant service is offline, this is the last health it published ("
+            + "; ".join(stale.values())
+            + ")",
+            1,
+        )
 
 
 def _graph_answer(device: str, config: ConfigOpt, downstream: bool) -> None:

@@ -19,6 +19,11 @@ class PlantSettings(ServiceSettings, frozen=True):
     """A device whose RUL (scores stream, ``rul``) is at most this is ``warning``; None:
     RUL does not count."""
 
+    state_file: str = "var/plant-events.json"
+    """Where the open events it has seen are kept (written before each event is
+    acknowledged): a restart goes on with them, and its persistent broker session delivers
+    what was raised or cleared while it was away (uns-schema/README.md, Health)."""
+
     def scope(self, config: UnsConfig) -> Scope:
         """Publishes the retained health of every site, area, line and cell; reads every
         device's raw births and deaths, scores and events."""
