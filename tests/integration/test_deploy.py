@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -17,8 +19,10 @@ from typing import Any
 import pytest
 import yaml
 
-from fixtures.brokers import Mosquitto, started_mosquitto
+from fixtures.brokers import started_mosquitto
 from fixtures.need import missing
+from fixtures.output import Lines
+from fixtures.ports import free_port
 from uns.testing import running
 
 pytestmark = pytest.mark.integration
@@ -128,14 +132,45 @@ def test_every_container_restarts_and_every_service_is_checked_by_its_own_metric
         assert spec.get("cap_drop") == ["ALL"], name
 
 
-def test_configuration_is_mounted_read_only_and_state_lives_on_named_volumes():
+BROKER_SECRETS = ROOT / "deploy/secrets/broker"
+"""Where README "Security" has `uns broker secure --compose --out` write the broker's files."""
+
+
+@cache
+def generated(tmp: str) -> Path:
+    """What `uns broker secure` writes for the example plant, in a scratch directory: the
+    layout the compose file mounts from deploy/secrets/broker."""
+    out = Path(tmp) / "broker"
+    result = subprocess.run(
+        [sys.executable, "-m", "uns", "broker", "secure", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def host_file(source: str, tmp: Path) -> Path:
+    """The file a mount or secret names, where a clean clone has it: generated broker
+    files are looked for in what `uns broker secure` writes."""
+    path = Path(source)
+    if path.is_relative_to(BROKER_SECRETS):
+        return generated(str(tmp)) / path.relative_to(BROKER_SECRETS)
+    return path
+
+
+def test_configuration_is_mounted_read_only_and_state_lives_on_named_volumes(tmp_path):
     named = set(resolved()["volumes"])
     for name, spec in resolved()["services"].items():
         for mount in spec.get("volumes", []):
             source, _target, *mode = mount.split(":")
             if source.startswith("/"):  # a file or directory of the host: configuration
                 assert mode == ["ro"], f"{name} mounts {source} writable"
-                assert Path(source).exists(), f"{name} mounts {source}, which does not exist"
+                there = host_file(source, tmp_path)
+                assert there.exists(), f"{name} mounts {source}, which nothing makes"
+                assert there.name != "ca.key", f"{name} is given the CA's private key"
             else:
                 assert source in named, f"{name}: {source} is not a named volume"
     inference, bridge = uns_services()["inference"], uns_services()["bridge"]
@@ -187,6 +222,31 @@ def test_each_container_environment_is_a_configuration_its_service_accepts():
                 assert "cloud" in names
             elif name == "bridge":
                 assert settings.remote is None  # idles until plant.yaml names the cloud
+
+
+def test_every_service_logs_in_as_itself_with_its_own_generated_password(tmp_path):
+    """No anonymous client on the compose Mosquitto: each uns container has its node's user
+    name and a password file, which is the one `uns broker secure` wrote for that node,
+    and no container is handed another's."""
+    from uns import config
+    from uns.secure import node_id
+
+    secrets = resolved()["secrets"]
+    loaded = config.load(ROOT / "uns-schema/plant.yaml")
+    given: dict[str, str] = {}
+    for name, spec in uns_services().items():
+        env = spec["environment"]
+        user = env.get("UNS_BROKER__USERNAME")
+        assert user == node_id(loaded, spec["command"][1]), f"{name} logs in as {user}"
+        assert config.parse_broker_url(env["UNS_BROKER_URL"]).password is None, name
+        mounted = {s["target"]: s["source"] for s in spec.get("secrets", [])}
+        target = Path(env["UNS_BROKER__PASSWORD_FILE"])
+        assert target.parent == Path("/run/secrets"), name
+        source = Path(secrets[mounted[target.name]]["file"])
+        assert source == BROKER_SECRETS / "secrets" / f"{user}.password", name
+        assert host_file(str(source), tmp_path).exists(), f"nothing writes {source}"
+        assert str(source) not in given.values(), f"{name} shares {source}"
+        given[name] = str(source)
 
 
 def test_prometheus_and_grafana_are_given_their_provisioning():
@@ -262,23 +322,127 @@ def test_the_build_context_holds_what_the_image_copies_and_no_secret():
     assert not leaked, f"the build context sends {leaked[:10]}"
 
 
-def test_the_compose_mosquitto_config_starts_a_working_broker(tmp_path):
-    need("mosquitto")
-    conf = (ROOT / "deploy/mosquitto/mosquitto.conf").read_text()
-    conf = conf.replace("listener 1883", "").replace("/mosquitto/data/", f"{tmp_path}/")
-    conf = conf.replace("log_dest stdout", "")
-    broker = Mosquitto(tmp_path, extra=conf.replace("allow_anonymous true", ""))
-    broker.start()
+def _as_mounted(source: Path, target: Path) -> None:
+    """Copy ``source`` to ``target`` as a read-only bind mount shows it: same owner, same
+    mode (the container sees the host's)."""
+    if source.is_dir():
+        target.mkdir()
+        for child in source.iterdir():
+            _as_mounted(child, target / child.name)
+    else:
+        shutil.copyfile(source, target)
+    st = source.stat()
+    os.chown(target, st.st_uid, st.st_gid)
+    os.chmod(target, st.st_mode & 0o7777)
+
+
+def test_the_compose_mosquitto_runs_the_generated_policy_as_its_own_user():
+    """deploy/mosquitto/mosquitto.conf with the files `uns broker secure --broker-user`
+    wrote, mounted where docker-compose.yml mounts them, started as root so that Mosquitto
+    drops to its own user before it reads them (as in the image): it starts, refuses
+    anonymous clients and wrong passwords, lets a service in with its password, serves TLS
+    with the local CA's certificate, and the compose health check logs in and passes."""
+    mosquitto = need("mosquitto")
+    import pwd
+
     try:
-        r = subprocess.run(
-            [sys.executable, "-m", "uns", "sub", "#", "--timeout", "0.5", "--broker", broker.url],
+        broker_user = pwd.getpwnam("mosquitto")
+    except KeyError:
+        missing("no mosquitto user (Debian's mosquitto package adds it)", ci="it must")
+    if os.geteuid() != 0:
+        missing("giving the files to the mosquitto user needs root", ci=".ci/run runs as root")
+    spec = resolved()["services"]["mosquitto"]
+    box = Path(tempfile.mkdtemp(prefix="uns-compose-"))  # not under a 0700 pytest directory
+    os.chmod(box, 0o711)
+    try:
+        out = box / "generated"
+        result = subprocess.run(
+            [
+                *(sys.executable, "-m", "uns", "broker", "secure", "--out", str(out)),
+                *("--tls-host", "127.0.0.1", "--broker-user", "mosquitto"),
+            ],
+            cwd=ROOT,
             capture_output=True,
             text=True,
-            timeout=30,
+            timeout=120,
         )
-        assert "never reached" not in r.stderr
+        assert result.returncode == 0, result.stderr
+        # the container's file system: every mount of the compose service, at its target
+        root = box / "container"
+        for mount in spec["volumes"]:
+            source, target, *_ = mount.split(":")
+            if not source.startswith("/") or source.endswith("mosquitto.conf"):
+                continue
+            where = root / target.lstrip("/")
+            where.parent.mkdir(parents=True, exist_ok=True)
+            for parent in [where.parent, *where.parent.parents]:
+                if parent.is_relative_to(root):
+                    os.chmod(parent, 0o755)
+            _as_mounted(out / Path(source).relative_to(BROKER_SECRETS), where)
+        data = root / "mosquitto/data"
+        data.mkdir(parents=True)
+        os.chown(data, broker_user.pw_uid, broker_user.pw_gid)
+        plain, tls = free_port(), free_port()
+        conf = (ROOT / "deploy/mosquitto/mosquitto.conf").read_text()
+        assert "allow_anonymous false" in conf and "listener 8883\n" in conf
+        conf = (
+            conf.replace("/mosquitto/", f"{root}/mosquitto/")
+            .replace("listener 1883\n", f"listener {plain} 127.0.0.1\n")
+            .replace("listener 8883\n", f"listener {tls} 127.0.0.1\n")
+            .replace("log_dest stdout", "log_dest stderr\nlog_type information")
+        )
+        assert "\nuser " not in conf  # the image's default: drop to user mosquitto
+        (box / "mosquitto.conf").write_text(conf)
+        proc = subprocess.Popen(
+            [mosquitto, "-c", str(box / "mosquitto.conf")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            lines = Lines(proc.stdout, name="mosquitto")
+            lines.wait_line(lambda line: " running" in line or "Error" in line, 30)
+            assert "Error" not in lines.text(), lines.text()
+            assert pwd.getpwuid(os.stat(f"/proc/{proc.pid}").st_uid).pw_name == "mosquitto"
+
+            def sub(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+                return subprocess.run(
+                    ["mosquitto_sub", *args],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                    env={"PATH": os.environ["PATH"], **(env or {})},
+                )
+
+            secret = (out / "secrets/featurizer.password").read_text().strip()
+            once = ("-h", "127.0.0.1", "-t", "acme/pune/_node/featurizer/cmd", "-C", "1", "-W", "1")
+            assert "not authorised" in sub("-p", str(plain), *once).stderr.lower()
+            wrong = sub("-p", str(plain), "-u", "featurizer", "-P", "nope", *once)
+            assert "not authorised" in wrong.stderr.lower()
+            ok = sub("-p", str(plain), "-u", "featurizer", "-P", secret, *once)
+            assert "not authorised" not in ok.stderr.lower() and "Timed out" in ok.stderr
+            # TLS with the CA clients are given, by the name the certificate carries
+            ca = str(out / "tls/ca.crt")
+            over_tls = sub("-p", str(tls), "--cafile", ca, "-u", "featurizer", "-P", secret, *once)
+            assert "Timed out" in over_tls.stderr, over_tls.stderr
+            plain_to_tls = sub("-p", str(tls), "-u", "featurizer", "-P", secret, *once)
+            assert "Timed out" not in plain_to_tls.stderr
+            # the compose health check, with the environment compose gives it
+            test = [
+                arg.replace("$$", "$") for arg in spec["healthcheck"]["test"]
+            ]  # compose's escape
+            assert test[:2] == ["CMD", "mosquitto_sub"] and "-P" not in test
+            home = spec["environment"]["XDG_CONFIG_HOME"].replace(
+                "/mosquitto/", f"{root}/mosquitto/"
+            )
+            check = sub(*test[2:], "-p", str(plain), env={"XDG_CONFIG_HOME": home})
+            assert check.returncode == 0 and check.stdout.strip(), check.stderr
+            assert sub(*test[2:], "-p", str(plain)).returncode != 0  # without the login: no
+        finally:
+            proc.kill()
+            proc.wait(10)
     finally:
-        broker.kill()
+        shutil.rmtree(box, ignore_errors=True)
 
 
 # ---- the containers' health check, against a service that runs ---------------------------

@@ -70,6 +70,23 @@ def passwd(
     typer.echo(f"{username} written to {file}")
 
 
+def _owner(option: str, text: str) -> tuple[int, int]:
+    """``UID[:GID]`` or a user name (its own group) as (uid, gid)."""
+    import pwd
+
+    user, _, group = text.partition(":")
+    try:
+        if user.isdigit():
+            uid = int(user)
+            gid = int(group) if group else uid
+        else:
+            entry = pwd.getpwnam(user)
+            uid, gid = entry.pw_uid, int(group) if group else entry.pw_gid
+    except (KeyError, ValueError):
+        raise fail(f"{option}: {text!r} is not UID[:GID] or a user of this machine") from None
+    return uid, gid
+
+
 @app.command("secure")
 def secure(
     out: Annotated[
@@ -86,16 +103,42 @@ def secure(
             " certificate is valid for these [default: localhost, 127.0.0.1, this host name]",
         ),
     ] = None,
+    compose: Annotated[
+        bool,
+        typer.Option(
+            help="Give each container's files to the user it runs as in docker-compose.yml:"
+            " Mosquitto's to uid 1883, each service's password to uid 10001 (needs root)",
+        ),
+    ] = False,
+    broker_user: Annotated[
+        str | None,
+        typer.Option(
+            help="UID[:GID] or user name the broker reads its files as (instead of --compose's)"
+        ),
+    ] = None,
+    service_user: Annotated[
+        str | None,
+        typer.Option(
+            help="UID[:GID] or user name the services read their passwords as"
+            " (instead of --compose's)"
+        ),
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Least-privilege broker policy for the config: one random credential per service, an
     operator (may send commands) and a read-only app; Mosquitto's password_file and
     acl_file, and the embedded broker's users and ACL. Passwords are never printed."""
-    from uns_broker.secure import write_policy
+    from uns_broker.secure import COMPOSE_OWNERS, Owners, write_policy
 
     loaded = load_config(config)
+    owners = None
+    if compose or broker_user or service_user:
+        owners = Owners(
+            _owner("--broker-user", broker_user) if broker_user else COMPOSE_OWNERS.broker,
+            _owner("--service-user", service_user) if service_user else COMPOSE_OWNERS.services,
+        )
     try:
-        written = write_policy(loaded, out, rotate=rotate, hosts=tls_host)
+        written = write_policy(loaded, out, rotate=rotate, hosts=tls_host, owners=owners)
     except (ConfigError, ValueError) as exc:
         raise fail(str(exc)) from None
     typer.echo(
@@ -105,6 +148,12 @@ def secure(
         f"Mosquitto: password_file {written.mosquitto_passwords}, acl_file {written.mosquitto_acl}"
     )
     typer.echo(f"embedded broker: services.broker as in {written.amqtt_settings}")
+    typer.echo(f"health check login: XDG_CONFIG_HOME={written.healthcheck.parent} mosquitto_sub")
+    if owners is not None:
+        typer.echo(
+            f"owners: the broker's files uid {owners.broker[0]}, the services' passwords"
+            f" uid {owners.services[0]}"
+        )
     tls = written.tls
     typer.echo(
         f"TLS: CA {tls.ca_cert} (give it to clients), server certificate {tls.server_cert}"
