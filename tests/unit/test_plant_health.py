@@ -145,3 +145,19 @@ def test_every_command_has_a_help_page():
     for command in ("health", "upstream", "downstream"):
         result = CliRunner().invoke(app, [command, "--help"])
         assert result.exit_code == 0, result.output
+
+
+def test_upstream_of_the_example_plants_robot_is_its_conveyor_then_the_four_presses():
+    robot = "acme/pune/stamping/line-3/cell-b/robot-01"
+    result = CliRunner().invoke(app, ["upstream", robot, "--config", str(EXAMPLE_CONFIG)])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        "acme/pune/stamping/line-3/cell-b/conveyor-01",
+        *(f"acme/pune/stamping/line-3/cell-a/press-0{n}" for n in range(1, 5)),
+    ]
+    result = CliRunner().invoke(app, ["downstream", robot, "--config", str(EXAMPLE_CONFIG)])
+    assert result.exit_code == 0 and result.output == ""
+    result = CliRunner().invoke(
+        app, ["upstream", "acme/pune/x/y/z/nope", "--config", str(EXAMPLE_CONFIG)]
+    )
+    assert result.exit_code == 2 and "not a device of the plant" in result.output

@@ -152,7 +152,8 @@ class PlantService(Service[PlantSettings]):
             msg.ack()
             return
         before = dict(d.events)
-        if event.state == "cleared":
+        if event.state == "cleared" or event.severity == "info":
+            # info is no fault (e.g. the simulator's ground truth, events/sim_fault)
             d.events.pop(event.id, None)
         else:
             d.events[event.id] = (event.kind, event.severity)
