@@ -2,8 +2,11 @@
 
 Every data set goes through the code the services run: the featurizer's window
 maths, ``uns model train`` (recording -> ONNX + card), onnxruntime on the
-exported graph, and the inference service's event state machine. The data sets
-come from ``UNS_DATASETS`` and are never copied into the repository.
+exported graph, and the inference service's event state machine. Their scores and events
+are written as a ``uns record`` file of the inference's output, and the figures of CWRU,
+NAB and C-MAPSS are computed from it by ``uns eval``'s code (`uns_eval.cli.evaluate_files`):
+what a user gets from ``uns eval`` on their own recording is what the README shows. The
+data sets come from ``UNS_DATASETS`` and are never copied into the repository.
 
 Data sets: CWRU bearings (real vibration), NAB machine temperature (a real slow tag
 with a real failure), C-MAPSS FD001 (turbofan runs to failure: remaining useful life)
@@ -25,7 +28,8 @@ from typing import Any, Final
 import msgspec
 import numpy as np
 
-from uns import DeviceData, Metric, Window
+from uns import DeviceData, Event, Metric, Window
+from uns_eval.cli import evaluate_files
 from uns_inference import model_train, onnxmodel
 from uns_inference.events import EventState, Hysteresis
 
@@ -84,6 +88,40 @@ def _write_recording(
             f.write(msgspec.json.encode(line) + b"\n")
 
 
+def _write_scores(
+    path: Path,
+    scored: Iterable[tuple[str, Window, dict[str, float], str | None]],
+    *,
+    append: bool = False,
+) -> None:
+    """Scores (and raised events) as the inference publishes them and ``uns record`` writes
+    them: ``{device}/scores/data`` per window, ``{device}/events/anomaly`` right after the
+    score that raised an event. ``scored``: (device, window, score metrics, raised), raised
+    being None or the event's ``started`` as text."""
+    with path.open("ab" if append else "wb") as f:
+        for i, (device, window, metrics, raised) in enumerate(scored):
+            data = DeviceData(
+                ts=window.end,
+                node="eval",
+                seq=i % 256,
+                window=window,
+                metrics=[Metric(name=k, value=v) for k, v in metrics.items()],
+            )
+            line = {"topic": f"{device}/scores/data", "retained": False, "payload": data}
+            f.write(msgspec.json.encode(line) + b"\n")
+            if raised is not None:
+                event = Event(
+                    ts=window.end,
+                    id=f"eval-{i}",
+                    kind="anomaly",
+                    state="raised",
+                    device=device,
+                    started=int(raised),
+                )
+                line = {"topic": f"{device}/events/anomaly", "retained": False, "payload": event}
+                f.write(msgspec.json.encode(line) + b"\n")
+
+
 def _slow_windows(
     ts_ms: Sequence[int], values: Sequence[float], length_ms: int, hop_ms: int
 ) -> Iterator[tuple[Window, dict[str, float]]]:
@@ -136,26 +174,54 @@ def cwru(root: Path, work: Path) -> dict[str, Any]:
     )
     model = onnxmodel.load(target, None, allow_unsigned=True)
     raise_ = card.thresholds.raise_ if card.thresholds else float("inf")
-    out: dict[str, Any] = {
-        "train_windows": len(train),
-        "features": len(card.features),
-        "threshold": raise_,
-    }
-    out["normal_flagged"] = float((_score(model, card.features, held_out) >= raise_).mean())
-    out["normal_windows"] = len(held_out)
-    faults = {}
+    base = "eval/cwru/rig/drive-end/motor"
+    scored: list[tuple[str, list[dict[str, float]]]] = [("normal", held_out)]
     for f in sorted(data.glob("12k_Drive_End_*.npz")):
         d = np.load(f)
         frows = [
             _features(w, float(d["rpm"]))
             for w in _windows(d["DE"].astype(np.float64), CWRU_WINDOW, CWRU_WINDOW)
         ]
-        faults[f.stem.removeprefix("12k_Drive_End_")] = (
-            float((_score(model, card.features, frows) >= raise_).mean()),
-            len(frows),
+        scored.append((f.stem.removeprefix("12k_Drive_End_"), frows))
+    rec = work / "cwru-scores.jsonl"
+    _write_scores(
+        rec,
+        (
+            (f"{base}/{name}", Window(start=ts - 1000, end=ts, good=1, total=1), m, None)
+            for name, frows in scored
+            for ts, m in _scores_of(model, card.features, frows, raise_)
+        ),
+    )
+    # every window of a fault file is labelled; the normal file's none
+    labels = work / "cwru-labels.json"
+    windows = [["2000-01-01T00:00:00Z", "2100-01-01T00:00:00Z"]]
+    labels.write_text(json.dumps({f"{base}/{name}": windows for name, _ in scored[1:]}))
+    report = evaluate_files(rec, labels=labels)
+    per = report["per_device"]
+    normal = per[f"{base}/normal"]
+    return {
+        "train_windows": len(train),
+        "features": len(card.features),
+        "threshold": raise_,
+        "normal_flagged": normal["false_alarm_rate"],
+        "normal_windows": normal["points"],
+        "faults": {
+            name: (per[f"{base}/{name}"]["recall"], per[f"{base}/{name}"]["points"])
+            for name, _ in scored[1:]
+        },
+        "report": report,
+    }
+
+
+def _scores_of(
+    model: onnxmodel.OnnxModel, names: list[str], rows: list[dict[str, float]], raise_: float
+) -> Iterator[tuple[int, dict[str, float]]]:
+    """(data time, score metrics) of each row, 1 s apart."""
+    for i, score in enumerate(_score(model, names, rows)):
+        yield (
+            1_700_000_000_000 + i * 1000,
+            {"anomaly_score": float(score), "anomaly_threshold": raise_},
         )
-    out["faults"] = faults
-    return out
 
 
 NAB_FILE = "realKnownCause/machine_temperature_system_failure.csv"
@@ -233,14 +299,30 @@ def nab(root: Path, work: Path) -> dict[str, Any]:
         assert t is not None
         h = Hysteresis.of(t.raise_, t.clear, t.min_raise_s, t.min_clear_s, t.critical)
         state = EventState()
-        raised = []
+        scores_rec = work / f"nab-{hours}h-scores.jsonl"
+        scored = []
         for (w, _), score in zip(feats, scores, strict=True):
             transition = state.update(w.end, float(score), h)
-            if transition is not None and transition.state == "raised":
-                raised.append(transition.ts)
-        after = [e for e in raised if e > train_end]
-        inside = [sum(a <= e <= b for e in after) for a, b in windows]
-        false = [e for e in after if not any(a <= e <= b for a, b in windows)]
+            raised = (
+                str(transition.started)
+                if transition is not None and transition.state == "raised"
+                else None
+            )
+            scored.append(
+                (device, w, {"anomaly_score": float(score), "anomaly_threshold": t.raise_}, raised)
+            )
+        _write_scores(scores_rec, scored)
+        # what a user runs: uns eval RECORDING --labels combined_windows.json --labels-key
+        # FILE --from END_OF_TRAINING
+        report = evaluate_files(
+            scores_rec,
+            labels=data / "labels" / "combined_windows.json",
+            labels_key=NAB_FILE,
+            start=NAB_TRAIN_END,
+        )
+        after = [e["at_ms"] for e in report["events"]]
+        inside = [w["events"] for w in report["windows"]]
+        false = [e["at_ms"] for e in report["events"] if e["window"] is None]
         # The catastrophic failure: the last window's centre (NAB labels the anomaly there).
         # The first warning of it: the first event after the precursor's window.
         failure = (windows[-1][0] + windows[-1][1]) // 2
@@ -252,8 +334,8 @@ def nab(root: Path, work: Path) -> dict[str, Any]:
                 "statistics": list(stats),
                 "train_windows": card.training.rows,
                 "events_per_window": inside,
-                "windows_caught": sum(1 for n in inside if n),
-                "false_events": len(false),
+                "windows_caught": report["event"]["caught"],
+                "false_events": report["event"]["false_events"],
                 "false_at": [_utc(e) for e in false],
                 "first_warning": _utc(warned) if warned else None,
                 "warning_before_failure_h": (
@@ -262,6 +344,7 @@ def nab(root: Path, work: Path) -> dict[str, Any]:
                 "in_window_before_failure_h": (
                     round((failure - caught) / 3_600_000, 1) if caught else None
                 ),
+                "report": report,
             }
         )
     return out
@@ -325,26 +408,49 @@ def cmapss(root: Path, work: Path) -> dict[str, Any]:
         created="eval",
     )
     model = onnxmodel.load(target, None, allow_unsigned=True)
-    last = []
-    for _, rows in sorted(_cmapss_engines(data / "test_FD001.txt").items()):
-        *_, (_, feats) = _cmapss_features(rows)
-        last.append([feats[n] for n in card.features])
-    outputs = model.run(np.array(last, dtype=np.float32))
-    predicted = np.asarray(outputs["rul"], dtype=np.float64)
     raw_truth = np.loadtxt(data / "RUL_FD001.txt")
-    truth = np.minimum(raw_truth, CMAPSS_CAP)
-    error = predicted - truth
-    phm08 = float(np.where(error < 0, np.exp(-error / 13) - 1, np.exp(error / 10) - 1).sum())
-    inside = (truth >= outputs["rul_lower"]) & (truth <= outputs["rul_upper"])
+    rec = work / "cmapss-scores.jsonl"
+    rec.unlink(missing_ok=True)
+    failures = {}
+    for (unit, rows), true_rul in zip(
+        sorted(_cmapss_engines(data / "test_FD001.txt").items()), raw_truth, strict=True
+    ):
+        device = f"eval/cmapss/fleet/fd001/test-cell/engine-{unit:03d}"
+        feats = list(_cmapss_features(rows))
+        outputs = model.run(
+            np.array([[f[n] for n in card.features] for _, f in feats], dtype=np.float32)
+        )
+        _write_scores(
+            rec,
+            (
+                (
+                    device,
+                    w,
+                    {o: float(outputs[o][i]) for o in ("rul", "rul_lower", "rul_upper")},
+                    None,
+                )
+                for i, (w, _) in enumerate(feats)
+            ),
+            append=True,
+        )
+        failures[device] = feats[-1][0].end + int(true_rul * CMAPSS_CYCLE_MS)
+    fail_file = work / "cmapss-failures.json"
+    fail_file.write_text(json.dumps(failures))
+    # what a user runs: uns eval RECORDING --failures FILE --rul-cap 125 (the RUL at each
+    # test series' end, the true RUL clipped at 125 cycles: the standard protocol)
+    report = evaluate_files(rec, failures=fail_file, rul_cap=CMAPSS_CAP)
+    unclipped = evaluate_files(rec, failures=fail_file)
+    last = report["rul"]["at_last_point"]
     return {
-        "engines": len(truth),
+        "engines": report["rul"]["devices"],
         "train_rows": card.training.rows,
         "features": len(card.features),
-        "rmse": float(np.sqrt(np.mean(error**2))),
-        "phm08": phm08,
-        "mae": float(np.mean(np.abs(error))),
-        "rmse_unclipped_truth": float(np.sqrt(np.mean((predicted - raw_truth) ** 2))),
-        "interval_coverage": float(inside.mean()),
+        "rmse": last["rmse"],
+        "phm08": last["phm08"],
+        "mae": last["mae"],
+        "rmse_unclipped_truth": unclipped["rul"]["at_last_point"]["rmse"],
+        "interval_coverage": last["interval_coverage"],
+        "report": report,
     }
 
 
@@ -405,6 +511,8 @@ def simulator(work: Path) -> dict[str, Any]:
 
 
 def main() -> int:
+    """The README's quality table (its rows' figures come from `evaluate_files`, the code of
+    ``uns eval``)."""
     root = os.environ.get("UNS_DATASETS")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -434,6 +542,11 @@ def main() -> int:
         )
         for name, (rate, n) in c["faults"].items():
             print(f"| CWRU | {name} windows flagged | {rate:.1%} of {n} | >= 99% |")
+        pt = c["report"]["point"]
+        print(
+            f"| CWRU | point-wise precision / recall / F1, every file | {pt['precision']:.3f} /"
+            f" {pt['recall']:.3f} / {pt['f1']:.3f} | |"
+        )
         n = nab(Path(root), work)
         for cfg in n["configs"]:
             stats = "+".join(cfg["statistics"])
@@ -442,6 +555,15 @@ def main() -> int:
                 f" labelled windows with an event / false events | {cfg['windows_caught']} of"
                 f" {n['labelled_windows']} / {cfg['false_events']}"
                 f" ({', '.join(cfg['false_at']) or 'none'}) | every window / <= 2 |"
+            )
+            pt, ev = cfg["report"]["point"], cfg["report"]["event"]
+            delay = ev["median_delay_s"]
+            print(
+                f"| NAB | {cfg['window_h']} h, after training: point-wise precision / recall /"
+                f" F1; median detection delay; false events per day |"
+                f" {pt['precision']:.2f} / {pt['recall']:.2f} / {pt['f1']:.2f};"
+                f" {'none' if delay is None else f'{delay / 3600:.1f} h'};"
+                f" {ev['false_per_day']:.3f} | |"
             )
             if cfg["warning_before_failure_h"] is not None:
                 print(
