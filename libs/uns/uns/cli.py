@@ -13,7 +13,7 @@ import logging
 import sys
 import uuid
 from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, NamedTuple
 
 import msgspec
 import typer
@@ -120,20 +120,37 @@ def run(
     run_main(main)
 
 
-def _plan(loaded: LoadedConfig) -> list[tuple[str, bool, int]]:
-    """(name, enabled, default metrics port) of every installed service, in name order.
+class _Planned(NamedTuple):
+    name: str
+    enabled: bool
+    default_port: int
+    node_ids: tuple[str, ...]
+    """One node id, or each replica's (``replicas: N``, `uns.shard`)."""
+
+
+REPLICA_PORT_STEP = 100
+"""Replica j's /metrics port is its service's + 100 j (featurizer-1 on 9505)."""
+
+
+def _plan(loaded: LoadedConfig) -> list[_Planned]:
+    """Every installed service, in name order, with its node ids under ``loaded``.
 
     Only the settings modules are imported (light by rule: `uns` and each package's pure
     logic), so the supervisor keeps no service's libraries resident.
     """
+    from uns.shard import replica_ids
+
     plan = []
     for name, plugin in plugins.services().items():
-        settings = plugin.load_settings()
+        settings_cls = plugin.load_settings()
         try:
-            enabled = loaded.service(name, settings).enabled
+            settings = loaded.service(name, settings_cls)
         except ConfigError as exc:
             raise fail(f"config: {exc}") from None
-        plan.append((name, enabled, settings.default_metrics_port))
+        base = settings.node_id or name
+        n = settings.replicas
+        ids = replica_ids(base, n) if n > 1 else (base,)
+        plan.append(_Planned(name, settings.enabled, settings_cls.default_metrics_port, ids))
     return plan
 
 
@@ -232,7 +249,7 @@ def up(
             " connect over TLS (--tls-port 8883)"
         )
     if secure:
-        from uns.secure import node_id, prepare
+        from uns.secure import prepare
 
         if not plan:
             try:
@@ -286,29 +303,38 @@ def up(
         env["UNS_SERVICES__BRIDGE__REMOTE__ALLOW_PLAINTEXT"] = "true"
         env["UNS_SERVICES__BRIDGE__REMOTE__PROTOCOL"] = "4"
     planned = []
-    for i, (name, enabled, default_port) in enumerate(_plan(loaded)):
-        # a service keeps its own port's offset (demo 9400, opcua-adapter 9401, ...)
-        offset = default_port - 9400 if default_port >= 9400 else 50 + i
-        mport = str(metrics_port + offset if metrics_port else 0)
-        where = f"metrics port {mport}" if mport != "0" else "metrics on a free port"
-        planned.append(f"{name:<16} {where if enabled else 'disabled in the config'}")
-        if not enabled:
+    for i, service in enumerate(_plan(loaded)):
+        name = service.name
+        if not service.enabled:
+            planned.append(f"{name:<16} disabled in the config")
             if not plan:
                 log.info("%s is disabled in the config; not starting it", name)
             continue
-        children.append(
-            Child(
-                name,
-                uns_argv("run", name, "--metrics-port", mport, *common),
-                # in the environment, not argv: every user of the box can read a command
-                # line (ps), and the URL may carry the broker password
-                env={
-                    **env,
-                    "UNS_BROKER_URL": url,
-                    **(policy.service_env(node_id(loaded, name)) if policy else {}),
-                },
+        # a service keeps its own port's offset (demo 9400, opcua-adapter 9401, ...)
+        offset = service.default_port - 9400 if service.default_port >= 9400 else 50 + i
+        replicated = len(service.node_ids) > 1
+        for j, node in enumerate(service.node_ids):
+            step = REPLICA_PORT_STEP * j
+            mport = str(metrics_port + offset + step if metrics_port else 0)
+            where = f"metrics port {mport}" if mport != "0" else "metrics on a free port"
+            label = node if replicated else name
+            planned.append(f"{label:<16} {where}")
+            # a replica is told its node id: `uns.shard` gives it its share of the devices
+            section = f"UNS_SERVICES__{name.upper().replace('-', '_')}__NODE_ID"
+            children.append(
+                Child(
+                    label,
+                    uns_argv("run", name, "--metrics-port", mport, *common),
+                    # in the environment, not argv: every user of the box can read a command
+                    # line (ps), and the URL may carry the broker password
+                    env={
+                        **env,
+                        **({section: node} if replicated else {}),
+                        "UNS_BROKER_URL": url,
+                        **(policy.service_env(node) if policy else {}),
+                    },
+                )
             )
-        )
     shown = redact_url(url)  # the log must not carry the broker password
     if plan:
         where = f"embedded on {host}:{port}" if broker_child else shown
