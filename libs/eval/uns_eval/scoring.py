@@ -7,17 +7,19 @@ or ``rul``/``rul_lower``/``rul_upper``, at the window's end: its data time) and
 
 Labels are intervals of data time per device, from a list of windows (NAB's
 ``combined_windows.json``: ``[[start, end], ...]``, or ``{key: [[start, end], ...]}``) or
-from a CSV's label column (each run of labelled rows one interval, first to last row).
+from a CSV's label column (each run of labelled rows one interval, from its first row to the
+next unlabelled one: a label holds until the next row).
 Times are ISO 8601 (naive = UTC) or epoch milliseconds; a CSV's time cells are read as
 ``uns replay`` reads them (a number below 1e11 is epoch seconds), so that they match the
 data times of the replayed rows.
 
 The figures, all over data time:
 
-- **point-wise**: each scored window is one point, *flagged* when its score is at or above
-  its threshold (the inference's breach rule), *labelled* when its end lies inside a
-  labelled interval; precision, recall, F1, false-alarm rate (normal points flagged) and
-  missed-alarm rate (labelled points not flagged);
+- **point-wise**: each scored window is one point (a window scored more than once counts
+  once, with its last score), *flagged* when its score is at or above its threshold (the
+  inference's breach rule), *labelled* when it holds data of a labelled interval (the
+  window [start, end) overlaps it); precision, recall, F1, false-alarm rate (normal
+  points flagged) and missed-alarm rate (labelled points not flagged);
 - **event-level**: a labelled window is *caught* when an event is raised inside it (its
   raise time: the window end of the score that raised it); its detection delay is the
   first such raise minus the window's start; every raised event outside all windows is a
@@ -100,6 +102,9 @@ class Trace:
     """One device's scores (in data time order) and raised events."""
 
     ts: list[int] = field(default_factory=list)
+    """Data time of each score: the end of the window it scored."""
+    start: list[int] = field(default_factory=list)
+    """The start of that window (its end when the score has no window)."""
     score: list[float] = field(default_factory=list)
     threshold: list[float] = field(default_factory=list)
     rul_ts: list[int] = field(default_factory=list)
@@ -183,6 +188,7 @@ def _add_scores(trace: Trace, data: DeviceData) -> None:
     score, threshold = values.get("anomaly_score"), values.get("anomaly_threshold")
     if _number(score) and _number(threshold):
         trace.ts.append(at)
+        trace.start.append(data.window.start if data.window is not None else at)
         trace.score.append(float(score))  # type: ignore[arg-type]
         trace.threshold.append(float(threshold))  # type: ignore[arg-type]
     rul = values.get("rul")
@@ -240,7 +246,8 @@ def read_windows(path: Path, key: str | None = None) -> dict[str, list[Interval]
 def read_label_column(
     path: Path, column: str, time_column: str | None = None, delimiter: str | None = None
 ) -> list[Interval]:
-    """A CSV's label column as intervals: each run of labelled rows, first to last row."""
+    """A CSV's label column as intervals: each run of labelled rows, from its first row to
+    the next row (the first unlabelled one; the last row when the file ends labelled)."""
     try:
         f = path.open(newline="", encoding="utf-8-sig")
     except OSError as exc:
@@ -286,7 +293,7 @@ def read_label_column(
             if on and start is None:
                 start = t
             elif not on and start is not None:
-                out.append((start, last if last is not None else start))
+                out.append((start, t))  # a label holds until the next row says otherwise
                 start = None
             last = t
         if start is not None:
@@ -374,10 +381,15 @@ def _point(tp: int, fp: int, fn: int, tn: int) -> dict[str, Any]:
     }
 
 
-def _inside(t: NDArray[np.int64], windows: Sequence[Interval]) -> NDArray[np.bool_]:
-    hit = np.zeros(len(t), dtype=bool)
+def _overlaps(
+    start: NDArray[np.int64], end: NDArray[np.int64], windows: Sequence[Interval]
+) -> NDArray[np.bool_]:
+    """Scored windows [start, end) that hold data of a labelled window [a, b) (a score
+    without a window: its time inside [a, b])."""
+    hit = np.zeros(len(end), dtype=bool)
+    instant = start == end
     for a, b in windows:
-        hit |= (t >= a) & (t <= b)
+        hit |= ((start < b) & (end > a)) | (instant & (end >= a) & (end <= b))
     return hit
 
 
@@ -406,6 +418,7 @@ def evaluate(
     false_at: list[tuple[str, int]] = []
     events_at: list[dict[str, Any]] = []
     span_ms = 0
+    repeated = 0
     sources = set()
     for device in sorted(rec.traces):
         trace = rec.traces[device]
@@ -415,11 +428,17 @@ def evaluate(
         ts = ts[keep][order]
         if not len(ts):
             continue
-        score = np.asarray(trace.score, dtype=np.float64)[keep][order]
-        threshold = np.asarray(trace.threshold, dtype=np.float64)[keep][order]
+        # one point per window: a window scored again (an inference scoring each features
+        # message of it) counts once, with its last score
+        last = np.append(ts[1:] != ts[:-1], True)
+        repeated += int((~last).sum())
+        ts = ts[last]
+        start = np.asarray(trace.start, dtype=np.int64)[keep][order][last]
+        score = np.asarray(trace.score, dtype=np.float64)[keep][order][last]
+        threshold = np.asarray(trace.threshold, dtype=np.float64)[keep][order][last]
         windows = list(labels.get(device, []))
         flagged = score >= threshold
-        labelled = _inside(ts, windows)
+        labelled = _overlaps(start, ts, windows)
         tp = int((flagged & labelled).sum())
         fp = int((flagged & ~labelled).sum())
         fn = int((~flagged & labelled).sum())
@@ -475,6 +494,7 @@ def evaluate(
         "from": utc(start_ms) if start_ms is not None else None,
         "to": utc(end_ms) if end_ms is not None else None,
         "point": _point(*totals),
+        "repeated_scores": repeated,
         "event": {
             "source": " and ".join(sorted(sources)),
             "labelled_windows": len(windows_out),
@@ -600,6 +620,11 @@ def summary(report: Mapping[str, Any]) -> list[str]:
             f" {_duration(ev['median_delay_s'])}; false events {ev['false_events']}"
             f" ({_num(ev['false_per_day'], '.2f')} per day over {ev['days']:.1f} device-days)",
         ]
+        if report["repeated_scores"]:
+            lines.append(
+                f"  ({report['repeated_scores']} repeated scores of a window counted once:"
+                " the window's last score)"
+            )
         for w in report["windows"]:
             got = (
                 f"caught at {w['first_event']} ({_duration(w['delay_s'])} in),"
