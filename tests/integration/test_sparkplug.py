@@ -1,0 +1,411 @@
+"""Sparkplug B 3.0 on the wire, checked by an implementation we did not write.
+
+Every message the north edge node (`uns run sparkplug`) publishes is decoded by
+pysparkplug 0.6.1 (tests/integration/sparkplug_peer.py, in its own virtual environment:
+it needs paho-mqtt < 2) and held to the host application's rules: births before data,
+the bdSeq of the NDEATH will equal to the NBIRTH's, seq continuity, every DDATA metric
+known from a birth, a rebirth on NCMD, the primary host's STATE. The south adapter is fed
+by pysparkplug's own EdgeNode.
+
+pysparkplug is found at ``UNS_PYSPARKPLUG_PYTHON`` (default
+``~/.cache/uns-pysparkplug-0.6.1/bin/python``; ``.ci/run`` installs it there): skipped
+where absent, failed in CI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fixtures.brokers import AmqttBroker, Mosquitto
+from fixtures.need import missing
+from uns import DeviceBirth, DeviceData, DeviceDeath, Event, Metric, MetricDef, Waveform, now_ms
+from uns.testing import running, watching
+from uns_sparkplug.north import SparkplugNode
+
+pytestmark = pytest.mark.integration
+
+PEER = Path(__file__).with_name("sparkplug_peer.py")
+PEER_VERSION = "0.6.1"
+ENT, SITE = "acme", "pune"
+PRESS = f"{ENT}/{SITE}/stamping/line-3/cell-a/press-01"
+ROBOT = f"{ENT}/{SITE}/stamping/line-3/cell-b/robot-01"
+PRESS_ID, ROBOT_ID = "stamping.line-3.cell-a.press-01", "stamping.line-3.cell-b.robot-01"
+
+
+def peer_python() -> str:
+    default = Path.home() / f".cache/uns-pysparkplug-{PEER_VERSION}/bin/python"
+    python = os.environ.get("UNS_PYSPARKPLUG_PYTHON") or str(default)
+    if not Path(python).exists():
+        missing(
+            f"pysparkplug not found ({python})",
+            ci=".ci/run must install pysparkplug and set UNS_PYSPARKPLUG_PYTHON",
+            here=f"python3 -m venv {default.parent.parent} && {default.parent}/pip install"
+            f" pysparkplug=={PEER_VERSION}",
+        )
+    return python
+
+
+class Peer:
+    """pysparkplug in a subprocess: JSON lines in, JSON lines out."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[dict[str, Any]] = []
+        self.cursor = 0
+        self.changed = asyncio.Event()
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            self.lines.append(json.loads(raw))
+            self.changed.set()
+        self.changed.set()
+
+    async def next(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 15
+    ) -> dict[str, Any]:
+        """The next line (after the last one returned) that ``predicate`` accepts."""
+        async with asyncio.timeout(timeout):
+            while True:
+                while self.cursor < len(self.lines):
+                    line = self.lines[self.cursor]
+                    self.cursor += 1
+                    if predicate(line):
+                        return line
+                if self._reader.done():
+                    raise AssertionError(f"the peer ended: {self.lines[-5:]}")
+                self.changed.clear()
+                await self.changed.wait()
+
+    async def of(self, kind: str, device: str | None = None) -> dict[str, Any]:
+        return await self.next(
+            lambda m: m["type"] == kind and (device is None or m.get("device") == device)
+        )
+
+    async def send(self, **cmd: Any) -> None:
+        assert self.proc.stdin is not None
+        at = self.cursor
+        self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
+        await self.proc.stdin.drain()
+        await self.next(lambda m: m["type"] == "DONE" and m["op"] == cmd["op"])
+        self.cursor = at  # what came meanwhile is still to be read
+
+    async def born(self, expected: dict[str, set[str]]) -> dict[str, dict[str, Any]]:
+        """DBIRTHs until each device's latest one has (at least) the metrics expected
+        (a device is born again as the births of its streams arrive)."""
+        latest: dict[str, dict[str, Any]] = {}
+        while any(
+            d not in latest or not names <= set(by_name(latest[d])) for d, names in expected.items()
+        ):
+            m = await self.of("DBIRTH")
+            latest[m["device"]] = m
+        return latest
+
+    async def data_with(self, device: str, name: str, value: Any) -> dict[str, Any]:
+        """The next DDATA of ``device`` carrying ``name`` = ``value``."""
+        return await self.next(
+            lambda m: (
+                m["type"] == "DDATA"
+                and m["device"] == device
+                and any(x["name"] == name and x["value"] == value for x in m["metrics"])
+            )
+        )
+
+    def messages(self) -> list[dict[str, Any]]:
+        return [m for m in self.lines if m["type"] not in ("DONE", "READY", "SUBSCRIBED")]
+
+
+async def _peer(*args: str) -> AsyncIterator[Peer]:
+    proc = await asyncio.create_subprocess_exec(
+        peer_python(),
+        str(PEER),
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    peer = Peer(proc)
+    try:
+        yield peer
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        peer._reader.cancel()
+
+
+@pytest.fixture(params=["mosquitto", "amqtt"])
+async def broker(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+    if request.param == "mosquitto":
+        from fixtures.brokers import started_mosquitto
+
+        m = started_mosquitto(tmp_path)
+        yield m
+        m.kill()
+    else:
+        from fixtures.ports import free_port
+
+        a = AmqttBroker(free_port())
+        await a.start()
+        yield a
+        await a.stop()
+
+
+@pytest.fixture
+async def observer(broker: Any) -> AsyncIterator[Peer]:
+    peer_python()
+    async for peer in _peer("observe", str(broker.port)):
+        await peer.of("READY")
+        yield peer
+
+
+# ---- the namespace the north side mirrors ---------------------------------------------
+
+RAW_DEFS = [
+    MetricDef(name="temperature", datatype="double", unit="degC", low=0, high=120),
+    MetricDef(name="running", datatype="bool"),
+    MetricDef(name="strokes", datatype="int64"),
+    MetricDef(name="offset", datatype="int16"),
+    MetricDef(name="vibration", datatype="waveform", unit="g", rate_hz=10000),
+]
+FEATURE_DEFS = [MetricDef(name="rms", datatype="float", unit="g")]
+
+
+def birth(device: str, stream_defs: list[MetricDef]) -> DeviceBirth:
+    return DeviceBirth(
+        ts=now_ms(), node="adapter", device=device, bdseq=0, seq=0, metrics=stream_defs
+    )
+
+
+def data(*metrics: Metric) -> DeviceData:
+    return DeviceData(ts=now_ms(), node="adapter", seq=1, metrics=list(metrics))
+
+
+def by_name(message: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {m["name"]: m for m in message["metrics"]}
+
+
+# ---- the host application's rules ------------------------------------------------------
+
+
+def check_host_rules(messages: list[dict[str, Any]], edge: str = SITE) -> None:
+    """What a Sparkplug host application requires of an edge node, over everything seen."""
+    errors = [m for m in messages if m["type"] == "ERROR"]
+    assert not errors, f"pysparkplug could not decode: {errors}"
+    mine = [m for m in messages if m.get("edge") == edge and m["type"] != "STATE"]
+    bdseq: int | None = None
+    seq: int | None = None
+    born: dict[str, set[str]] = {}  # device -> metric names of its DBIRTH
+    for m in mine:
+        kind = m["type"]
+        assert not m["retain"], f"{kind} must not be retained"
+        if kind == "NCMD" or kind == "DCMD":
+            continue
+        if kind == "NDEATH":
+            assert bdseq is not None, "NDEATH before any NBIRTH"
+            assert [x["name"] for x in m["metrics"]] == ["bdSeq"]
+            assert m["metrics"][0]["value"] == bdseq, "NDEATH bdSeq differs from the NBIRTH's"
+            assert m["seq"] is None, "an NDEATH has no seq"
+            bdseq, seq, born = None, None, {}
+            continue
+        if kind == "NBIRTH":
+            assert m["seq"] == 0
+            names = by_name(m)
+            assert names["Node Control/Rebirth"]["value"] is False
+            assert names["Node Control/Rebirth"]["datatype"] == "BOOLEAN"
+            bdseq, seq, born = names["bdSeq"]["value"], 0, {}
+            continue
+        assert seq is not None, f"{kind} before the NBIRTH"
+        assert m["seq"] == (seq + 1) % 256, f"seq {m['seq']} after {seq} ({kind})"
+        seq = m["seq"]
+        if kind == "DBIRTH":
+            born[m["device"]] = {x["name"] for x in m["metrics"]}
+            for x in m["metrics"]:
+                assert x["alias"] is not None and x["datatype"] != "UNKNOWN"
+        elif kind == "DDATA":
+            assert m["device"] in born, f"DDATA of {m['device']} before its DBIRTH"
+            for x in m["metrics"]:
+                assert x["name"] in born[m["device"]], f"{x['name']} not in the DBIRTH"
+        elif kind == "DDEATH":
+            born.pop(m["device"], None)
+    aliases: dict[int, str] = {}
+    for m in mine:
+        if m["type"] in ("DBIRTH", "NBIRTH"):
+            for x in m["metrics"]:
+                key = f"{m.get('device')}/{x['name']}"
+                assert aliases.setdefault(x["alias"], key) == key, "an alias names two metrics"
+
+
+# ---- north -------------------------------------------------------------------------
+
+
+async def test_the_namespace_as_an_edge_node_decoded_by_pysparkplug(
+    broker: Any, observer: Peer
+) -> None:
+    async with watching(broker.url, f"{ENT}/#") as ns:
+        await ns.publish(f"{PRESS}/raw/birth", birth(PRESS, RAW_DEFS), retain=True)
+        await ns.publish(f"{PRESS}/features/birth", birth(PRESS, FEATURE_DEFS), retain=True)
+        await ns.publish(f"{ROBOT}/raw/birth", birth(ROBOT, RAW_DEFS[:2]), retain=True)
+        t0 = now_ms() - 5000
+        await ns.publish(
+            f"{PRESS}/raw/data",
+            data(
+                Metric(name="temperature", value=61.5, ts=t0),
+                Metric(name="running", value=True, ts=t0),
+                Metric(name="strokes", value=2**40, ts=t0),
+                Metric(name="offset", value=-3, ts=t0),
+            ),
+            retain=True,
+        )
+        async with running(SparkplugNode, broker.url, ENT, site=SITE, enabled=True) as node:
+            nbirth = await observer.of("NBIRTH")
+            assert nbirth["topic"] == f"spBv1.0/{ENT}/NBIRTH/{SITE}"
+            await observer.born(
+                {PRESS_ID: {"raw/temperature", "features/rms"}, ROBOT_ID: {"raw/running"}}
+            )
+            dbirths = {PRESS_ID, ROBOT_ID}
+
+            # values, datatypes, units and source timestamps
+            await ns.publish(
+                f"{PRESS}/raw/data",
+                data(
+                    Metric(name="temperature", value=62.25, ts=t0 + 1000),
+                    Metric(name="vibration", value=Waveform.from_values([0.1], t0_us=0, rate_hz=1)),
+                ),
+            )
+            ddata = await observer.data_with(PRESS_ID, "raw/temperature", 62.25)
+            assert [(x["name"], x["value"], x["timestamp"]) for x in ddata["metrics"]] == [
+                ("raw/temperature", 62.25, t0 + 1000)
+            ]
+            await ns.publish(
+                f"{PRESS}/raw/data",
+                data(Metric(name="temperature", value=0.0, quality="bad", reason="BadSensor")),
+            )
+            bad = by_name(await observer.data_with(PRESS_ID, "raw/temperature", 0.0))[
+                "raw/temperature"
+            ]
+            assert bad["properties"] == {"Quality": 0, "qualityReason": "BadSensor"}
+            await ns.publish(f"{PRESS}/features/data", data(Metric(name="rms", value=0.5)))
+            rms = by_name(await observer.data_with(PRESS_ID, "features/rms", 0.5))["features/rms"]
+            assert (rms["datatype"], rms["value"]) == ("FLOAT", 0.5)
+
+            # an event adds metrics: the device is born again with them
+            event = Event(
+                ts=now_ms(), id="e1", kind="anomaly", state="raised", device=PRESS,
+                started=now_ms(), severity="critical", score=0.93,
+            )  # fmt: skip
+            await ns.publish(f"{PRESS}/events/anomaly", event)
+            await observer.of("DDEATH", PRESS_ID)
+            reborn = by_name((await observer.born({PRESS_ID: {"events/anomaly/state"}}))[PRESS_ID])
+            assert reborn["events/anomaly/state"]["value"] == "raised"
+            assert reborn["events/anomaly/score"]["value"] == 0.93
+            temp = reborn["raw/temperature"]
+            assert (temp["datatype"], temp["value"]) == ("DOUBLE", 0.0)
+            assert temp["properties"]["engUnit"] == "degC"
+            assert temp["properties"]["engHigh"] == 120
+            assert temp["properties"]["Quality"] == 0
+            assert reborn["raw/strokes"]["value"] == 2**40
+            assert reborn["raw/offset"]["value"] == -3
+            assert reborn["raw/offset"]["datatype"] == "INT16"
+            assert "raw/vibration" not in reborn, "waveforms are mirrored only by opt-in"
+
+            # NCMD rebirth: NBIRTH and every DBIRTH again, same bdSeq
+            await observer.send(op="rebirth", group=ENT, edge=SITE)
+            again = await observer.of("NBIRTH")
+            assert by_name(again)["bdSeq"]["value"] == by_name(nbirth)["bdSeq"]["value"]
+            assert {(await observer.of("DBIRTH"))["device"] for _ in range(2)} == dbirths
+
+            # a write is refused and counted
+            await observer.send(
+                op="dcmd", group=ENT, edge=SITE, device=PRESS_ID, name="raw/temperature", value=1.0
+            )
+            refused = await observer.of("DCMD")
+            assert refused["device"] == PRESS_ID
+            service = node.running
+            assert isinstance(service, SparkplugNode)
+            async with asyncio.timeout(10):
+                while service.writes_refused < 1:
+                    service.changed.clear()
+                    await service.changed.wait()
+            refusals = node.metrics.registry.get_sample_value(
+                "uns_sparkplug_writes_refused_total",
+                {"service": "sparkplug", "reason": "read_only"},
+            )
+            assert refusals == 1
+
+            # a namespace device death: DDEATH
+            await ns.publish(f"{ROBOT}/raw/death", DeviceDeath(ts=now_ms(), node="adapter",
+                             device=ROBOT, bdseq=0, seq=2, reason="lost"))  # fmt: skip
+            await observer.of("DDEATH", ROBOT_ID)
+        # a clean stop says NDEATH (the will is not sent on a clean disconnect)
+        death = await observer.of("NDEATH")
+        assert by_name(death)["bdSeq"]["value"] == by_name(nbirth)["bdSeq"]["value"]
+    check_host_rules(observer.messages())
+
+
+async def test_a_killed_edge_node_dies_by_its_will(
+    tmp_path: Path, broker: Any, observer: Peer
+) -> None:
+    """SIGKILL: the broker publishes the NDEATH will, with the bdSeq of the NBIRTH."""
+    if not isinstance(broker, Mosquitto):
+        pytest.skip("the will of a killed process: Mosquitto (amqtt also runs in this process)")
+    config = tmp_path / "plant.yaml"
+    config.write_text(
+        f"namespace: {{enterprise: {ENT}, site: {SITE}}}\n"
+        f"broker: {{url: {broker.url}}}\n"
+        "services:\n  sparkplug: {enabled: true, metrics_port: 0}\n"
+    )
+    async with watching(broker.url, f"{ENT}/#") as ns:
+        await ns.publish(f"{PRESS}/raw/birth", birth(PRESS, RAW_DEFS), retain=True)
+    proc = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "uns", "run", "sparkplug", "--config", str(config)],
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        nbirth = await observer.of("NBIRTH")
+        await observer.of("DBIRTH", PRESS_ID)
+        proc.send_signal(signal.SIGKILL)
+        death = await observer.of("NDEATH")
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+    assert by_name(death)["bdSeq"]["value"] == by_name(nbirth)["bdSeq"]["value"]
+    check_host_rules(observer.messages())
+
+
+async def test_the_primary_host_state_gates_the_births(broker: Any, observer: Peer) -> None:
+    """NBIRTH only once the primary host is online; its offline: NDEATH, disconnect, and
+    start over with the next bdSeq once it is back."""
+    async with watching(broker.url, f"{ENT}/#") as ns:
+        await ns.publish(f"{PRESS}/raw/birth", birth(PRESS, RAW_DEFS), retain=True)
+    await observer.send(op="state", host="scada", online=False, timestamp=1000)
+    async with running(
+        SparkplugNode, broker.url, ENT, site=SITE, enabled=True, primary_host_id="scada"
+    ):
+        await observer.send(op="state", host="scada", online=True, timestamp=2000)
+        first = await observer.of("NBIRTH")
+        states = [m for m in observer.lines[: observer.cursor] if m["type"] == "STATE"]
+        assert [s["online"] for s in states] == [False, True], "NBIRTH before the host was online"
+        await observer.of("DBIRTH", PRESS_ID)
+        await observer.send(op="state", host="scada", online=False, timestamp=3000)
+        death = await observer.of("NDEATH")
+        assert by_name(death)["bdSeq"]["value"] == by_name(first)["bdSeq"]["value"]
+        await observer.send(op="state", host="scada", online=False, timestamp=3500)
+        await observer.send(op="state", host="scada", online=True, timestamp=4000)
+        second = await observer.of("NBIRTH")
+        states = [m for m in observer.lines[: observer.cursor] if m["type"] == "STATE"]
+        assert states[-1]["online"] is True, "NBIRTH while the host was offline"
+        assert by_name(second)["bdSeq"]["value"] == (by_name(first)["bdSeq"]["value"] + 1) % 256
+        await observer.of("DBIRTH", PRESS_ID)
+    check_host_rules(observer.messages())
