@@ -35,6 +35,7 @@ def test_there_are_examples_of_every_payload_type():
         "cmd",
         "reply",
         "health",
+        "oee",
     }
 
 

@@ -334,6 +334,48 @@ class Health(_Envelope, tag="health", kw_only=True, frozen=True):
     that node's birth stands and no death does (uns-schema/README.md, Health)."""
 
 
+OeeLevel = Literal["line", "cell"]
+OeeWindow = Literal["shift", "hour"]
+
+
+class Oee(_Envelope, tag="oee", kw_only=True, frozen=True):
+    """A line's or cell's OEE over its current shift or the rolling hour, with the inputs it
+    is computed from (rule: uns-schema/README.md, OEE); retained at
+    ``{path}/_oee/{window}``. availability = run_s / planned_s, performance = count /
+    ideal_count, quality = good / count, oee = their product."""
+
+    level: OeeLevel
+    path: str
+    window: OeeWindow
+    shift: str = ""
+    """The shift's name (window ``shift``)."""
+    start: Int64
+    """The window's start (ms): the shift's start, or an hour before ``end``."""
+    end: Int64
+    """The data time it is computed up to (ms)."""
+    final: bool = False
+    """The shift has ended: this is its result."""
+    availability: float
+    performance: float
+    quality: float
+    oee: float
+    planned_s: float
+    """Planned production time: in the shift, outside its breaks, since the first data."""
+    run_s: float
+    ideal_count: float
+    """Parts the run time makes at the ideal cycle times."""
+    count: Int64
+    good: Int64
+    scrap: Int64 = 0
+    devices: Int64 = 0
+    flags: Annotated[dict[str, list[str]], msgspec.Meta(max_length=MAX_ITEMS)] = {}
+    """Flag -> the devices it concerns: ``quality_assumed`` (no quality counter: counted
+    good), ``offline`` (dead for part of the window: not run time), ``counter_reset``,
+    ``counter_rollover``."""
+    node: str = ""
+    """The plant service's node id (stale from its death, like health)."""
+
+
 Payload = (
     NodeBirth
     | NodeDeath
@@ -344,6 +386,7 @@ Payload = (
     | Command
     | Reply
     | Health
+    | Oee
 )
 PAYLOAD_TYPES: Final = (
     NodeBirth,
@@ -355,6 +398,7 @@ PAYLOAD_TYPES: Final = (
     Command,
     Reply,
     Health,
+    Oee,
 )
 T = TypeVar("T")
 

@@ -24,6 +24,11 @@ HEALTH_LEVEL: Final = "_health"
 """The last level of a group's health topic,
 ``{enterprise}/{site}[/{area}[/{line}[/{cell}]]]/_health`` (like ``_node``, never a slug)."""
 
+OEE_LEVEL: Final = "_oee"
+"""The level after a line or cell in its OEE topics,
+``{enterprise}/{site}/{area}/{line}[/{cell}]/_oee/{shift|hour}``."""
+OEE_WINDOWS: Final = ("shift", "hour")
+
 Stream = Literal["raw", "features", "scores", "events", "cmd"]
 STREAMS: Final[tuple[str, ...]] = get_args(Stream)
 # Messages every stream may carry; events and cmd also take their own kinds (slugs).
@@ -171,6 +176,18 @@ def health_topic(group: tuple[str, ...]) -> str:
     for name, value in zip(LEVELS, group, strict=False):
         check_slug(value, name)
     return "/".join((*group, HEALTH_LEVEL))
+
+
+def oee_topic(group: tuple[str, ...], window: str) -> str:
+    """The retained OEE topic of a line (4 levels) or cell (5) over ``window`` (``shift``,
+    ``hour``)."""
+    if not 4 <= len(group) <= 5:
+        raise TopicError(f"an OEE group is a line or a cell (4 or 5 levels), got {len(group)}")
+    if window not in OEE_WINDOWS:
+        raise TopicError(f"an OEE window is one of {', '.join(OEE_WINDOWS)}, got {window!r}")
+    for name, value in zip(LEVELS, group, strict=False):
+        check_slug(value, name)
+    return "/".join((*group, OEE_LEVEL, window))
 
 
 def parse(topic: str) -> DeviceTopic | NodeTopic:

@@ -16,9 +16,10 @@ from pathlib import Path
 import msgspec
 
 from uns import DeviceBirth, DeviceData, DeviceDeath, Event, Inbound, Node, Service, now_ms
-from uns.payloads import Health, HealthLevel
-from uns.topics import DevicePath, health_topic
+from uns.payloads import Health, HealthLevel, Oee, OeeWindow
+from uns.topics import DevicePath, health_topic, oee_topic
 from uns_plant.health import DeviceState, group_health
+from uns_plant.oee import MINUTE_MS, DeviceOee, Totals, totals
 from uns_plant.settings import PlantSettings
 
 LEVEL_OF: dict[int, HealthLevel] = {2: "site", 3: "area", 4: "line", 5: "cell"}
@@ -57,12 +58,31 @@ class PlantService(Service[PlantSettings]):
             ["level"],
             zeros=tuple(LEVEL_OF.values()),
         )
+        calendar = self.settings.oee.calendar()
+        self.calendar = calendar
+        self.oee: dict[str, DeviceOee] = {}
+        self.oee_groups: dict[tuple[str, ...], list[DeviceOee]] = {}
+        for d in node.config.plant.devices:
+            spec = self.settings.oee.spec(d.asset)
+            if spec is None:
+                continue
+            tracker = self.oee[d.path] = DeviceOee(d.path, spec, calendar)
+            levels = DevicePath.parse(d.path).levels
+            for n in (4, 5):
+                self.oee_groups.setdefault(levels[:n], []).append(tracker)
+        self.shift: tuple[str, int, int] | None = None
+        self.m_oee = node.metrics.gauge(
+            "uns_plant_oee",
+            "OEE and its factors per line and cell (uns-schema/README.md, OEE)",
+            ["path", "window", "factor"],
+        )
         self.state_path = Path(self.settings.state_file)
         self._state_lock = asyncio.Lock()
         self._restore_events()
         devices = f"{node.enterprise}/{node.site}/+/+/+/+"
         node.subscribe(f"{devices}/raw/birth", DeviceBirth, self.on_birth)
         node.subscribe(f"{devices}/raw/death", DeviceDeath, self.on_death)
+        node.subscribe(f"{devices}/raw/data", DeviceData, self.on_data)
         node.subscribe(f"{devices}/scores/data", DeviceData, self.on_scores)
         node.subscribe(f"{devices}/events/+", Event, self.on_event, qos=1)
 
@@ -113,7 +133,90 @@ class PlantService(Service[PlantSettings]):
 
     async def run(self) -> None:
         await self.publish_changes()
-        await asyncio.Event().wait()  # the handlers do the work until stopped
+        while True:  # the handlers do the rest until stopped
+            await asyncio.sleep(self.settings.oee.publish_s)
+            await self.publish_oee(now_ms())
+
+    # ---- OEE ------------------------------------------------------------------------------
+
+    async def on_data(self, msg: Inbound[DeviceData]) -> None:
+        msg.ack()
+        tracker = self.oee.get("/".join(msg.topic.split("/")[:6]))
+        if tracker is None:
+            return
+        data = msg.payload
+        for m in data.metrics:
+            if m.quality != "bad":
+                tracker.sample(m.ts or data.ts, m.name, m.value)
+
+    async def publish_oee(self, now: int) -> None:
+        """The OEE of every line and cell over the current shift (and the final of the one
+        that just ended) and the rolling hour."""
+        for tracker in self.oee.values():
+            tracker.advance(now)
+        shift = self.calendar.shift(now)
+        if self.shift is not None and shift != self.shift:
+            name, start, end = self.shift
+            await self._publish_window("shift", name, start, end - 1, final=True)
+        self.shift = shift
+        if shift is not None:
+            await self._publish_window("shift", shift[0], shift[1], now)
+        await self._publish_window("hour", "", now - 59 * MINUTE_MS, now)
+        keep = min(now - 59 * MINUTE_MS, shift[1] if shift else now) // MINUTE_MS
+        for tracker in self.oee.values():
+            tracker.prune(keep)
+
+    async def _publish_window(
+        self, window: OeeWindow, name: str, start: int, end: int, *, final: bool = False
+    ) -> None:
+        for group, trackers in self.oee_groups.items():
+            t = totals(trackers, start // MINUTE_MS, end // MINUTE_MS)
+            if t.planned_s <= 0:
+                continue  # nothing planned (yet): no OEE to tell
+            await self.node.publish(
+                oee_topic(group, window),
+                self._oee(group, window, name, start, end, t, len(trackers), final),
+                qos=1,
+                retain=True,
+            )
+            path = "/".join(group)
+            for factor in ("availability", "performance", "quality", "oee"):
+                self.m_oee.labels(path, window, factor).set(getattr(t, factor))
+
+    def _oee(
+        self,
+        group: tuple[str, ...],
+        window: OeeWindow,
+        name: str,
+        start: int,
+        end: int,
+        t: Totals,
+        devices: int,
+        final: bool,
+    ) -> Oee:
+        return Oee(
+            ts=now_ms(),
+            level="line" if len(group) == 4 else "cell",
+            path="/".join(group),
+            window=window,
+            shift=name,
+            start=start,
+            end=end,
+            final=final,
+            availability=round(t.availability, 6),
+            performance=round(t.performance, 6),
+            quality=round(t.quality, 6),
+            oee=round(t.oee, 6),
+            planned_s=round(t.planned_s, 3),
+            run_s=round(t.run_s, 3),
+            ideal_count=round(t.ideal_count, 3),
+            count=t.count,
+            good=t.good,
+            scrap=t.scrap,
+            devices=devices,
+            flags=t.flags,
+            node=self.node.id,
+        )
 
     def _device(self, topic: str) -> DeviceState | None:
         """The plant device a topic is about (None: not in plant.yaml, so in no group)."""
@@ -121,12 +224,21 @@ class PlantService(Service[PlantSettings]):
 
     async def on_birth(self, msg: Inbound[DeviceBirth]) -> None:
         msg.ack()
+        if (tracker := self.oee.get("/".join(msg.topic.split("/")[:6]))) is not None:
+            tracker.datatypes({m.name: m.datatype for m in msg.payload.metrics})
+            if not msg.retained:  # a retained one is old news: its ts is long past
+                tracker.birth(msg.payload.ts)
+            tracker.online = True
         if (d := self._device(msg.topic)) is not None:
             d.online = True
             await self.publish_changes()
 
     async def on_death(self, msg: Inbound[DeviceDeath]) -> None:
         msg.ack()
+        if (tracker := self.oee.get("/".join(msg.topic.split("/")[:6]))) is not None:
+            if not msg.retained:
+                tracker.death(msg.payload.ts)
+            tracker.online = False
         if (d := self._device(msg.topic)) is not None:
             d.online = False
             await self.publish_changes()

@@ -44,7 +44,8 @@ class Tag:
 
 
 def _tags(names: dict[str, tuple[str, str, float | None, float | None, str]]) -> list[Tag]:
-    """Ten slow tags in one Modbus layout shared by every asset type; names differ by asset."""
+    """Ten slow tags (the press: eleven, with its scrap counter) in one Modbus layout shared
+    by every asset type; names differ by asset."""
     layout = {
         "bearing_temp": ("float", Register("holding", 0, "float32", "big")),
         "aux_temp": ("float", Register("holding", 2, "float32", "little")),
@@ -56,9 +57,12 @@ def _tags(names: dict[str, tuple[str, str, float | None, float | None, str]]) ->
         "count": ("uint32", Register("holding", 6, "uint32", "big")),
         "running": ("bool", Register("coil", 0, "bool")),
         "overload": ("bool", Register("discrete", 0, "bool")),
+        "scrap": ("uint32", Register("holding", 8, "uint32", "big")),  # where it has one
     }
     out = []
     for state, (datatype, register) in layout.items():
+        if state not in names:
+            continue
         name, unit, low, high, description = names[state]
         out.append(Tag(name, state, datatype, unit, low, high, description, register))
     return out
@@ -77,6 +81,7 @@ ASSETS: dict[str, list[Tag]] = {
             "count": ("stroke_count", "1", 0, 4294967295, "Strokes since commissioning"),
             "running": ("run_state", "", None, None, "Press running"),
             "overload": ("overload", "", None, None, "Overload relay tripped"),
+            "scrap": ("scrap_count", "1", 0, 4294967295, "Parts scrapped since commissioning"),
         }
     ),
     "robot": _tags(

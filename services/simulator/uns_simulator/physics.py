@@ -119,6 +119,46 @@ class Fault:
         return self.severity * min(1.0, max(0.0, (now_s - self.started_s) / self.ramp_s))
 
 
+@dataclass(frozen=True)
+class Production:
+    """What stops a machine and spoils its parts (simulated seconds from the machine's
+    start), for OEE: planned stops (``run_state`` false, on the plant's shift calendar),
+    breakdowns (``run_state`` false, unplanned), micro-stops (``run_state`` true but no
+    strokes: a performance loss) and scrap (a share of the strokes, on ``scrap_count``)."""
+
+    planned_stops: tuple[tuple[float, float], ...] = ()
+    """(start_s, duration_s) of each planned stop."""
+    planned_every_s: float = 0.0
+    """> 0: the planned stops repeat with this period (their starts within it)."""
+    breakdowns_per_h: float = 0.0
+    breakdown_s: float = 300.0
+    micro_stops_per_h: float = 0.0
+    micro_stop_s: float = 20.0
+    scrap_rate: float = 0.0
+
+    def planned(self, now_s: float) -> bool:
+        t = now_s % self.planned_every_s if self.planned_every_s > 0 else now_s
+        return any(start <= t < start + length for start, length in self.planned_stops)
+
+
+@dataclass
+class Truth:
+    """What the machine really did (simulated seconds and strokes), from its start: the
+    ground truth an OEE computed from its tags is compared with."""
+
+    planned_stop_s: float = 0.0
+    run_s: float = 0.0
+    """Running (``run_state`` true), micro-stops included."""
+    down_s: float = 0.0
+    """Stopped outside planned stops (breakdowns)."""
+    micro_stop_s: float = 0.0
+    count: int = 0
+    scrap: int = 0
+
+
+COUNTER_MODULUS: Final = 2**32
+"""The counters are uint32 tags: they roll over to 0."""
+
 Reading = tuple[float | int | bool, str | None]
 """A value and, when it is not good, the OPC UA status name of why."""
 
@@ -126,7 +166,14 @@ Reading = tuple[float | int | bool, str | None]
 class Machine:
     """One simulated machine: call `step` with simulated seconds, read `readings`."""
 
-    def __init__(self, asset: str, seed: int, *, rate_hz: float = 10_000.0) -> None:
+    def __init__(
+        self,
+        asset: str,
+        seed: int,
+        *,
+        rate_hz: float = 10_000.0,
+        production: Production | None = None,
+    ) -> None:
         if asset not in MODELS:
             raise ValueError(f"unknown asset type {asset!r}; known: {', '.join(MODELS)}")
         self.asset = asset
@@ -140,6 +187,16 @@ class Machine:
         self.bearing_temp = AMBIENT_C + m.bearing_temp_rise
         self.aux_temp = m.aux_temp
         self.count = 0.0
+        self.scrap = 0
+        self.production = production or Production()
+        self.truth = Truth()
+        self.producing = True
+        """False during a micro-stop (running, but no strokes)."""
+        self._until = 0.0
+        """The end of the current breakdown or micro-stop."""
+        self._broken = False
+        # its own generator: the process signals stay those of a seed without production
+        self._ops = np.random.default_rng(seed + 7_919)
         self.values: dict[str, float | int | bool] = {}
         # vibration generator state, continuous across blocks
         self._vib_t = 0.0
@@ -200,7 +257,9 @@ class Machine:
         aux_target = AMBIENT_C + run * (m.aux_temp - AMBIENT_C + 12.0 * leak)
         self.aux_temp += (aux_target - self.aux_temp) * (1 - math.exp(-dt_s / 600.0))
         rate = run * m.rate * (1 + rng.normal(0, 0.003))
-        self.count += rate / 60.0 * dt_s
+        before = int(self.count)
+        self.count += rate / 60.0 * (dt_s if self.producing else 0.0)
+        self._account(dt_s, int(self.count) - before)
         current = run * m.current * (1 + 0.35 * leak + 0.08 * wear) * (1 + rng.normal(0, 0.01))
         self.values = {
             "bearing_temp": round(self.bearing_temp + rng.normal(0, 0.05), 3),
@@ -210,10 +269,53 @@ class Machine:
             "load": round(run * m.load * (1 - 0.12 * leak) * (1 + rng.normal(0, 0.01)), 1),
             "speed": round(run * m.speed_rpm * (1 + rng.normal(0, 0.001))),
             "rate": round(rate, 1),
-            "count": int(self.count),
+            "count": int(self.count) % COUNTER_MODULUS,
+            "scrap": self.scrap % COUNTER_MODULUS,
             "running": self.running,
             "overload": current > 1.25 * m.current,
         }
+
+    @property
+    def ideal_cycle_s(self) -> float:
+        """Seconds per stroke at the nominal rate."""
+        return 60.0 / self.model.rate
+
+    def _account(self, dt_s: float, strokes: int) -> None:
+        """Book the step just taken (in the state it was taken in) in the truth, then set
+        the state of the next one from the production plan."""
+        p, t = self.production, self.truth
+        if p.planned(self.now_s - dt_s):
+            t.planned_stop_s += dt_s
+        elif not self.running:
+            t.down_s += dt_s
+        else:
+            t.run_s += dt_s
+            if not self.producing:
+                t.micro_stop_s += dt_s
+        if strokes > 0:
+            t.count += strokes
+            if p.scrap_rate > 0:
+                scrapped = int(self._ops.binomial(strokes, p.scrap_rate))
+                self.scrap += scrapped
+                t.scrap += scrapped
+        if dt_s <= 0:
+            return
+        now = self.now_s
+        if self._broken and now >= self._until:
+            self._broken = False
+        if not self.producing and now >= self._until:
+            self.producing = True
+        planned = p.planned(now)
+        if not planned and not self._broken and self._draw(p.breakdowns_per_h, dt_s):
+            self._broken, self._until = True, now + p.breakdown_s
+        idle = planned or self._broken or not self.producing
+        if not idle and self._draw(p.micro_stops_per_h, dt_s):
+            self.producing, self._until = False, now + p.micro_stop_s
+        self.running = not planned and not self._broken
+
+    def _draw(self, per_h: float, dt_s: float) -> bool:
+        """Whether a Poisson process of ``per_h`` fires within ``dt_s``."""
+        return per_h > 0 and bool(self._ops.random() < 1 - math.exp(-per_h * dt_s / 3600))
 
     def readings(self) -> dict[str, Reading]:
         """What the sensors report: process values with sensor faults and dropouts applied."""

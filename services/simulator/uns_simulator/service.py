@@ -11,7 +11,7 @@ from uns.topics import device_filter
 from uns_simulator.catalog import ASSETS, FAULT_EVENT, FAULT_KINDS
 from uns_simulator.modbus_server import ModbusSim
 from uns_simulator.opcua_server import OpcUaSim
-from uns_simulator.physics import MODELS, Machine
+from uns_simulator.physics import MODELS, Machine, Production
 from uns_simulator.settings import SimulatorSettings
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,16 @@ class Simulator(Service[SimulatorSettings]):
         wanted = set(s.devices) if s.devices is not None else None
         self.machines: dict[DevicePath, Machine] = {}
         self.units: dict[DevicePath, int] = {}
+        p = s.production
+        production = Production(
+            planned_stops=tuple((x.at_s, x.duration_s) for x in p.planned_stops),
+            planned_every_s=p.planned_every_s,
+            breakdowns_per_h=p.breakdowns_per_h,
+            breakdown_s=p.breakdown_s,
+            micro_stops_per_h=p.micro_stops_per_h,
+            micro_stop_s=p.micro_stop_s,
+            scrap_rate=p.scrap_rate,
+        )
         self.assets: dict[DevicePath, str] = {}
         for i, device in enumerate(node.config.plant.devices):
             if wanted is not None and device.path not in wanted:
@@ -47,7 +57,9 @@ class Simulator(Service[SimulatorSettings]):
                 )
                 continue
             path = DevicePath.parse(device.path)
-            self.machines[path] = Machine(device.asset, s.seed * 1000 + i, rate_hz=s.rate_hz)
+            self.machines[path] = Machine(
+                device.asset, s.seed * 1000 + i, rate_hz=s.rate_hz, production=production
+            )
             self.assets[path] = device.asset
             self.units[path] = len(self.units) + 1
         self.fault_ids: dict[tuple[DevicePath, str], tuple[str, int]] = {}
@@ -147,6 +159,8 @@ class Simulator(Service[SimulatorSettings]):
                     "asset": self.assets[path],
                     "unit_id": self.units[path],
                     "running": m.running,
+                    # the ground truth of OEE since the start (simulated seconds, strokes)
+                    "truth": {**vars(m.truth), "ideal_cycle_s": m.ideal_cycle_s},
                     "faults": {
                         k: {
                             "severity": f.severity,

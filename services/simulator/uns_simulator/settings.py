@@ -15,6 +15,30 @@ class Endpoint(Strict, frozen=True):
     port: Port = 0
 
 
+class PlannedStop(Strict, frozen=True):
+    at_s: Annotated[float, msgspec.Meta(ge=0)]
+    """Simulated seconds from the start (within ``planned_every_s`` when that is set)."""
+    duration_s: Annotated[float, msgspec.Meta(gt=0)]
+
+
+class Production(Strict, frozen=True):
+    """Losses for OEE, the same for every simulated machine (each draws its own): none by
+    default. Their ground truth is in the ``status`` node command's answer."""
+
+    planned_stops: list[PlannedStop] = []
+    """The machines stop (``run_state`` false): breaks, changeovers."""
+    planned_every_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    """> 0: the planned stops repeat with this period."""
+    breakdowns_per_h: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    """Unplanned stops (``run_state`` false), at random."""
+    breakdown_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    micro_stops_per_h: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    """Short stalls: ``run_state`` stays true but no stroke is counted."""
+    micro_stop_s: Annotated[float, msgspec.Meta(gt=0)] = 20.0
+    scrap_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+    """The share of strokes scrapped (on ``scrap_count``, where the asset has it)."""
+
+
 class SimulatorSettings(ServiceSettings, frozen=True):
     default_metrics_port: ClassVar[int] = 9403
 
@@ -30,6 +54,8 @@ class SimulatorSettings(ServiceSettings, frozen=True):
     """Samples per waveform block (10 blocks/s at 10 kHz)."""
     opcua: Endpoint = Endpoint(port=4840)
     modbus: Endpoint = Endpoint(port=5020)
+    production: Production = Production()
+    """Planned stops, breakdowns, micro-stops and scrap (for OEE)."""
     devices: list[DevicePathText] | None = None
     """Which plant devices to simulate (paths); all of `plant.devices` when absent."""
 
