@@ -100,6 +100,13 @@ class Peer:
         await self.next(lambda m: m["type"] == "DONE" and m["op"] == cmd["op"])
         self.cursor = at  # what came meanwhile is still to be read
 
+    async def kill(self) -> None:
+        """Tell an edge peer to vanish (no DISCONNECT: the broker sends its will)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b'{"op": "kill"}\n')
+        await self.proc.stdin.drain()
+        await self.proc.wait()
+
     async def born(self, expected: dict[str, set[str]]) -> dict[str, dict[str, Any]]:
         """DBIRTHs until each device's latest one has (at least) the metrics expected
         (a device is born again as the births of its streams arrive)."""
@@ -409,3 +416,126 @@ async def test_the_primary_host_state_gates_the_births(broker: Any, observer: Pe
         assert by_name(second)["bdSeq"]["value"] == (by_name(first)["bdSeq"]["value"] + 1) % 256
         await observer.of("DBIRTH", PRESS_ID)
     check_host_rules(observer.messages())
+
+
+# ---- south -------------------------------------------------------------------------
+
+PRESS7 = f"{ENT}/{SITE}/sparkplug/planta/line-1/press-7"
+ARM = f"{ENT}/{SITE}/sparkplug/planta/line-1/arm-2"
+EDGE_METRICS = [
+    {"name": "temperature", "datatype": "DOUBLE", "value": 61.5},
+    {"name": "speed", "datatype": "FLOAT", "value": 1.5},
+    {"name": "running", "datatype": "BOOLEAN", "value": True},
+    {"name": "count", "datatype": "INT32", "value": -5},
+    {"name": "offset", "datatype": "INT8", "value": -3},
+    {"name": "strokes", "datatype": "UINT64", "value": 2**40},
+    {"name": "recipe", "datatype": "STRING", "value": "p7-250t"},
+]
+
+
+@pytest.fixture
+async def edge_peer(broker: Any) -> AsyncIterator[Peer]:
+    peer_python()
+    async for peer in _peer("edge", str(broker.port), "PlantA", "Line 1"):
+        yield peer
+
+
+async def test_an_independent_edge_node_feeds_the_namespace(broker: Any, edge_peer: Peer) -> None:
+    from uns_sparkplug.south import SparkplugAdapter
+
+    async with (
+        watching(broker.url, f"{ENT}/{SITE}/sparkplug/#") as ns,
+        watching(broker.url, "spBv1.0/STATE/#") as states,
+        running(
+            SparkplugAdapter, broker.url, ENT, site=SITE, enabled=True, host_id="uns-pune",
+            rebirth_request_interval_s=0,
+        ) as node,
+    ):  # fmt: skip
+        state = await states.wait_for(lambda m: m.topic == "spBv1.0/STATE/uns-pune")
+        assert json.loads(state.payload)["online"] is True
+        await edge_peer.send(op="connect")
+        await edge_peer.send(op="register", device="Press 7", metrics=EDGE_METRICS)
+        await edge_peer.send(op="register", device="Arm 2", metrics=EDGE_METRICS[:1])
+
+        birth = await ns.next(f"{PRESS7}/raw/birth", DeviceBirth)
+        assert {d.name: d.datatype for d in birth.metrics} == {
+            "temperature": "double", "speed": "float", "running": "bool", "count": "int32",
+            "offset": "int8", "strokes": "uint64", "recipe": "string",
+        }  # fmt: skip
+        first = await ns.next(f"{PRESS7}/raw/data", DeviceData)
+        assert {m.name: m.value for m in first.metrics} == {
+            m["name"]: m["value"] for m in EDGE_METRICS
+        }
+        assert all(m.quality == "good" and m.ts for m in first.metrics)
+
+        await edge_peer.send(
+            op="update", device="Press 7",
+            metrics=[{"name": "temperature", "datatype": "DOUBLE", "value": 62.0}],
+        )  # fmt: skip
+        update = await ns.next(f"{PRESS7}/raw/data", DeviceData)
+        assert [(m.name, m.value) for m in update.metrics] == [("temperature", 62.0)]
+
+        # a lost message: the adapter drops what follows, asks for a rebirth, and the
+        # rebirth brings the current values
+        await edge_peer.send(op="gap")
+        await edge_peer.send(
+            op="update", device="Press 7",
+            metrics=[{"name": "temperature", "datatype": "DOUBLE", "value": 99.0}],
+        )  # fmt: skip
+        ncmd = await edge_peer.of("NCMD")
+        assert ncmd["metrics"] == ["Node Control/Rebirth"]
+        await ns.next(f"{PRESS7}/raw/birth", DeviceBirth)
+        reborn = await ns.next(f"{PRESS7}/raw/data", DeviceData)  # the birth's values
+        assert {m.name: m.value for m in reborn.metrics}["temperature"] == 99.0
+        service = node.running
+        assert isinstance(service, SparkplugAdapter)
+        gaps = node.metrics.registry.get_sample_value(
+            "uns_sparkplug_adapter_dropped_total",
+            {"service": "sparkplug-adapter", "reason": "seq_gap"},
+        )
+        assert gaps == 1
+
+        # a device death, then the edge node's (its will, bdSeq matching)
+        await edge_peer.send(op="deregister", device="Press 7")
+        death = await ns.next(f"{PRESS7}/raw/death", DeviceDeath)
+        assert "DDEATH" in death.reason
+        await edge_peer.kill()
+        arm_death = await ns.next(f"{ARM}/raw/death", DeviceDeath)
+        assert "NDEATH" in arm_death.reason
+    offline = await states.wait_for(lambda m: m.topic == "spBv1.0/STATE/uns-pune")
+    assert json.loads(offline.payload)["online"] is False
+
+
+async def test_the_north_edge_node_read_back_by_the_south_adapter(broker: Any) -> None:
+    """Our own two halves: aliases, units, ranges, quality survive the round trip (the
+    south adapter puts the mirror in another site, so nothing loops)."""
+    from uns_sparkplug.south import SparkplugAdapter
+
+    back = f"{ENT}/mumbai/stamping/line-3/cell-a/press-01"
+    async with watching(broker.url, f"{ENT}/#") as ns:
+        await ns.publish(f"{PRESS}/raw/birth", birth(PRESS, RAW_DEFS), retain=True)
+        async with (
+            running(SparkplugAdapter, broker.url, ENT, site="mumbai", enabled=True),
+            running(SparkplugNode, broker.url, ENT, site=SITE, enabled=True),
+        ):
+            mirrored = await ns.next(f"{back}/raw/birth", DeviceBirth)
+            temp = {d.name: d for d in mirrored.metrics}["raw/temperature"]
+            assert (temp.datatype, temp.unit, temp.low, temp.high) == ("double", "degC", 0, 120)
+            assert "raw/vibration" not in {d.name for d in mirrored.metrics}
+            t0 = now_ms() - 1000
+            await ns.publish(
+                f"{PRESS}/raw/data",
+                data(
+                    Metric(name="temperature", value=70.5, ts=t0),
+                    Metric(name="strokes", value=-(2**40), ts=t0),
+                    Metric(name="offset", value=7, ts=t0, quality="uncertain", reason="drift"),
+                ),
+            )
+            values = await ns.wait_for(
+                lambda m: m.topic == f"{back}/raw/data"
+                and b"70.5" in m.payload
+            )  # fmt: skip
+    got = {m.name: m for m in __import__("uns").decode(values.payload, DeviceData).metrics}
+    assert (got["raw/temperature"].value, got["raw/temperature"].ts) == (70.5, t0)
+    assert got["raw/strokes"].value == -(2**40)
+    assert (got["raw/offset"].quality, got["raw/offset"].reason) == ("uncertain", "drift")
