@@ -23,6 +23,7 @@ SCENARIOS = (
     "4 sensor to alert",
     "5 bridge",
     "6 example plant",
+    "7 sparkplug",
 )
 
 

@@ -28,7 +28,7 @@ def bench(
         list[str] | None,
         typer.Argument(
             metavar="SCENARIO",
-            help="broker, vibration, slowtags, alert, bridge, plant [default: all]",
+            help="broker, vibration, slowtags, alert, bridge, plant, sparkplug [default: all]",
         ),
     ] = None,
     quick: Annotated[

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from uns_bench import alert, bridge, broker, plant, slowtags, vibration
+from uns_bench import alert, bridge, broker, plant, slowtags, sparkplug, vibration
 from uns_bench.context import Context
 from uns_bench.procs import in_process, shutdown_pool
 from uns_bench.report import (
@@ -32,6 +32,7 @@ SCENARIOS: dict[str, Scenario] = {
     "alert": alert.run,
     "bridge": bridge.run,
     "plant": plant.run,
+    "sparkplug": sparkplug.run,
 }
 LEVELLED = ("vibration", "slowtags")
 """The scenarios with a load level in machines (``--machines``)."""
