@@ -42,7 +42,7 @@ typecheck: $(STAMP)
 
 # The example plant's default models, rebuilt from simulated healthy running: same
 # seed and data -> the same model.onnx sha256 as the shipped, signed ones (checked);
-# with keys/models.key present they are signed and promoted instead.
+# a model with no shipped version is signed and promoted when keys/models.key is present.
 model: $(STAMP)
 	$(BIN)/python -m uns_eval.default_models
 

@@ -14,8 +14,8 @@ from typing import Any
 import msgspec
 
 from uns import DeviceData, DevicePath, Metric, Window
-from uns_featurizer import FeaturizerSettings, waveform_features
-from uns_simulator import Machine
+from uns_featurizer import FeaturizerSettings, SlowWindow, slow_features, waveform_features
+from uns_simulator import ASSETS, Machine
 
 
 def feature_records(
@@ -72,4 +72,71 @@ def feature_records(
                 "retained": False,
                 "payload": msgspec.to_builtins(data),
                 "truth": {k: round(f.level(machine.now_s), 4) for k, f in machine.faults.items()},
+            }
+
+
+def slow_feature_records(
+    asset: str,
+    tags: dict[str, float],
+    *,
+    machines: int = 4,
+    minutes: int = 240,
+    seed: int = 1,
+    window_s: float = 60.0,
+    hop_s: float = 10.0,
+    enterprise: str = "acme",
+) -> Iterator[dict[str, Any]]:
+    """Slow-tag feature records of simulated machines as the live pipeline makes them: each
+    tag in ``tags`` (name -> poll period, s) read at its period, sent only when it changed
+    (the adapters report by exception), windowed by the featurizer's `SlowWindow` and
+    `slow_features`; one record per machine per hop with every tag's statistics of that
+    window (the window's end, as one per-device features message carries them)."""
+    by_name = {t.name: t.state for t in ASSETS[asset]}
+    unknown = sorted(set(tags) - set(by_name))
+    if unknown:
+        raise ValueError(f"{asset} has no tag {', '.join(unknown)}; known: {', '.join(by_name)}")
+    dt_s = min(tags.values())
+    every = {name: max(1, round(period / dt_s)) for name, period in tags.items()}
+    length_ms, hop_ms = int(window_s * 1000), int(hop_s * 1000)
+    t0_ms = 1_700_000_000_000
+    for i in range(machines):
+        machine = Machine(asset, seed * 1000 + i)
+        path = DevicePath(enterprise, "sim", "eval", "line-1", "cell-a", f"{asset}-{i + 1:02d}")
+        windows = {name: SlowWindow(length_ms=length_ms, hop_ms=hop_ms) for name in tags}
+        last: dict[str, float] = {}
+        closed: dict[int, dict[str, float]] = {}
+        for step in range(int(minutes * 60 / dt_s)):
+            machine.step(dt_s)
+            ts = t0_ms + round(machine.now_s * 1000)
+            readings = machine.readings()
+            for name, n in every.items():
+                if step % n:
+                    continue
+                value = float(readings[by_name[name]][0])
+                if last.get(name) == value:
+                    continue  # unchanged: not sent
+                last[name] = value
+                for wts, wvalues, w in windows[name].add(
+                    ts, value, good=True, seq=None, node="sim"
+                ):
+                    if w.start >= t0_ms:  # a window the featurizer had from its start
+                        feats = slow_features(wts, wvalues)
+                        closed.setdefault(w.end, {}).update(
+                            {f"{name}.{k}": round(v, 9) for k, v in feats.items()}
+                        )
+        for seq, (end, feats) in enumerate(sorted(closed.items())):
+            if len(feats) < 5 * len(tags):
+                continue  # a tag without a window there (the last hop): not a complete row
+            data = DeviceData(
+                ts=end,
+                node="simdata",
+                seq=seq % 256,
+                metrics=[Metric(name=k, value=v) for k, v in sorted(feats.items())],
+                window=Window(start=end - length_ms, end=end, good=1, total=1),
+            )
+            yield {
+                "topic": path.topic("features", "data"),
+                "retained": False,
+                "payload": msgspec.to_builtins(data),
+                "truth": {},
             }

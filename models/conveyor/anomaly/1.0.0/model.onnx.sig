@@ -1,1 +1,1 @@
-0Wf4IXcUUS2ZLEpswLMaxEWrQzCvDkfdIVonVLwC/ka6J+8VbZhNcvitg17vHTbkI/mIjaR++dx5f1Byoh0/Dw==
++r68c+/TxkR8LkTcrWizZVetp5cCTI52nDF3ghXv9GzbTOFhcgME3UnxFg5GWXmY+AI0GP8nCpMHjLkjJ1zjCg==
