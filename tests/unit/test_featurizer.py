@@ -269,6 +269,56 @@ async def test_the_service_publishes_feature_births_and_windows_with_provenance(
     assert units["vibration.rms"] == "g" and units["bearing_temp.slope_per_min"] == "degC/min"
 
 
+async def test_a_devices_slow_tags_go_out_in_one_message_per_window_with_each_tags_provenance(
+    memory_url, prefix
+):
+    """Tags in separate raw messages (each its own seq) still close into one features
+    message per window end, with every tag's features and each tag's own counts."""
+    device = f"{prefix}/pune/stamping/line-3/cell-a/press-01"
+    tags = ("bearing_temp", "oil_temp", "motor_current")
+    t0 = 1_700_000_000_000
+    async with (
+        running(
+            Featurizer,
+            memory_url,
+            prefix,
+            plant=[(device, "press")],
+            slow={"window_s": 1, "hop_s": 1, "stagger": False},
+        ),
+        watching(memory_url, f"{prefix}/+/+/+/+/+/features/data") as w,
+        connect(memory_url) as pub,
+    ):
+        seq = 0
+        for i in range(35):  # 3.5 s, every tag every 100 ms, one raw message per tag
+            for k, tag in enumerate(tags):
+                good = not (tag == "oil_temp" and i in (12, 13))  # two bad samples
+                metric = Metric(
+                    name=tag,
+                    value=20.0 + k + i * 0.01,
+                    quality="good" if good else "bad",
+                )
+                data = DeviceData(ts=t0 + i * 100, node="adapter", seq=seq, metrics=[metric])
+                seq = (seq + 1) % 256
+                await pub.publish(f"{device}/raw/data", encode(data), qos=1)
+        await w.wait_for(lambda _: sum(1 for _ in w.seen) >= 3)  # windows ending at 1, 2, 3 s
+    from uns import decode
+
+    messages: list[DeviceData] = [decode(m.payload) for m in w.seen]
+    assert [m.window.end for m in messages] == [t0 + 1000, t0 + 2000, t0 + 3000]
+    for m in messages:
+        assert m.data_ts == m.window.end  # the data time, found first
+        assert {x.name.rsplit(".", 1)[0] for x in m.metrics} == set(tags)
+        assert set(m.signals) == set(tags)
+        assert m.window.good == sum(s.good for s in m.signals.values())
+        assert m.window.total == sum(s.total for s in m.signals.values())
+    second = messages[1].signals  # 1.0 s to 2.0 s: oil_temp's two bad samples are in it
+    assert (second["oil_temp"].good, second["oil_temp"].total) == (8, 10)
+    assert (second["bearing_temp"].good, second["bearing_temp"].total) == (10, 10)
+    # each tag's own source messages: raw message 3 * i + k carried tag k at sample i
+    assert (second["motor_current"].seq_first, second["motor_current"].seq_last) == (32, 59)
+    assert (messages[1].window.seq_first, messages[1].window.seq_last) == (30, 59)
+
+
 def test_a_slow_hop_below_a_millisecond_is_refused_naming_the_field(tmp_path):
     import subprocess
     import sys

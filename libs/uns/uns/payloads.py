@@ -186,6 +186,20 @@ class Window(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fie
     """The node that published the source data."""
 
 
+class SignalWindow(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=False):
+    """Provenance of one signal's features in a message that carries several signals' (a
+    device's slow tags): its own counts and source messages. Its window's start and end are
+    the message's ``window``'s."""
+
+    good: Int64
+    """Samples of this signal that went into its features."""
+    total: Int64
+    """Samples of this signal seen in the window, good or not."""
+    seq_first: Seq | None = None
+    """``seq`` of the first and last source messages of this signal's samples."""
+    seq_last: Seq | None = None
+
+
 class ModelRef(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=False):
     """Which model produced a score."""
 
@@ -238,13 +252,23 @@ class DeviceBirth(_Envelope, tag="dbirth", kw_only=True, frozen=True):
 class DeviceData(_Envelope, tag="ddata", kw_only=True, frozen=True):
     """Values of the metrics that changed (report by exception) or a waveform block."""
 
+    data_ts: Int64 | None = None
+    """Features and scores: the data time their values describe (ms since epoch), the end
+    of the window they were computed from (``window.end``); ``ts`` is when the message was
+    made. None on raw data (each metric's ``ts`` is its source time)."""
     node: str
     seq: Seq
     metrics: Annotated[list[Metric], msgspec.Meta(max_length=MAX_ITEMS)]
     window: Window | None = None
-    """Features and scores: the raw data they were computed from."""
+    """Features and scores: the raw data they were computed from. A slow-tag features
+    message carries every slow tag of the device for one window: ``good``/``total`` are
+    then summed over its tags, and ``signals`` has each tag's own."""
     model: ModelRef | None = None
     """Scores: the model that computed them."""
+    signals: Annotated[dict[str, SignalWindow], msgspec.Meta(max_length=MAX_ITEMS)] | None = None
+    """Features of several signals in one message (a device's slow tags): signal name (the
+    part of a metric's name before its last ``.``) -> that signal's provenance. None: the
+    one ``window`` is the provenance of every metric (a waveform window)."""
 
 
 END_OF_REPLAY: Final = "end of replay"
@@ -269,6 +293,9 @@ Severity = Literal["info", "warning", "critical"]
 class Event(_Envelope, tag="event", kw_only=True, frozen=True):
     """Something a person should know, once per occurrence (e.g. an anomaly raised/cleared)."""
 
+    data_ts: Int64 | None = None
+    """The data time of the transition (ms since epoch): the window end of the score that
+    raised, updated or cleared it; ``ts`` is when the message was made."""
     id: str
     kind: str
     state: EventState

@@ -479,16 +479,27 @@ class Node(Generic[S]):
         qos: int | None = None,
         window: p.Window | None = None,
         model: p.ModelRef | None = None,
+        signals: dict[str, p.SignalWindow] | None = None,
+        data_ts: int | None = None,
     ) -> None:
         """Queue one data message. ``qos`` by default: 0 for ``raw`` (the high-rate stream,
         latest value wins), 1 for the derived streams the bridge forwards (``features``,
         ``scores``, ``events``): the broker acknowledges each, so none is lost between
         this node and the broker, and it queues them for a persistent-session consumer
-        (the bridge) while that one restarts."""
+        (the bridge) while that one restarts. ``data_ts``: the window's end by default."""
         if qos is None:
             qos = 0 if stream == "raw" else 1
+        if data_ts is None and window is not None:
+            data_ts = window.end
         data = p.DeviceData(
-            ts=ts or p.now_ms(), node=self.id, seq=0, metrics=metrics, window=window, model=model
+            ts=ts or p.now_ms(),
+            data_ts=data_ts,
+            node=self.id,
+            seq=0,
+            metrics=metrics,
+            window=window,
+            model=model,
+            signals=signals,
         )
         await self.publish(path.topic(stream, "data"), data, qos=qos)
 

@@ -21,6 +21,7 @@ from uns import (
     Node,
     Reject,
     Service,
+    SignalWindow,
     Throttled,
     TopicError,
     Waveform,
@@ -80,6 +81,9 @@ class _Device:
     """The birth/death sequence of that birth: an older session's death is stale."""
     dead: bool = False
     """Its announcing node said the device died: nothing is windowed until a new birth."""
+    pending: dict[int, list[_Features]] = field(default_factory=dict)
+    """Slow-tag windows closed but not yet published, by window end: they go out in one
+    message per window end once every slow tag of the device has closed it."""
 
     def forget(self, reason: str) -> None:
         """Drop every window's buffered samples (counted under ``reason``)."""
@@ -94,9 +98,10 @@ class Featurizer(Service[FeaturizerSettings]):
 
     Subscribes to ``+/+/+/+/+/+/raw/birth`` (units, which metrics are waveforms),
     ``+/+/+/+/+/+/raw/data`` and ``+/+/+/+/+/+/raw/death``; publishes
-    ``{device}/features/birth`` and ``{device}/features/data`` (one message per window,
-    with its provenance). Data and deaths are trusted only from the node whose birth
-    announced the device.
+    ``{device}/features/birth`` and ``{device}/features/data``: one message per waveform
+    window, and one per device per slow-tag window end with every slow tag's features and
+    each tag's provenance (``signals``). Data and deaths are trusted only from the node
+    whose birth announced the device.
     """
 
     name = "featurizer"
@@ -183,6 +188,7 @@ class Featurizer(Service[FeaturizerSettings]):
                 short(birth.node),
                 short(device.node),
             )
+            await self._flush_slow(device, force=True)
             device.forget("node_change")
             self._count_device(device)
         elif device.dead:
@@ -236,6 +242,7 @@ class Featurizer(Service[FeaturizerSettings]):
         )
         device.dead = True
         device.speed_rpm = None
+        await self._flush_slow(device, force=True)  # the windows it closed are complete
         device.forget("device_death")
         self._count_device(device)
 
@@ -325,8 +332,29 @@ class Featurizer(Service[FeaturizerSettings]):
             ):
                 slow.append(self._slow(device, name, ts_arr, values, prov))
             self._count(device, name, window_s.excluded)
-        if slow:  # the tags of a message close their windows together: one birth for all
-            await self._publish_all(device, slow, "slow")
+        for r in slow:
+            device.pending.setdefault(r.window.end, []).append(r)
+        if device.pending:
+            await self._flush_slow(device)
+
+    async def _flush_slow(self, device: _Device, *, force: bool = False) -> None:
+        """Publish the pending slow-tag windows that are complete: one message per window
+        end, once each slow tag of the device has closed that window (its next window ends
+        later), or has fallen a hop behind it (a tag gone quiet is not waited for), or some
+        tag has already closed the window after it (a tag late by a whole hop is not
+        waited for either). ``force``: all of them (the device died or changed node)."""
+        hop = self._slow_ms[1]
+        ends = [w.next_end for w in device.slow.values() if w.next_end is not None]
+        ahead = max(ends, default=0)
+        ready = [
+            end
+            for end in sorted(device.pending)
+            if force
+            or ahead > end + hop
+            or all(e > end or e < end for e in ends)  # e == end: that tag may still close it
+        ]
+        for end in ready:
+            await self._publish_slow(device, device.pending.pop(end))
 
     def _room(self, device: _Device, name: str) -> bool:
         """Whether the device may have one more signal windowed (excluded when not)."""
@@ -414,7 +442,7 @@ class Featurizer(Service[FeaturizerSettings]):
             )
             for k in feats
         }
-        return _Features(feats, tag, defs, window)
+        return _Features(feats, tag, defs, window, int(ts[0]), int(ts[-1]))
 
     def _finite(self, device: _Device, signal: str, feats: dict[str, float]) -> dict[str, float]:
         """Only finite features go out (JSON has no inf: it would arrive as null); values
@@ -425,10 +453,9 @@ class Featurizer(Service[FeaturizerSettings]):
             self._exclude("overflow", f"{device.path} {signal}: {', '.join(bad)} not finite")
         return kept
 
-    async def _publish_all(self, device: _Device, results: list[_Features], kind: str) -> None:
-        """One features message per window; features never announced before go into one
-        new birth first (a birth is two QoS 1 round trips that hold up the outbox)."""
-        results = [r for r in results if r.feats]
+    async def _announce(self, device: _Device, results: list[_Features]) -> None:
+        """Features never announced before go into one new birth (a birth is two QoS 1
+        round trips that hold up the outbox)."""
         new = {
             name: MetricDef(
                 name=name,
@@ -444,17 +471,56 @@ class Featurizer(Service[FeaturizerSettings]):
         if new:
             device.announced.update(new)
             await self.node.device_birth(device.path, "features", list(device.announced.values()))
+
+    async def _publish_slow(self, device: _Device, results: list[_Features]) -> None:
+        """One message for the slow-tag windows of one window end: every tag's features,
+        ``window`` over all of them (counts summed, the first and last source messages of
+        all), ``signals`` with each tag's own counts and source messages."""
+        results = [r for r in results if r.feats]
+        if not results:
+            return
+        await self._announce(device, results)
+        first = min(results, key=lambda r: r.first_ts).window
+        latest = max(r.last_ts for r in results)  # of tags sampled together: the last taken
+        last = [r for r in results if r.last_ts == latest][-1].window
+        w = results[0].window
+        window = Window(
+            start=w.start,
+            end=w.end,
+            good=sum(r.window.good for r in results),
+            total=sum(r.window.total for r in results),
+            seq_first=first.seq_first,
+            seq_last=last.seq_last,
+            node=w.node,
+        )
+        signals = {
+            r.signal: SignalWindow(
+                good=r.window.good,
+                total=r.window.total,
+                seq_first=r.window.seq_first,
+                seq_last=r.window.seq_last,
+            )
+            for r in results
+        }
+        metrics = [
+            Metric(name=f"{r.signal}.{k}", value=round(v, 9))
+            for r in results
+            for k, v in r.feats.items()
+        ]
+        await self.node.device_data(
+            device.path, "features", metrics, window=window, signals=signals
+        )
+        self.windows.labels("slow").inc(len(results))
+
+    async def _publish_all(self, device: _Device, results: list[_Features], kind: str) -> None:
+        """One features message per window (the waveform windows)."""
+        results = [r for r in results if r.feats]
+        await self._announce(device, results)
         for r in results:
             metrics = [
                 Metric(name=f"{r.signal}.{k}", value=round(v, 9)) for k, v in r.feats.items()
             ]
-            await self.node.device_data(
-                device.path,
-                "features",
-                metrics,
-                ts=r.window.end,
-                window=r.window,
-            )
+            await self.node.device_data(device.path, "features", metrics, window=r.window)
             self.windows.labels(kind).inc()
 
 
@@ -466,6 +532,9 @@ class _Features:
     signal: str
     defs: dict[str, tuple[str, str]]
     window: Window
+    first_ts: int = 0
+    last_ts: int = 0
+    """Data time of the first and last sample (slow tags)."""
 
 
 def _scaled_unit(base: str, signal_unit: str) -> str:

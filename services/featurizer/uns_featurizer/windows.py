@@ -486,6 +486,12 @@ class SlowWindow:
             self._last_ts = ts
         return out
 
+    @property
+    def next_end(self) -> int | None:
+        """The end of the next window this tag closes (None before its first sample): it
+        has closed every window ending before this."""
+        return self._next_end
+
     def _end_after(self, ts: int) -> int:
         """The end of the first window that ends after ``ts``."""
         hops = (ts - self.phase_ms) // self.hop_ms + 1
