@@ -418,6 +418,37 @@ async def test_the_primary_host_state_gates_the_births(broker: Any, observer: Pe
     check_host_rules(observer.messages())
 
 
+async def test_a_write_to_a_writable_tag_goes_to_its_device_as_a_command(
+    broker: Any, observer: Peer
+) -> None:
+    """Opted in per tag: within its range, a cmd/write to the device; out of it, or any other
+    tag, refused and counted."""
+    from uns import Command
+
+    async with watching(broker.url, f"{ENT}/#") as ns:
+        await ns.publish(f"{PRESS}/raw/birth", birth(PRESS, RAW_DEFS), retain=True)
+        async with running(
+            SparkplugNode, broker.url, ENT, site=SITE, enabled=True,
+            writable=[f"{PRESS}/temperature"],
+        ) as node:  # fmt: skip
+            await observer.born({PRESS_ID: {"raw/temperature"}})
+            dcmd = {"op": "dcmd", "group": ENT, "edge": SITE, "device": PRESS_ID}
+            await observer.send(**dcmd, name="raw/temperature", value=150.0)  # high is 120
+            await observer.send(**dcmd, name="raw/strokes", value=1, datatype="INT64")
+            await observer.send(**dcmd, name="raw/temperature", value=80.0)
+            write = await ns.next(f"{PRESS}/cmd/write", Command)
+            assert (write.name, write.args) == ("write", {"metric": "temperature", "value": 80.0})
+            registry = node.metrics.registry
+
+            def refused(reason: str) -> float | None:
+                return registry.get_sample_value(
+                    "uns_sparkplug_writes_refused_total",
+                    {"service": "sparkplug", "reason": reason},
+                )
+
+            assert (refused("out_of_range"), refused("read_only")) == (1, 1)
+
+
 # ---- south -------------------------------------------------------------------------
 
 PRESS7 = f"{ENT}/{SITE}/sparkplug/planta/line-1/press-7"

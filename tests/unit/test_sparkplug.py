@@ -117,11 +117,15 @@ def test_waveforms_are_mirrored_only_by_opt_in() -> None:
     assert Waveform(t0_us=0, rate_hz=1, samples=vib.bytes_value).values() == [0.5, -1.0]
 
 
-def test_a_bad_setting_exits_2_naming_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [("group_id: 'acme/pune'", "group_id"), ("writable: [acme/pune/x]", "writable[0]")],
+)
+def test_a_bad_setting_exits_2_naming_it(tmp_path: Path, setting: str, named: str) -> None:
     config = tmp_path / "plant.yaml"
     config.write_text(
         "namespace: {enterprise: acme, site: pune}\n"
-        "services:\n  sparkplug: {enabled: true, group_id: 'acme/pune'}\n"
+        f"services:\n  sparkplug: {{enabled: true, {setting}}}\n"
     )
     r = subprocess.run(
         [sys.executable, "-m", "uns", "run", "sparkplug", "--config", str(config)],
@@ -130,7 +134,7 @@ def test_a_bad_setting_exits_2_naming_it(tmp_path: Path) -> None:
         timeout=60,
     )
     assert r.returncode == 2, r.stderr
-    assert "group_id" in r.stderr
+    assert named in r.stderr
 
 
 async def test_the_adapter_drops_garbage_and_counts_it(memory_url: str) -> None:

@@ -75,8 +75,14 @@ class SparkplugNode(Service[SparkplugSettings]):
             "uns_sparkplug_writes_refused_total",
             "DCMD/NCMD writes refused (the OT side is read-only), by reason",
             ["reason"],
-            zeros=("read_only", "decode", "unknown_metric"),
+            zeros=("read_only", "decode", "unknown_metric", "type", "out_of_range"),
         )
+        self.m_forwarded = m.counter(
+            "uns_sparkplug_writes_forwarded_total",
+            "DCMD writes to a writable tag forwarded to its device as a cmd/write",
+        ).labels()
+        self.writes_forwarded = 0
+        self._writable = set(s.writable)
         self.m_rebirths = m.counter(
             "uns_sparkplug_rebirths_total", "Rebirths on NCMD Node Control/Rebirth"
         ).labels()
@@ -290,7 +296,7 @@ class SparkplugNode(Service[SparkplugSettings]):
             if t.message == "NCMD":
                 await self._ncmd(message.payload)
             elif t.message == "DCMD":
-                self._refuse(t.device or "", message.payload)
+                await self._dcmd(t.device or "", message.payload)
         raise BusError("the Sparkplug connection ended")
 
     async def _ncmd(self, data: bytes) -> None:
@@ -309,23 +315,70 @@ class SparkplugNode(Service[SparkplugSettings]):
         self.m_refused.labels("unknown_metric").inc()
         self._throttled.warning("ncmd", "%s: NCMD without a rebirth request ignored", self.node.id)
 
-    def _refuse(self, device: str, data: bytes) -> None:
-        names: list[str] = []
+    async def _dcmd(self, device: str, data: bytes) -> None:
+        """A write: refused unless its tag is in ``writable`` (then a ``cmd/write`` to the
+        device in the namespace, the value checked against the tag's datatype and range)."""
+        path = codec.device_path(self.node.enterprise, self.node.site, device)
+        dev = self.mirror.devices.get(path) if path is not None else None
         try:
             payload = codec.decode_payload(data)
-            names = [m.name or f"alias {m.alias}" for m in payload.metrics]
-        except codec.SparkplugError:
-            pass
-        self.m_refused.labels("read_only").inc()
+        except codec.SparkplugError as exc:
+            self._refuse("decode", device, str(exc))
+            return
+        by_alias = {i.alias: i for i in dev.metrics.values()} if dev is not None else {}
+        for m in payload.metrics:
+            info = (
+                (dev.metrics.get(m.name) if m.name else by_alias.get(m.alias))
+                if dev is not None
+                else None
+            )
+            name = info.name if info is not None else m.name or f"alias {m.alias}"
+            tag = f"{path}/{name.removeprefix('raw/')}" if path is not None else ""
+            if info is None or not name.startswith("raw/") or tag not in self._writable:
+                self._refuse("read_only", device, name)
+                continue
+            try:
+                value = codec.get_value(m, m.datatype if m.HasField("datatype") else info.datatype)
+            except codec.SparkplugError as exc:
+                self._refuse("type", device, f"{name}: {exc}")
+                continue
+            if value is None or (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and (
+                    (info.low is not None and value < info.low)
+                    or (info.high is not None and value > info.high)
+                )
+            ):
+                self._refuse("out_of_range", device, f"{name} = {value!r}")
+                continue
+            assert path is not None
+            command = p.Command(
+                ts=now_ms(),
+                name="write",
+                args={"metric": name.removeprefix("raw/"), "value": value},
+                sender=f"sparkplug:{self.group}/{self.edge}",
+            )
+            await self.node.publish(path.topic("cmd", "write"), command, qos=1)
+            self.writes_forwarded += 1
+            self.m_forwarded.inc()
+            self.changed.set()
+
+    def _refuse(self, reason: str, device: str, what: str) -> None:
+        self.m_refused.labels(reason).inc()
         self.writes_refused += 1
         self.changed.set()
         self._throttled.warning(
-            "dcmd",
-            "%s: refused a write to %s (%s): the Sparkplug edge node is read-only (counted as"
-            ' uns_sparkplug_writes_refused_total{reason="read_only"})',
+            f"dcmd-{reason}",
+            "%s: refused a write to %s (%s): %s (counted as"
+            ' uns_sparkplug_writes_refused_total{reason="%s"})',
             self.node.id,
             device,
-            ", ".join(names)[:200] or "no metrics",
+            what[:200],
+            "the tag is not writable (services.sparkplug.writable)"
+            if reason == "read_only"
+            else reason.replace("_", " "),
+            reason,
         )
 
     def _next_seq(self) -> int:

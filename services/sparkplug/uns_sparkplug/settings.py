@@ -9,9 +9,9 @@ import msgspec
 
 from uns import ServiceSettings
 from uns.config import PositiveFloat, Slug, Strict, UnsConfig, parse_broker_url
-from uns.errors import ConfigError
+from uns.errors import ConfigError, TopicError
 from uns.scope import Scope
-from uns.topics import NODE_LEVEL
+from uns.topics import NODE_LEVEL, DevicePath
 from uns_sparkplug.ids import check_id
 
 STREAMS: Final = ("raw", "features", "scores", "events")
@@ -67,6 +67,10 @@ class SparkplugSettings(ServiceSettings, frozen=True):
     """Mirror waveform metrics of the raw streams too (as FloatArray): off, they are big."""
     areas: list[Slug] = []
     """Only these areas (empty: every area of the site)."""
+    writable: list[str] = []
+    """Tags a Sparkplug host may write, as ``{device path}/{raw metric}``; a DCMD to one is
+    forwarded as a ``cmd/write`` command to that device (``args``: metric, value), the
+    value checked against the tag's range. Every other write is refused and counted."""
     cmd_log_interval_s: PositiveFloat = 60.0
     """Refused writes (DCMD) are logged at most once per this time (all are counted)."""
 
@@ -76,6 +80,14 @@ class SparkplugSettings(ServiceSettings, frozen=True):
             edge_node_id=self.edge_node_id,
             primary_host_id=self.primary_host_id,
         )
+        for i, tag in enumerate(self.writable):
+            device, _, metric = tag.rpartition("/")
+            try:
+                DevicePath.parse(device)
+            except TopicError as exc:
+                raise ValueError(f"writable[{i}]: {exc}") from None
+            if not metric:
+                raise ValueError(f"writable[{i}]: {tag!r} names no metric")
         for i, stream in enumerate(self.streams):
             if stream not in STREAMS:
                 raise ValueError(f"streams[{i}]: {stream!r} is not one of {', '.join(STREAMS)}")
@@ -103,10 +115,10 @@ class SparkplugSettings(ServiceSettings, frozen=True):
         namespace. On the namespace's broker (no ``broker``) its Sparkplug connection's
         topics too: the edge node's messages, its commands, the primary host's STATE."""
         subscribe = [*self.filters(config), self.node_deaths(config)]
-        publish: list[str] = []
+        publish = sorted({f"{t.rpartition('/')[0]}/cmd/write" for t in self.writable})
         if self.broker is None:
             group, edge = self.ids(config)
-            publish = [f"spBv1.0/{group}/+/{edge}", f"spBv1.0/{group}/+/{edge}/+"]
+            publish += [f"spBv1.0/{group}/+/{edge}", f"spBv1.0/{group}/+/{edge}/+"]
             subscribe += [f"spBv1.0/{group}/NCMD/{edge}", f"spBv1.0/{group}/DCMD/{edge}/+"]
             if self.primary_host_id:
                 subscribe.append(f"spBv1.0/STATE/{self.primary_host_id}")
