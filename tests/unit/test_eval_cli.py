@@ -42,9 +42,10 @@ def scores(minute: int, score: float, threshold: float = 2.0, device: str = DEV)
     return line(f"{device}/scores/data", data)
 
 
-def event(minute: int, started: int, state: str = "raised") -> bytes:
+def event(minute: int, started: int, state: str = "raised", *, data_ts: bool = False) -> bytes:
     e = Event(
         ts=T0 + minute * MIN + 9,
+        data_ts=T0 + minute * MIN if data_ts else None,
         id=f"press-01-anomaly-{started}",
         kind="anomaly",
         state=state,  # type: ignore[arg-type]
@@ -59,14 +60,15 @@ FLAGGED = set(range(45, 61)) | {79, 80, 81}
 
 def recording(path: Path, *, events: bool = True) -> Path:
     """100 one-minute windows; a fault at minutes 45-60 (raised at 47), a false stretch at
-    79-81 (raised at 81, cleared at 85), nothing in a second labelled window (90-95)."""
+    79-81 (raised at 81, its data time in the event, cleared at 85), nothing in a second
+    labelled window (90-95)."""
     lines = []
     for m in range(1, 101):
         lines.append(scores(m, 3.0 if m in FLAGGED else 1.0))
         if events and m == 47:
             lines.append(event(47, 45))
-        if events and m == 81:
-            lines.append(event(81, 79))
+        if events and m == 80:  # an event that says its data time (written before it)
+            lines.append(event(81, 79, data_ts=True))
         if events and m == 85:
             lines.append(event(85, 79, "cleared"))
     lines.insert(10, b'{"topic": "not json')  # a torn line is skipped

@@ -102,6 +102,7 @@ def _write_scores(
         for i, (device, window, metrics, raised) in enumerate(scored):
             data = DeviceData(
                 ts=window.end,
+                data_ts=window.end,
                 node="eval",
                 seq=i % 256,
                 window=window,
@@ -112,6 +113,7 @@ def _write_scores(
             if raised is not None:
                 event = Event(
                     ts=window.end,
+                    data_ts=window.end,
                     id=f"eval-{i}",
                     kind="anomaly",
                     state="raised",

@@ -48,6 +48,7 @@ from numpy.typing import NDArray
 
 from uns import DeviceData, Event, decode
 from uns.errors import PayloadError, UnsError
+from uns.payloads import Payload
 
 Interval = tuple[int, int]
 DAY_MS: Final = 86_400_000
@@ -142,9 +143,10 @@ def _where(topic: str) -> tuple[str, str, str] | None:
 
 def read_recording(path: Path, devices: Sequence[str] = ()) -> Recording:
     """The scores and anomaly events of a ``uns record`` file, per device (fnmatch patterns
-    ``devices``: only these). An event's data time is the window end of the device's last
-    score before it in the file (the inference publishes the event right after the score
-    that raised it), never before the event's ``started``."""
+    ``devices``: only these). A score's data time is its ``data_ts`` (else its window's
+    end), an event's its ``data_ts``; an event without one (an older recording) takes the
+    window end of the device's last score before it in the file (the inference publishes
+    the event right after the score that raised it), never before its ``started``."""
     try:
         f = path.open("rb")
     except OSError as exc:
@@ -167,7 +169,7 @@ def read_recording(path: Path, devices: Sequence[str] = ()) -> Recording:
             if devices and not any(fnmatch.fnmatchcase(device, d) for d in devices):
                 continue
             try:
-                payload = decode(bytes(line.payload))
+                payload: Payload = decode(bytes(line.payload))
             except PayloadError:
                 rec.skipped += 1
                 continue
@@ -177,18 +179,24 @@ def read_recording(path: Path, devices: Sequence[str] = ()) -> Recording:
                 trace = rec.traces.setdefault(device, Trace())
                 trace.has_events = True
                 if payload.state == "raised":
-                    last = trace.ts[-1] if trace.ts else payload.started
-                    trace.raised.append(max(last, payload.started))
+                    if payload.data_ts is not None:
+                        trace.raised.append(payload.data_ts)
+                    else:  # a recording made before events carried their data time
+                        last = trace.ts[-1] if trace.ts else payload.started
+                        trace.raised.append(max(last, payload.started))
     return rec
 
 
 def _add_scores(trace: Trace, data: DeviceData) -> None:
-    at = data.window.end if data.window is not None else data.ts
+    if data.data_ts is not None:
+        at = data.data_ts
+    else:
+        at = data.window.end if data.window is not None else data.ts
     values = {m.name: m.value for m in data.metrics}
     score, threshold = values.get("anomaly_score"), values.get("anomaly_threshold")
     if _number(score) and _number(threshold):
         trace.ts.append(at)
-        trace.start.append(data.window.start if data.window is not None else at)
+        trace.start.append(min(data.window.start, at) if data.window is not None else at)
         trace.score.append(float(score))  # type: ignore[arg-type]
         trace.threshold.append(float(threshold))  # type: ignore[arg-type]
     rul = values.get("rul")
