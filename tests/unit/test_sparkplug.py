@@ -174,3 +174,22 @@ async def test_the_adapter_drops_garbage_and_counts_it(memory_url: str) -> None:
             )
 
         assert (dropped("decode"), dropped("no_birth"), dropped("value")) == (1, 1, 1)
+
+
+def test_a_producer_nodes_death_is_its_streams_death() -> None:
+    """The namespace node that was born the stream dies: its metrics go bad, and with the
+    device's last stream gone the device is dead (DDEATH); another bdSeq is another life."""
+    mirror = Mirror()
+    defs = [MetricDef(name="t", datatype="double")]
+    mirror.birth(
+        PATH,
+        "raw",
+        DeviceBirth(ts=1, node="opcua-adapter", device=str(PATH), bdseq=3, seq=0, metrics=defs),
+    )
+    assert mirror.node_death("opcua-adapter", 2) == []
+    assert mirror.node_death("opcua-adapter", 3) == [(PATH, "raw")]
+    gone, updates = mirror.death(PATH, "raw", "node opcua-adapter lost")
+    assert gone
+    assert [(name, v.quality, v.reason) for name, v in updates] == [
+        ("raw/t", "bad", "node opcua-adapter lost")
+    ]
