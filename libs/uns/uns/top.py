@@ -5,7 +5,9 @@ latest anomaly score and its threshold, the remaining useful life where a model 
 one, the events open on it, its message rate and when it was last heard from. Beneath,
 one row per service node: online, how many times it came back (a birth of a new session),
 and, read from the ``/metrics`` URL its birth names, its connection, reconnects, drops and
-journal depth.
+journal depth. Where the plant service runs, one row per area, line and cell above them:
+its retained health (and why) and OEE over the shift and the last hour (uns-schema/README.md,
+Health and OEE), marked stale when the plant service's node is offline.
 
 Everything comes from subscriptions; nothing is published, so a read-only credential is
 enough. Events are not retained: the open events are those raised while the view watched.
@@ -36,7 +38,7 @@ from uns.bus import Bus
 from uns.commands import Stop, on_broker
 from uns.config import BrokerSettings
 from uns.errors import PayloadError, TopicError
-from uns.topics import DevicePath, NodeTopic, matches, parse
+from uns.topics import HEALTH_LEVEL, OEE_LEVEL, DevicePath, NodeTopic, matches, parse
 from uns.tree import NamespaceView, StreamInfo
 
 FILTERS: Final = (
@@ -45,8 +47,12 @@ FILTERS: Final = (
     "+/+/_node/+/birth",
     "+/+/_node/+/death",
     "+/+/+/+/+/+/events/+",
+    *("/".join(("+",) * n + (HEALTH_LEVEL,)) for n in (3, 4, 5)),
+    f"+/+/+/+/{OEE_LEVEL}/+",
+    f"+/+/+/+/+/{OEE_LEVEL}/+",
 )
-"""What the view subscribes to at QoS 1 (births, deaths, events)."""
+"""What the view subscribes to at QoS 1 (births, deaths, events; the health of areas, lines
+and cells and their OEE)."""
 DATA_FILTER: Final = "+/+/+/+/+/+/+/data"
 """Every stream's data, at QoS 0: counted for the rate, decoded only for scores."""
 
@@ -92,6 +98,14 @@ class NodeState:
     metrics_error: str = ""
 
 
+@dataclass
+class GroupState:
+    """An area's, line's or cell's retained health and OEE (by window)."""
+
+    health: p.Health | None = None
+    oee: dict[str, p.Oee] = field(default_factory=dict)
+
+
 class PlantView:
     """The state behind the screen; `add` takes every message, `render` draws it."""
 
@@ -108,6 +122,7 @@ class PlantView:
         self.namespace = NamespaceView()
         self.devices: dict[DevicePath, DeviceState] = {}
         self.nodes: dict[tuple[str, str, str], NodeState] = {}
+        self.groups: dict[str, GroupState] = {}
         self.started = time.monotonic() if clock is None else clock
         for path in configured:
             if matches(topic_filter, f"{path}/raw/data"):
@@ -126,6 +141,10 @@ class PlantView:
         """Take one message; a retained one (a birth from before the view started) does not
         count as the device heard from."""
         if not matches(self.topic_filter, topic):
+            return
+        levels = topic.split("/")
+        if levels[-1] == HEALTH_LEVEL or (len(levels) > 2 and levels[-2] == OEE_LEVEL):
+            self._group(levels, payload)
             return
         try:
             parsed = parse(topic)
@@ -165,6 +184,23 @@ class PlantView:
             if state.born is not None and not again and (state.died or birth.bdseq != state.bdseq):
                 state.restarts += 1
             state.bdseq, state.born, state.died = birth.bdseq, birth.ts, state.died and again
+
+    def _group(self, levels: list[str], payload: bytes) -> None:
+        health = levels[-1] == HEALTH_LEVEL
+        path = "/".join(levels[:-1] if health else levels[:-2])
+        if not payload:
+            return
+        try:
+            message: p.Health | p.Oee = (
+                p.decode(payload, p.Health) if health else p.decode(payload, p.Oee)
+            )
+        except PayloadError:
+            return
+        group = self.groups.setdefault(path, GroupState())
+        if isinstance(message, p.Health):
+            group.health = message
+        else:
+            group.oee[message.window] = message
 
     def _event(self, device: DeviceState, payload: bytes) -> None:
         try:
@@ -212,7 +248,62 @@ class PlantView:
 
     def render(self, header: RenderableType, now: float | None = None) -> Group:
         now = time.monotonic() if now is None else now
-        return Group(header, Text(""), self._device_table(now), Text(""), self._node_table())
+        tables: list[RenderableType] = [header, Text("")]
+        if any(path.count("/") >= 2 for path in self.groups):
+            tables += [self._group_table(), Text("")]
+        return Group(*tables, self._device_table(now), Text(""), self._node_table())
+
+    def _stale(self, node: str, path: str) -> bool:
+        """Whether the plant node that published a group's message is offline now."""
+        enterprise, site = path.split("/")[:2]
+        info = self.namespace.nodes.get((enterprise, site, node))
+        return bool(node) and (info is None or not info.online)
+
+    def _group_table(self) -> Table:
+        table = _table(
+            ("line / cell", "left"),
+            ("health", "left"),
+            ("why", "left"),
+            ("OEE shift", "right"),
+            ("avail", "right"),
+            ("perf", "right"),
+            ("quality", "right"),
+            ("OEE hour", "right"),
+        )
+        for path in sorted(self.groups, key=lambda g: g.split("/")):
+            if path.count("/") < 2:
+                continue  # the site: its devices are the table below
+            g = self.groups[path]
+            h, shift, hour = g.health, g.oee.get("shift"), g.oee.get("hour")
+            stale = any(self._stale(m.node, path) for m in (h, shift, hour) if m is not None)
+            state = Text("-", style="dim")
+            why = Text("")
+            if h is not None:
+                style = {"ok": "green", "warning": "yellow", "critical": "bold red"}[h.state]
+                state = Text(h.state + (" (stale)" if stale else ""), style=style)
+                if h.causes:
+                    more = f" (+{len(h.causes) - 1})" if len(h.causes) > 1 else ""
+                    why = Text(
+                        f"{h.causes[0].device.rsplit('/', 1)[-1]}: {h.causes[0].reason}{more}"
+                    )
+            name = (
+                "/".join(path.split("/")[2:]) if tuple(path.split("/")[:2]) == self.home else path
+            )
+            table.add_row(
+                "  " * (path.count("/") - 2) + name,
+                state,
+                why,
+                _pct(shift.oee if shift else None, dim=stale),
+                _pct(shift.availability if shift else None, dim=stale),
+                _pct(shift.performance if shift else None, dim=stale),
+                _pct(
+                    shift.quality if shift else None,
+                    dim=stale,
+                    flagged=bool(shift and "quality_assumed" in shift.flags),
+                ),
+                _pct(hour.oee if hour else None, dim=stale),
+            )
+        return table
 
     def _name(self, path: DevicePath) -> str:
         if (path.enterprise, path.site) == self.home:
@@ -405,6 +496,13 @@ def _events(events: dict[str, p.Event]) -> Text:
         out.append(kind, style=styles.get(e.severity, "red"))
         out.append(f" {e.severity}" + (f" x{e.count}" if e.count > 1 else ""), style="dim")
     return out
+
+
+def _pct(value: float | None, *, dim: bool = False, flagged: bool = False) -> Text:
+    """A factor as a percentage; ``flagged``: assumed, not measured (a trailing ``*``)."""
+    if value is None:
+        return Text("-", style="dim")
+    return Text(f"{value:.1%}{'*' if flagged else ''}", style="dim" if dim else "")
 
 
 def _num(value: float | None, unit: str = "") -> Text:
