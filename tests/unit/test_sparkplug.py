@@ -193,3 +193,44 @@ def test_a_producer_nodes_death_is_its_streams_death() -> None:
     assert [(name, v.quality, v.reason) for name, v in updates] == [
         ("raw/t", "bad", "node opcua-adapter lost")
     ]
+
+
+async def test_the_edge_node_survives_garbage_commands_and_wraps_its_seq(memory_url: str) -> None:
+    """Undecodable NCMD and DCMD: counted, nothing else; seq runs 0..255 and wraps to 0;
+    a rebirth request after all that is still obeyed."""
+    from uns_sparkplug.north import SparkplugNode
+
+    press = str(PATH)
+    async with watching(memory_url, "#") as w:
+        defs = [MetricDef(name="t", datatype="double")]
+        born = DeviceBirth(ts=1, node="a", device=press, bdseq=0, seq=0, metrics=defs)
+        await w.publish(f"{press}/raw/birth", born, retain=True)
+        async with running(SparkplugNode, memory_url, "acme", enabled=True) as node:
+            await w.wait_for(
+                lambda m: m.topic == "spBv1.0/acme/DBIRTH/pune/" + codec.device_id(PATH)
+            )
+            await w.publish("spBv1.0/acme/NCMD/pune", b"\xff\xff\xff")
+            await w.publish("spBv1.0/acme/DCMD/pune/x.y.z.w", b"\xff\xff\xff")
+            for i in range(300):
+                data = DeviceData(ts=now_ms(), node="a", seq=1, metrics=[Metric(name="t", value=i)])
+                await w.publish(f"{press}/raw/data", data)
+            last = await w.wait_for(
+                lambda m: (
+                    "/DDATA/" in m.topic
+                    and codec.decode_payload(m.payload).metrics[0].double_value == 299
+                )
+            )
+            seqs = [
+                codec.decode_payload(m.payload).seq
+                for m in w.messages
+                if m.topic.split("/")[2] in ("NBIRTH", "DBIRTH", "DDATA", "DDEATH")
+            ]
+            assert seqs == [i % 256 for i in range(len(seqs))]  # NBIRTH 0, DBIRTH 1, DDATA ...
+            assert codec.decode_payload(last.payload).seq == (len(seqs) - 1) % 256
+            await w.publish("spBv1.0/acme/NCMD/pune", codec.rebirth_request(now_ms()))
+            again = await w.wait_for(lambda m: m.topic == "spBv1.0/acme/NBIRTH/pune")
+            assert codec.decode_payload(again.payload).seq == 0
+            refused = node.metrics.registry.get_sample_value(
+                "uns_sparkplug_writes_refused_total", {"service": "sparkplug", "reason": "decode"}
+            )
+            assert refused == 2
