@@ -102,6 +102,8 @@ def test_the_dashboard_shows_what_an_operator_looks_at():
         "journal age": "uns_bridge_oldest_age_seconds",
         "restarts": "process_start_time_seconds",
         "drops": "uns_messages_dropped_total",
+        "line and cell health": "uns_plant_health",
+        "line and cell OEE": "uns_plant_oee",
     }
     absent = [what for what, metric in wanted.items() if metric not in used]
     assert not absent, f"the dashboard has no panel for {absent}"

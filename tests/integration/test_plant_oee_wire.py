@@ -63,7 +63,7 @@ async def test_the_cells_and_line_oee_show_the_simulated_scrap_with_their_inputs
         await asyncio.wait_for(sim.running.serving.wait(), 20)
         for cls, section in ((OpcUaAdapter, "opcua-adapter"), (ModbusAdapter, "modbus-adapter")):
             await stack.enter_async_context(running(cls, memory_url, prefix, **sections[section]))
-        await stack.enter_async_context(
+        plant = await stack.enter_async_context(
             running(
                 PlantService,
                 memory_url,
@@ -83,6 +83,14 @@ async def test_the_cells_and_line_oee_show_the_simulated_scrap_with_their_inputs
         await w.wait(lambda: made(f"{line}/cell-a/_oee/shift", 6), 60)
         await w.wait(lambda: any(oee(m, f"{line}/cell-b/_oee/hour") for m in w.messages), 60)
         await w.wait(lambda: any(oee(m, f"{line}/_oee/shift") for m in w.messages), 60)
+        registry = plant.metrics.registry
+        gauge = registry.get_sample_value(
+            "uns_plant_oee",
+            {"service": "plant", "path": f"{line}/cell-a", "window": "shift", "factor": "quality"},
+        )
+        health = registry.get_sample_value(
+            "uns_plant_health", {"service": "plant", "path": line, "level": "line"}
+        )
     presses = next(
         o
         for m in reversed(w.messages)
@@ -105,3 +113,5 @@ async def test_the_cells_and_line_oee_show_the_simulated_scrap_with_their_inputs
     assert presses.availability > 0.9 and presses.run_s <= presses.planned_s
     assert robot.quality == 1.0 and robot.flags["quality_assumed"] == [f"{line}/cell-b/robot-01"]
     assert whole.level == "line" and whole.devices == 3 and whole.node == "plant"
+    assert gauge is not None and 0 < gauge < 1  # what Grafana shows
+    assert health == 0  # ok: the simulated faults are scrap, not anomalies

@@ -18,7 +18,7 @@ import msgspec
 from uns import DeviceBirth, DeviceData, DeviceDeath, Event, Inbound, Node, Service, now_ms
 from uns.payloads import Health, HealthLevel, Oee, OeeWindow
 from uns.topics import DevicePath, health_topic, oee_topic
-from uns_plant.health import DeviceState, group_health
+from uns_plant.health import RANK, DeviceState, group_health
 from uns_plant.oee import MINUTE_MS, DeviceOee, Totals, totals
 from uns_plant.settings import PlantSettings
 
@@ -79,6 +79,11 @@ class PlantService(Service[PlantSettings]):
         self.state_path = Path(self.settings.state_file)
         self._state_lock = asyncio.Lock()
         self._restore_events()
+        self.m_health = node.metrics.gauge(
+            "uns_plant_health",
+            "Each group's health: 0 ok, 1 warning, 2 critical (uns-schema/README.md, Health)",
+            ["path", "level"],
+        )
         devices = f"{node.enterprise}/{node.site}/+/+/+/+"
         node.subscribe(f"{devices}/raw/birth", DeviceBirth, self.on_birth)
         node.subscribe(f"{devices}/raw/death", DeviceDeath, self.on_death)
@@ -298,4 +303,5 @@ class PlantService(Service[PlantSettings]):
                 node=self.node.id,
             )
             self.changes.labels(level).inc()
+            self.m_health.labels(health.path, level).set(RANK[state])
             await self.node.publish(health_topic(group), health, qos=1, retain=True)
