@@ -246,3 +246,24 @@ async def test_anonymous_and_wrong_password_clients_are_refused(
                     pass
         async with connect(url(port, "featurizer", secret["featurizer"])):
             pass  # its own password is accepted
+
+
+@pytest.mark.parametrize("broker", BROKERS)
+async def test_with_sparkplug_on_a_scada_user_reads_the_edge_node_and_sends_only_its_commands(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """The Sparkplug edge node enabled on the namespace's broker: the policy gains
+    ``scada`` (Ignition's MQTT Engine), which reads the edge node's group, sends its NCMD
+    and DCMD and its own STATE, and nothing of the namespace; the edge node's own user
+    publishes its Sparkplug messages."""
+    written = write_policy(
+        load(environ={"UNS_SERVICES__SPARKPLUG__ENABLED": "true"}), tmp_path / "secure"
+    )
+    assert set(written.policy) >= {"scada", "sparkplug"}
+    assert not any(written.policy["scada"].may_publish(t) for t in MUST_NOT_PUBLISH)
+    assert written.policy["scada"].may_publish("spBv1.0/acme/NCMD/pune")
+    assert not written.policy["scada"].may_publish("spBv1.0/acme/NDATA/pune")
+    secret = passwords(written)
+    async with broker(written) as port, watching(url(port, WITNESS, WITNESS_PASSWORD), "#") as w:
+        for user in ("scada", "sparkplug"):
+            await check_user(port, user, secret[user], written.policy, w)

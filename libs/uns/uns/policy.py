@@ -47,6 +47,7 @@ def site_policy(loaded: LoadedConfig, undeclared: list[str] | None = None) -> di
     added to ``undeclared``, to be told)."""
     ns = loaded.config.namespace
     policy: dict[str, Scope] = {}
+    peers: dict[str, Scope] = {}  # users the enabled services' peers need (ServiceSettings.peers)
     for name, plugin in sorted(services().items()):
         settings_cls = plugin.load_settings()
         if not settings_cls.bus_client:
@@ -64,9 +65,14 @@ def site_policy(loaded: LoadedConfig, undeclared: list[str] | None = None) -> di
             policy[node_id] = own if declared is None else own | declared
         if declared is None and undeclared is not None:
             undeclared.append(name)
-    for user in (OPERATOR, APP):
+        if settings.enabled:
+            for user, scope in settings.peers(loaded.config).items():
+                if user in policy and policy[user] != scope:
+                    raise ValueError(f"{name} asks for user {user!r}, which the policy has")
+                peers[user] = scope
+    for user in (OPERATOR, APP, *peers):
         if user in policy:
             raise ValueError(f"a service's node id is {user!r}, a name the policy keeps")
     policy[OPERATOR] = operator_scope(ns.enterprise, ns.site)
     policy[APP] = app_scope(ns.enterprise, ns.site)
-    return policy
+    return policy | peers

@@ -110,6 +110,12 @@ class ServiceSettings(Strict, frozen=True):
         own topics only."""
         return None
 
+    def peers(self, config: UnsConfig) -> dict[str, Scope]:
+        """Broker users this service's peers need while it is enabled (user name ->
+        scope), which ``uns broker secure`` adds to the policy: e.g. the SCADA host that
+        reads the Sparkplug edge node and sends it commands. None by default."""
+        return {}
+
 
 S = TypeVar("S", bound=ServiceSettings)
 

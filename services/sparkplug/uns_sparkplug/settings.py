@@ -15,6 +15,8 @@ from uns.topics import NODE_LEVEL, DevicePath
 from uns_sparkplug.ids import check_id
 
 STREAMS: Final = ("raw", "features", "scores", "events")
+SCADA_USER: Final = "scada"
+"""The broker user `uns broker secure` makes for the Sparkplug host (`SparkplugSettings.peers`)."""
 
 
 class SparkplugBroker(Strict, frozen=True):
@@ -123,6 +125,25 @@ class SparkplugSettings(ServiceSettings, frozen=True):
             if self.primary_host_id:
                 subscribe.append(f"spBv1.0/STATE/{self.primary_host_id}")
         return Scope(publish=tuple(publish), subscribe=tuple(subscribe))
+
+    def peers(self, config: UnsConfig) -> dict[str, Scope]:
+        """On the namespace's broker, the SCADA host (Ignition's MQTT Engine, any Sparkplug
+        host application) logs in as ``scada``: it reads this edge node's group, sends its
+        node and device commands (which the edge node refuses unless a tag is
+        ``writable``) and publishes its own STATE. Nothing of the namespace itself."""
+        if self.broker is not None:
+            return {}
+        group, edge = self.ids(config)
+        return {
+            SCADA_USER: Scope(
+                publish=(
+                    f"spBv1.0/{group}/NCMD/{edge}",
+                    f"spBv1.0/{group}/DCMD/{edge}/+",
+                    "spBv1.0/STATE/+",
+                ),
+                subscribe=(f"spBv1.0/{group}/#", "spBv1.0/STATE/+"),
+            )
+        }
 
 
 class SparkplugAdapterSettings(ServiceSettings, frozen=True):
