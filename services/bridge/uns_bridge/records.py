@@ -1,38 +1,8 @@
-"""What the bridge journals and reads back: messages, their priority and their flags.
-
-Pure records, apart from the journal's SQLite, so that the forwarding rules (`logic`)
-and the settings that check them import no database driver.
-"""
+"""What the bridge journals and reads back: `uns.journal_records` (pure, no database
+driver: the forwarding rules and the settings import it), re-exported under its old name."""
 
 from __future__ import annotations
 
-from typing import Final, NamedTuple
+from uns.journal_records import EVENT, RETAIN, TELEMETRY, Item, Row
 
-TELEMETRY: Final = 0
-EVENT: Final = 1
-"""Priorities: at the disk cap telemetry is dropped first, events (and births) last."""
-RETAIN: Final = 1
-"""Flag bit: a birth or death, published retained where the remote keeps them."""
-
-
-class Item(NamedTuple):
-    """A message to journal."""
-
-    topic: str
-    payload: bytes
-    priority: int = TELEMETRY
-    flags: int = 0
-    ts_ms: int = 0
-    """When the bridge took it (ms since the epoch); 0 = now."""
-    redelivered: bool = False
-    """Sent again by the local broker (MQTT DUP): journaled only if not taken already."""
-
-
-class Row(NamedTuple):
-    """A journaled message."""
-
-    id: int
-    ts_ms: int
-    flags: int
-    topic: str
-    payload: bytes
+__all__ = ["EVENT", "RETAIN", "TELEMETRY", "Item", "Row"]
