@@ -60,8 +60,9 @@ def build(root: Path) -> list[Path]:
             version=VERSION,
             include=ROBOT_FEATURES if slow else ("vibration.*",),
             created=CREATED,
-            # a slow window every 10 s: a breach must hold for three of them
-            min_raise_s=30.0 if slow else 10.0,
+            # a slow window every 10 s, each 60 s long: a breach must outlast the windows
+            # of a (re)start, which hold only the seconds since it (up to 50 s of them)
+            min_raise_s=60.0 if slow else 10.0,
             min_clear_s=60.0 if slow else 30.0,
         )
         out.append(target)
