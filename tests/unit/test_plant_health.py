@@ -161,3 +161,21 @@ def test_upstream_of_the_example_plants_robot_is_its_conveyor_then_the_four_pres
         app, ["upstream", "acme/pune/x/y/z/nope", "--config", str(EXAMPLE_CONFIG)]
     )
     assert result.exit_code == 2 and "not a device of the plant" in result.output
+
+
+async def test_an_unreadable_state_file_is_logged_and_the_service_starts_without(
+    tmp_path: Path, caplog
+) -> None:
+    state = tmp_path / "events.json"
+    state.write_text("not json", encoding="utf-8")
+    async with (
+        memory_broker() as url,
+        watching(url, "acme/#") as w,
+        running(PlantService, url, "acme", plant=PLANT, state_file=str(state)),
+    ):
+        await born(w)
+        await until(w, LINE, "ok")
+        await w.publish(f"{PRESS_1}/events/anomaly", event(PRESS_1, "raised"))
+        await until(w, LINE, "critical")
+    assert "not a state file" in caplog.text
+    assert b'"e-press-01"' in state.read_bytes()  # written anew

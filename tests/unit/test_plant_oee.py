@@ -146,3 +146,48 @@ def test_a_bad_shift_time_or_zone_exits_2_naming_the_field(tmp_path: Path) -> No
     assert "services.plant.oee.timezone: unknown time zone 'Mars/Base'" in error(
         "      timezone: Mars/Base\n"
     )
+
+
+async def test_the_service_publishes_the_shift_then_its_final_then_the_next(tmp_path: Path) -> None:
+    from uns import decode
+    from uns.config import Device
+    from uns.payloads import Oee
+    from uns.testing import memory_broker, running, watching
+    from uns_plant.service import PlantService
+
+    line = "acme/pune/stamping/line-3"
+    press = f"{line}/cell-a/press-01"
+    shifts = [{"name": "early", "start": "06:00", "hours": 8}, {"name": "late", "start": "14:00"}]
+    async with (
+        memory_broker() as url,
+        watching(url, f"{line}/#") as w,
+        running(
+            PlantService,
+            url,
+            "acme",
+            plant=[Device(path=press, asset="press")],
+            state_file=str(tmp_path / "e.json"),
+            oee={"shifts": shifts, "publish_s": 3600},
+        ) as node,
+    ):
+        service = node.running
+        assert isinstance(service, PlantService)
+        tracker = service.oee[press]
+        end = T0 + 8 * 3600_000
+        tracker.sample(end - 600_000, "run_state", True)
+        tracker.sample(end - 600_000, "stroke_count", 0)
+        tracker.sample(end - 1, "stroke_count", 300)
+        await service.publish_oee(end - 1)  # the last moment of the early shift
+        await service.publish_oee(end + 60_000)  # a minute into the late one
+        topic = f"{line}/cell-a/_oee/shift"
+
+        def shifts_seen() -> list[Oee]:
+            return [decode(m.payload, Oee) for m in w.messages if m.topic == topic]
+
+        await w.wait(lambda: len(shifts_seen()) == 3)
+    early, final, late = shifts_seen()
+    assert (early.shift, early.final, final.shift, final.final) == ("early", False, "early", True)
+    assert final.count == 300 and final.run_s == pytest.approx(600) and final.performance == 1.0
+    assert final.end == end - 1 and final.start == T0
+    assert (late.shift, late.final, late.count) == ("late", False, 0)
+    assert late.start == end and late.availability == 1.0  # running on since
