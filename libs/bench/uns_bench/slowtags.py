@@ -30,6 +30,11 @@ QUICK_PER_DEVICE = (10, 5)
 ADAPTER_MACHINES = 40
 ADAPTER_TICK_S = 0.05
 """The simulator updates every tag 20 times a second: each value changes, so each is sent."""
+CEILING_UNITS = 50
+CEILING_POLL_S = 0.001
+"""The Modbus adapter's own ceiling: 50 units behind one endpoint polled as fast as it can,
+every value published on every poll (a heartbeat shorter than the poll), so what it
+publishes is what it read."""
 
 
 async def run(ctx: Context) -> list[Row]:
@@ -40,6 +45,7 @@ async def run(ctx: Context) -> list[Row]:
     rows = [await _raw(ctx, *level) for level in levels]
     for adapter in ("opcua-adapter", "modbus-adapter"):
         rows.append(await _adapter(ctx, adapter))
+    rows.append(await _modbus_ceiling(ctx))
     return rows
 
 
@@ -247,6 +253,104 @@ async def _adapter(ctx: Context, adapter: str) -> Row:
         " between updates are not sent (report by exception)"
     )
     ctx.say(f"  {adapter}: {row.figures['tag values/s']:,.0f} values/s, gaps {row.lost}")
+    return row
+
+
+async def _modbus_ceiling(ctx: Context) -> Row:
+    """The Modbus adapter against a server that answers faster than it polls: its reads/s,
+    tag values/s and CPU per 1,000 values/s (the simulator's Modbus server, OPC UA off, its
+    tags updated once a second: the adapter publishes every value it reads anyway)."""
+    from uns_simulator import adapter_config, scaled_plant
+
+    seconds = 2.0 if ctx.quick else 10.0
+    units = 5 if ctx.quick else CEILING_UNITS
+    plant = [(p, "press") for p, _ in scaled_plant(units, enterprise=ENTERPRISE)]
+    opcua_port, modbus_port = _ports()
+    sections = adapter_config(
+        plant,
+        opcua_url=f"opc.tcp://127.0.0.1:{opcua_port}",
+        modbus_host="127.0.0.1",
+        modbus_port=modbus_port,
+        rate_hz=10_000.0,
+        modbus_assets=("press",),
+    )
+    services: dict[str, Any] = {
+        "simulator": {
+            "tick_s": 1.0,
+            "opcua": {"enabled": False, "port": opcua_port},
+            "modbus": {"port": modbus_port},
+        },
+        "opcua-adapter": {"enabled": False},
+        **sections,
+    }
+    services["modbus-adapter"] |= {
+        "poll_groups": {"fast": CEILING_POLL_S, "slow": CEILING_POLL_S},
+        "heartbeat_s": CEILING_POLL_S / 2,
+    }
+    procs = Procs(ctx.workdir)
+    counter = _Values(units)
+    adapter = "modbus-adapter"
+    try:
+        broker, url = procs.broker()
+        await wait_broker(url)
+        cfg = str(config.write(ctx.workdir, "modbus-ceiling", [str(p) for p, _ in plant], services))
+        common = ("--config", cfg, "--broker", url, "--log-level", "WARNING")
+        running = {"broker": broker}
+        running["simulator"] = procs.uns("simulator", "run", "simulator", *common, metrics=True)
+        receiver = await Receiver(url, f"{ENTERPRISE}/+/+/+/+/+/raw/data", keep=counter).start()
+        running[adapter] = procs.uns(adapter, "run", adapter, *common, metrics=True)
+        await _flowing(counter, running[adapter], adapter)
+        runs = []
+        for _ in range(ctx.repeats):
+            pids = {name: p.pid for name, p in running.items()}
+            before = await asyncio.to_thread(running[adapter].metrics)
+            counter.counting = True
+            counter.values = counter.messages = counter.gaps = 0
+            async with Sampler(pids) as sampler:
+                t0 = time.monotonic()
+                await asyncio.sleep(seconds)
+                counter.counting = False
+                t1 = time.monotonic()
+            after = await asyncio.to_thread(running[adapter].metrics)
+            reads = metric_sum(after, "uns_modbus_reads_total", result="ok") - metric_sum(
+                before, "uns_modbus_reads_total", result="ok"
+            )
+            values_s = counter.values / (t1 - t0)
+            cpu = sampler.cores(t0, t1)
+            runs.append(
+                {
+                    "lost": counter.gaps,
+                    "figures": {
+                        "tag values/s": round(values_s),
+                        "reads/s": round(reads / (t1 - t0)),
+                        "messages/s": round(counter.messages / (t1 - t0)),
+                        "adapter cores per 1,000 values/s": round(
+                            cpu.get(adapter, 0.0) / max(values_s / 1000, 1e-9), 3
+                        ),
+                    },
+                    "cpu": cpu,
+                    "rss": sampler.peak_rss(),
+                }
+            )
+        await receiver.stop()
+    finally:
+        procs.stop()
+    row = summarise(
+        "3 slow tags",
+        "Modbus adapter ceiling",
+        f"{units} units x 11 tags behind one endpoint, polled every {CEILING_POLL_S * 1000:g} ms"
+        " (as fast as it can), every value published",
+        runs,
+    )
+    row.rate, row.kind = "messages/s", "slow"
+    row.notes.append(
+        "the adapter polls as fast as it can; the server (the simulator's pymodbus) shares"
+        " the machine: whichever of them is at a core is the limit (see CPU)"
+    )
+    ctx.say(
+        f"  modbus ceiling: {row.figures['reads/s']:,.0f} reads/s,"
+        f" {row.figures['tag values/s']:,.0f} values/s, gaps {row.lost}"
+    )
     return row
 
 
