@@ -53,8 +53,8 @@ def window(ts: int) -> Window:
 
 
 class Featurizer:
-    """Publishes what the featurizer would: a birth, then per 1 s window a waveform features
-    message, and a slow-tag one every 10 windows (each with its own window)."""
+    """Publishes features as a featurizer could: a birth, then per 1 s window a slow-tag
+    features message and a waveform one for the same window end (a row combines both)."""
 
     def __init__(self, bus: Bus, device: str) -> None:
         self.bus, self.device, self.i, self.seq = bus, device, 0, 0
@@ -75,7 +75,7 @@ class Featurizer:
         last = window(T0)
         for row in rows:
             ts = T0 + self.i * 1000
-            parts = [WAVE] if self.i % 10 else [SLOW, WAVE]
+            parts = [SLOW, WAVE]
             for names in parts:
                 metrics = [
                     Metric(name=n, value=float(row[ALL.index(n)])) for n in names if n not in skip
@@ -166,7 +166,7 @@ def write_recording(path: Path, x: np.ndarray) -> None:
     lines = []
     for i, row in enumerate(x):
         ts = T0 + i * 1000
-        for names in [WAVE] if i % 10 else [SLOW, WAVE]:
+        for names in [SLOW, WAVE]:
             metrics = [Metric(name=n, value=float(row[ALL.index(n)])) for n in names]
             msg = DeviceData(ts=ts, node="featurizer", seq=0, metrics=metrics, window=window(ts))
             lines.append(record.encode_line(f"{device}/features/data", ts, False, encode(msg)))
@@ -429,30 +429,40 @@ async def test_features_a_model_needs_but_the_device_never_announces_are_a_clear
         )
 
 
-async def test_a_stale_feature_holds_scoring_back_until_it_is_refreshed(
+async def test_each_window_is_scored_once_from_its_own_features_and_an_incomplete_one_never(
     memory_url: str, prefix: str, life: Lifecycle, logs: Records
 ) -> None:
+    """Windows checked one by one: two features messages per window make one score, with
+    that window and its data time; windows lacking bearing_temp are not scored from an
+    older window's value, and are given up once the data is max_feature_age_s past them."""
     dev = device(prefix)
     settings = life.settings(max_feature_age_s=5)
     async with (
-        running(Inference, memory_url, prefix, plant=[(dev, "press")], **settings),
+        running(Inference, memory_url, prefix, plant=[(dev, "press")], **settings) as node,
         watching(memory_url, f"{prefix}/#") as w,
         connect(memory_url) as bus,
     ):
         await w.wait_for(on(f"{dev}/scores/birth"))
         feeder = Featurizer(bus, dev)
         await feeder.birth()
-        await scores_after(w, feeder, features(5, seed=110))  # bearing_temp from t=0
-        late = await feeder.windows(features(3, seed=111), skip=tuple(SLOW))  # t=5..7
-        stale = await logs.wait_for("until these features are refreshed")
-        assert "bearing_temp.mean" in stale.getMessage()
-        feeder.i = 10  # the next slow window
-        resumed = await scores_after(w, feeder, features(1, seed=112))
-        scored = [
-            msgspec.json.decode(m.payload, type=DeviceData).window
+        await scores_after(w, feeder, features(5, seed=110))  # t=0..4, complete
+        await feeder.windows(features(3, seed=111), skip=tuple(SLOW))  # t=5..7: no bearing_temp
+        await scores_after(w, feeder, features(7, seed=112))  # t=8..14, complete
+        gave_up = await logs.wait_for("the windows that lack some of its features")
+        assert "bearing_temp.mean" in gave_up.getMessage()
+        await logs.wait_for("scoring with press-anomaly again")
+        scores = [
+            msgspec.json.decode(m.payload, type=DeviceData)
             for m in w.seen
             if m.topic == f"{dev}/scores/data"
         ]
-        assert late not in scored  # t=7 is 7 s after the last bearing_temp: not scored
-        assert resumed.window is not None and resumed.window.end == T0 + 10_000
-        await logs.wait_for("scoring with press-anomaly again")
+        ends = [s.window.end for s in scores if s.window is not None]
+        assert ends == [T0 + i * 1000 for i in (*range(5), *range(8, 15))]  # each once, in order
+        assert all(s.data_ts == s.window.end for s in scores if s.window is not None)
+        assert all(s.ts >= s.data_ts for s in scores if s.data_ts is not None)  # ts: made now
+        assert (
+            node.metrics.registry.get_sample_value(
+                "uns_inference_rows_skipped_total", {"service": "inference", "reason": "incomplete"}
+            )
+            == 3
+        )

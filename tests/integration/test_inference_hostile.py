@@ -170,9 +170,8 @@ async def test_the_announcing_nodes_death_stops_scoring_with_a_warning(
         await feeder.windows(features(2, seed=221))  # from the right node, but after its death
         await feeder.birth()
         await logs.wait_for("scoring resumes")
-        feeder.i = 10  # the death forgot every value: from the next slow-tag window on
         await scores_after(w, feeder, features(2, seed=222))
-        assert drops(node, "unannounced") == 2  # counted in order, before the scores above
+        assert drops(node, "unannounced") == 4  # 2 windows, 2 messages each; before the scores
 
 
 async def test_data_before_a_birth_is_dropped_and_the_node_asked_for_a_rebirth(
@@ -191,9 +190,8 @@ async def test_data_before_a_birth_is_dropped_and_the_node_asked_for_a_rebirth(
         asked = await w.wait_for(lambda m: m.topic == cmd)
         assert msgspec.json.decode(asked.payload, type=Command).name == "rebirth"
         await feeder.birth()  # what the rebirth brings
-        feeder.i = 20  # nothing before the birth was kept: from a slow-tag window on
         await scores_after(w, feeder, features(2, seed=231))
-        assert drops(node, "unannounced") == 14  # 12 windows: 12 waveform + 2 slow messages
+        assert drops(node, "unannounced") == 24  # 12 windows: a waveform and a slow message each
         assert len([m for m in w.seen if m.topic == cmd]) == 1  # once per node per 30 s
         assert events_of(w.seen, dev) == []  # the unannounced fault left nothing behind
 
@@ -243,7 +241,7 @@ async def test_an_event_open_across_kills_goes_on_under_its_id_and_clears_once(
         second = await start_inference(procs, mosquitto.url, config)
         assert any(f"anomaly {raised.id} still open" in line for line in second.lines)
         await w.wait_for(on(f"{dev}/scores/birth"))
-        feeder.i = 20  # a slow-tag window first: the new process knows no values yet
+        feeder.i = 20  # data time goes on across the restart
         await scores_after(w, feeder, faulty(features(8, seed=302)))  # 8 s more of the fault
         assert [e.state for e in events_of(w.seen, dev)] == ["raised"]
         kill(second)  # the fault clears while no inference runs
@@ -259,6 +257,10 @@ async def test_an_event_open_across_kills_goes_on_under_its_id_and_clears_once(
     events = events_of(w.seen, dev)
     assert [(e.state, e.id) for e in events] == [("raised", raised.id), ("cleared", raised.id)]
     assert cleared.started == raised.started
+    # data time first: the window end of the score that raised (cleared) it, not when sent
+    assert raised.data_ts is not None and cleared.data_ts is not None
+    assert raised.started <= raised.data_ts < cleared.data_ts <= T0 + 53_000
+    assert raised.ts > T0 + 53_000  # processing time (today), data time is from T0
     assert cleared.count >= 1 and cleared.score is not None and raised.score is not None
     assert cleared.score >= raised.score  # the peak, kept across both restarts
 

@@ -37,7 +37,8 @@ def features(n: int, seed: int, wear: np.ndarray | None = None) -> np.ndarray:
 
 
 def write_recording(path: Path, x: np.ndarray, *, device: str = DEV, step_ms: int = 1000) -> None:
-    """As the featurizer publishes: a birth, a waveform message per row, a slow one every 10."""
+    """A birth, then per row a waveform features message and a slow-tag one for the same
+    window end (two messages a row combines)."""
     birth = DeviceBirth(
         ts=T0,
         node="featurizer",
@@ -50,7 +51,7 @@ def write_recording(path: Path, x: np.ndarray, *, device: str = DEV, step_ms: in
     for i, row in enumerate(x):
         ts = T0 + i * step_ms
         window = Window(start=ts - step_ms, end=ts, good=10_000, total=10_000)
-        parts = [WAVE] if i % 10 else [WAVE, SLOW]
+        parts = [WAVE, SLOW]
         for names in parts:
             metrics = [Metric(name=n, value=float(row[(WAVE + SLOW).index(n)])) for n in names]
             msg = DeviceData(ts=ts, node="featurizer", seq=i % 256, metrics=metrics, window=window)

@@ -9,7 +9,7 @@ import pytest
 
 from uns import DeviceBirth, DeviceData, Metric, MetricDef, Window, encode
 from uns_inference import record
-from uns_inference.combine import DeviceFeatures, NotReady, Row
+from uns_inference.combine import DeviceFeatures, GivenUp, NotReady, Row
 
 DEV = "acme/pune/stamping/line-3/cell-a/press-01"
 T0 = 1_795_334_400_000
@@ -52,26 +52,46 @@ def test_uns_sub_json_output_is_a_recording_too(tmp_path: Path) -> None:
     assert [m.payload for m in record.read_messages(path)] == [msg]
 
 
-def test_a_row_waits_for_every_feature_and_combines_separate_messages() -> None:
+def test_a_row_waits_for_every_feature_of_its_window_and_combines_separate_messages() -> None:
     latest = DeviceFeatures()
     names = ["bearing_temp.mean", "vibration.rms"]
     latest.update(data(T0, vibration__rms=0.1).metrics, T0)
-    assert latest.row(names, T0, 120_000) == NotReady(missing=["bearing_temp.mean"], stale=[])
-    latest.update(data(T0 + 5000, bearing_temp__mean=45.0).metrics, T0 + 5000)
-    row = latest.row(names, T0 + 5000, 120_000)
+    assert latest.offer("m", names, T0) == NotReady(missing=["bearing_temp.mean"])
+    latest.update(data(T0, bearing_temp__mean=45.0).metrics, T0)  # same window end
+    row = latest.offer("m", names, T0)
     assert isinstance(row, Row) and list(row.values) == [45.0, 0.1]
+    assert latest.offer("m", names, T0) is None  # scored once
 
 
-def test_a_feature_older_than_the_age_limit_is_stale_until_refreshed() -> None:
+def test_features_of_different_windows_never_make_a_row() -> None:
     latest = DeviceFeatures()
     names = ["bearing_temp.mean", "vibration.rms"]
     latest.update(data(T0, bearing_temp__mean=45.0).metrics, T0)
-    latest.update(data(T0 + 200_000, vibration__rms=0.1).metrics, T0 + 200_000)
-    assert latest.row(names, T0 + 200_000, 120_000) == NotReady(
-        missing=[], stale=["bearing_temp.mean"]
-    )
-    latest.update(data(T0 + 201_000, bearing_temp__mean=46.0).metrics, T0 + 201_000)
-    assert isinstance(latest.row(names, T0 + 201_000, 120_000), Row)
+    latest.update(data(T0 + 1000, vibration__rms=0.1).metrics, T0 + 1000)
+    assert latest.offer("m", names, T0 + 1000) == NotReady(missing=["bearing_temp.mean"])
+    latest.update(data(T0 + 2000, bearing_temp__mean=46.0).metrics, T0 + 2000)
+    assert latest.offer("m", names, T0 + 2000) == NotReady(missing=["vibration.rms"])
+
+
+def test_an_incomplete_window_is_given_up_after_the_age_limit_naming_what_it_lacked() -> None:
+    latest = DeviceFeatures()
+    names = ["bearing_temp.mean", "vibration.rms"]
+    models = {"m": names}
+    latest.update(data(T0, vibration__rms=0.1).metrics, T0)
+    latest.offer("m", names, T0)
+    assert latest.expire(T0 + 5000, 120_000, models) == []
+    gone = latest.expire(T0 + 200_000, 120_000, models)
+    assert gone == [("m", GivenUp(T0, ["bearing_temp.mean"]))]
+    assert latest.windows == {}
+
+
+def test_a_window_older_than_the_last_scored_is_not_scored_after_it() -> None:
+    latest = DeviceFeatures()
+    names = ["vibration.rms"]
+    latest.update(data(T0 + 1000, vibration__rms=0.2).metrics, T0 + 1000)
+    assert isinstance(latest.offer("m", names, T0 + 1000), Row)
+    latest.update(data(T0, vibration__rms=0.1).metrics, T0)  # arrives late
+    assert latest.offer("m", names, T0) is None
 
 
 def test_bad_and_non_finite_values_are_not_taken() -> None:
@@ -83,11 +103,12 @@ def test_bad_and_non_finite_values_are_not_taken() -> None:
         Metric(name="d", value=2.0, quality="uncertain"),
     ]
     assert latest.update(metrics, T0) == {"d"}
-    row = latest.row(["d"], T0, 1000)
+    row = latest.row(["d"], T0)
     assert isinstance(row, Row) and row.uncertain
+    assert latest.row(["a", "d"], T0) == NotReady(missing=["a"])
 
 
-def test_a_recording_becomes_the_rows_the_service_would_score(tmp_path: Path) -> None:
+def test_a_recording_becomes_one_row_per_complete_window(tmp_path: Path) -> None:
     path = tmp_path / "r.jsonl"
     birth = DeviceBirth(
         ts=T0,
@@ -101,18 +122,34 @@ def test_a_recording_becomes_the_rows_the_service_would_score(tmp_path: Path) ->
     for i in range(30):
         ts = T0 + i * 1000
         chunks.append(line(f"{DEV}/features/data", data(ts, vibration__rms=0.1 + i)))
-        if i % 10 == 5:
+        if i % 10 == 5:  # a slow window ending with this waveform window
             chunks.append(line(f"{DEV}/features/data", data(ts, t__mean=40.0 + i)))
         chunks.append(line(f"{DEV}/raw/data", data(ts, x=1.0)))  # other streams are ignored
     path.write_bytes(b"".join(chunks))
     log = record.read_features([path])
     assert log.devices == [DEV] and log.announced[DEV] == {"vibration.rms", "t.mean"}
     ds = record.matrix(log, ["t.mean", "vibration.rms"])
-    # a row from the first moment both are known (the slow window at t=5), then one per
-    # waveform window (t=6..29) and per later slow window (t=15, 25)
-    assert ds.x.shape == (1 + 24 + 2, 2)
-    assert ds.ts[0] == T0 + 5000 and list(ds.x[0]) == [45.0, 5.1]
+    # only the windows with both (t=5, 15, 25): never t.mean of one window with the
+    # vibration of another
+    assert list(ds.ts) == [T0 + 5000, T0 + 15_000, T0 + 25_000]
+    assert [list(r) for r in ds.x] == [[45.0, 5.1], [55.0, 15.1], [65.0, 25.1]]
     assert set(ds.device) == {DEV}
+    assert len(record.matrix(log, ["vibration.rms"]).ts) == 30  # one row per window
+
+
+def test_features_whose_windows_never_end_together_are_refused_for_training(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "r.jsonl"
+    chunks = []
+    for i in range(30):
+        ts = T0 + i * 1000
+        chunks.append(line(f"{DEV}/features/data", data(ts, vibration__rms=0.1)))
+        if i % 10 == 5:
+            chunks.append(line(f"{DEV}/features/data", data(ts + 300, t__mean=40.0)))
+    path.write_bytes(b"".join(chunks))
+    with pytest.raises(record.RecordingError, match="never end together"):
+        record.matrix(record.read_features([path]), ["t.mean", "vibration.rms"], max_age_s=5)
 
 
 def test_feature_choice_keeps_what_every_device_has_and_leaves_counters_out() -> None:

@@ -42,7 +42,10 @@ class Training(msgspec.Struct, frozen=True, kw_only=True):
     ] = 125.0
     max_age_s: Annotated[
         float,
-        msgspec.Meta(gt=0.0, description="A feature older than this (data time) is stale"),
+        msgspec.Meta(
+            gt=0.0,
+            description="Seconds (data time) a window waits for the rest of its features",
+        ),
     ] = 120.0
     variance: Annotated[
         float,

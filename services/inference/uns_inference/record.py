@@ -190,7 +190,7 @@ class Dataset:
     x: NDArray[np.float64]
     """Rows x features."""
     ts: NDArray[np.int64]
-    """Data time of each row (the triggering window's end, ms)."""
+    """Data time of each row (its window's end, ms)."""
     device: list[str]
     """Device of each row."""
     run: NDArray[np.intp]
@@ -198,31 +198,40 @@ class Dataset:
 
 
 def matrix(log: FeatureLog, features: Sequence[str], max_age_s: float = 120.0) -> Dataset:
-    """Rows as the inference service would score them (the `combine` rule)."""
-    wanted = set(features)
+    """Rows as the inference service would score them (the `combine` rule): one per
+    complete window of a device (every feature present for the same window end)."""
     max_age_ms = round(max_age_s * 1000)
+    wanted = set(features)
+    models = {"model": list(features)}
     state: dict[tuple[int, str], DeviceFeatures] = {}
     runs: dict[tuple[int, str], int] = {}
     rows: list[NDArray[np.float64]] = []
     ts: list[int] = []
     device: list[str] = []
     run: list[int] = []
+    incomplete: dict[str, int] = {}
     for file_run, dev, data in log.data:
         key = (file_run, dev)
         latest = state.setdefault(key, DeviceFeatures())
         at = data.window.end if data.window is not None else data.ts
-        updated = latest.update(data.metrics, at)
-        if not updated & wanted:
-            continue
-        row = latest.row(features, at, max_age_ms)
-        if isinstance(row, Row):
-            rows.append(row.values)
-            ts.append(at)
-            device.append(dev)
-            run.append(runs.setdefault(key, len(runs)))
+        updated = latest.update(data.metrics, at, data.window)
+        if updated & wanted:
+            row = latest.offer("model", features, at)
+            if isinstance(row, Row):
+                rows.append(row.values)
+                ts.append(at)
+                device.append(dev)
+                run.append(runs.setdefault(key, len(runs)))
+        for _, gone in latest.expire(at, max_age_ms, models):
+            for name in gone.missing:
+                incomplete[name] = incomplete.get(name, 0) + 1
     if not rows:
+        lacking = sorted(incomplete, key=lambda n: -incomplete[n])[:5]
         raise RecordingError(
-            "no complete row: no moment when every chosen feature was known and fresh"
+            "no complete row: no window end for which every chosen feature was present"
+            + (f" (most often lacking: {', '.join(lacking)})" if lacking else "")
+            + "; features of windows that never end together (waveform and slow-tag"
+            " windows) make no row: choose features of one kind (--features)"
         )
     return Dataset(
         features=list(features),

@@ -2,8 +2,9 @@
 
 Subscribes to ``+/+/+/+/+/+/features/{birth,data,death}``. For every device whose asset
 type (``plant.devices[].asset``, or ``services.inference.devices``) has a model under
-``models_dir/<asset>/<kind>/current``, it combines the latest value of each feature
-(`uns_inference.combine`), runs the model in a thread and publishes
+``models_dir/<asset>/<kind>/current``, it gathers each window's features and, once per
+window with every feature a model needs (`uns_inference.combine`), runs the model in a
+thread and publishes
 ``{device}/scores/data`` (with the window it scored and the model's name, version and
 sha256) and, through the hysteresis of `uns_inference.events`, one
 ``{device}/events/anomaly`` raised/cleared pair per fault (QoS 1).
@@ -104,7 +105,8 @@ class _Device:
     born_with: tuple[str, ...] | None = None
     """sha256 of the models its last scores birth described."""
     waiting: dict[Kind, tuple[str, ...]] = field(default_factory=dict)
-    """Stale features holding back a model that scored the device before (logged once)."""
+    """Features a model's windows lacked when they were given up (logged once, until a
+    complete window is scored again)."""
     events: EventState = field(default_factory=EventState)
     event_id: str = ""
     event_top: str = ""
@@ -270,7 +272,8 @@ class Inference(Service[InferenceSettings]):
         )
         self.m_skipped = m.counter(
             "uns_inference_rows_skipped_total",
-            "Feature messages a model could not score yet (missing, stale)",
+            "Features a model could not score (missing: the birth lacks some; incomplete:"
+            " a window given up without all of them)",
             ["reason"],
         )
         self.m_latency = m.histogram(
@@ -741,29 +744,18 @@ class Inference(Service[InferenceSettings]):
         if device.announced is None or data.node != device.node:
             await self._untrusted_data(device, data)
         at = data.window.end if data.window is not None else data.ts
-        updated = device.latest.update(data.metrics, at)
+        updated = device.latest.update(data.metrics, at, data.window)
+        models = self._models(device.asset)
         scored = False
-        for kind, served in self._models(device.asset):
+        for kind, served in models:
             if not updated & served.features:
                 continue
             if kind in device.missing:
                 self.m_skipped.labels("missing").inc()
                 continue
-            row = device.latest.row(served.card.features, at, self.max_age_ms)
-            if isinstance(row, NotReady):
-                stale = bool(row.stale and not row.missing)
-                self.m_skipped.labels("stale" if stale else "missing").inc()
-                if stale and kind not in device.waiting:
-                    device.waiting[kind] = tuple(row.stale)
-                    log.warning(
-                        "%s: not scoring with %s until these features are refreshed (older than"
-                        " %g s): %s",
-                        device.path,
-                        served.ref.name,
-                        self.settings.max_feature_age_s,
-                        ", ".join(row.stale),
-                    )
-                continue
+            row = device.latest.offer(kind, served.card.features, at)
+            if row is None or isinstance(row, NotReady):
+                continue  # scored already, or waiting for the rest of its window
             if device.waiting.pop(kind, None) is not None:
                 log.info("%s: scoring with %s again", device.path, served.ref.name)
             x = row.values.astype(np.float32)[None, :]
@@ -792,7 +784,7 @@ class Inference(Service[InferenceSettings]):
                 Metric(name=n, value=round(v, 6), quality=quality, reason=reason) for n, v in values
             ]
             await self.node.device_data(
-                device.path, "scores", metrics, window=data.window, model=served.ref
+                device.path, "scores", metrics, window=row.window, model=served.ref
             )
             self.m_scores.labels(kind).inc()
             scored = True
@@ -800,6 +792,25 @@ class Inference(Service[InferenceSettings]):
                 await self._event(device, served, at, score, contributions)
         if scored:
             self.m_latency.observe(time.perf_counter() - received)
+        given = device.latest.expire(
+            at, self.max_age_ms, {kind: served.card.features for kind, served in models}
+        )
+        for key, gone in given:
+            self.m_skipped.labels("incomplete").inc()
+            for kind, served in models:
+                if kind != key or kind in device.waiting:
+                    continue
+                device.waiting[kind] = tuple(gone.missing)
+                log.warning(
+                    "%s: not scoring with %s the windows that lack some of its features (the"
+                    " window ending %d lacked %s; a window waits at most %g s of data time);"
+                    " scoring resumes with the next complete window",
+                    device.path,
+                    served.ref.name,
+                    gone.end,
+                    ", ".join(gone.missing) or "none: they came after a later window",
+                    self.settings.max_feature_age_s,
+                )
 
     async def _ensure_birth(self, device: _Device) -> None:
         models = self._models(device.asset)
@@ -855,6 +866,7 @@ class Inference(Service[InferenceSettings]):
             )
         event = Event(
             ts=now_ms(),
+            data_ts=t.ts,
             id=device.event_id,
             kind="anomaly",
             state=t.state,

@@ -40,8 +40,10 @@ class InferenceSettings(ServiceSettings, frozen=True):
     reload_s: PositiveFloat = 2.0
     """How often the models directory is checked for promotions."""
     max_feature_age_s: PositiveFloat = 120.0
-    """A feature older than this (data time) before the triggering window is stale: the
-    device is not scored until it is refreshed."""
+    """How long (data time) a window waits for the rest of its features: a device is scored
+    only on windows with every feature a model needs (uns-schema/README.md); one still
+    lacking some this long after its end is given up, unscored
+    (``uns_inference_rows_skipped_total{reason="incomplete"}``)."""
     announce_grace_s: NonNegative = 120.0
     """Seconds a device's features birth may lack features a model needs before that is
     logged as an error (a featurizer announces slow-tag features only after their first
