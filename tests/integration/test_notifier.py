@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import ssl
 import threading
 import time
 import uuid
@@ -30,6 +31,7 @@ import pytest
 
 from clitools import Proc, start
 from fixtures.brokers import Mosquitto, started_mosquitto
+from fixtures.pki import CertAuthority
 from uns import Event, connect, encode
 from uns.testing import free_port, running
 from uns_notifier.service import Notifier
@@ -58,13 +60,19 @@ class Receiver:
         self.script: list[int | str] = []
         self.refuse: set[str] = set()
         self.server: ThreadingHTTPServer | None = None
+        self.tls: ssl.SSLContext | None = None
 
     @property
     def url(self) -> str:
+        if self.tls is not None:
+            return f"https://localhost:{self.port}"
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> None:
+    def start(self, tls: tuple[Path, Path] | None = None) -> None:
         receiver = self
+        if tls is not None:
+            self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.tls.load_cert_chain(*tls)
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args: Any) -> None:
@@ -81,6 +89,8 @@ class Receiver:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self.server.daemon_threads = True
+        if self.tls is not None:
+            self.server.socket = self.tls.wrap_socket(self.server.socket, server_side=True)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def stop(self) -> None:
@@ -205,10 +215,11 @@ async def publish(url: str, events: list[Event]) -> None:
 
 
 def settings(tmp_path: Path, receiver: Receiver, **overrides: Any) -> dict[str, Any]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "auth").write_text("Bearer s3cret\n")
     webhook = {
         "url": receiver.url,
-        "allow_plaintext": True,
+        "allow_plaintext": receiver.tls is None,
         "auth_file": str(tmp_path / "auth"),
         "retry_min_s": 0.05,
         "retry_max_s": 0.5,
@@ -333,6 +344,31 @@ async def test_a_400_goes_to_the_dead_letter_and_delivery_goes_on(
     assert len(refused) == 1 and "HTTP 400" in refused[0].getMessage()
     assert "Invalid cmdb_ci" in refused[0].getMessage() or "refused" in refused[0].getMessage()
     assert list(receiver.records) == ["good-1"]
+
+
+async def test_tls_is_verified_against_ca_file(
+    mosquitto: Mosquitto, prefix: str, tmp_path: Path
+) -> None:
+    """HTTPS to a server whose certificate a private CA signed: delivered with that CA as
+    ca_file; with the system store instead it is never sent (retried as a connection
+    error), so a man in the middle gets nothing."""
+    ca = CertAuthority(tmp_path)
+    receiver = Receiver()
+    receiver.start(tls=ca.issue("webhook", server=True))
+    try:
+        untrusted = settings(tmp_path / "a", receiver, correlate_s=0)
+        async with notifier(mosquitto.url, prefix, untrusted) as node:
+            await publish(mosquitto.url, [event(prefix, "line-3/cell-a/press-01", "raised", "t1")])
+            await until_metric(node, "uns_notifier_retries_total", 1, reason="connect")
+        assert receiver.records == {}
+        trusted = settings(tmp_path / "b", receiver, correlate_s=0, webhook={"ca_file": str(ca.ca)})
+        async with notifier(mosquitto.url, f"{prefix}b", trusted):
+            await publish(
+                mosquitto.url, [event(f"{prefix}b", "line-3/cell-a/press-01", "raised", "t2")]
+            )
+            await receiver.until(lambda: "t2" in receiver.records, "not delivered over TLS")
+    finally:
+        receiver.stop()
 
 
 # ---- outage and restart -------------------------------------------------------------------
