@@ -31,6 +31,19 @@ from zoneinfo import ZoneInfo
 
 MINUTE_MS = 60_000
 UNSIGNED = {"uint8": 2**8, "uint16": 2**16, "uint32": 2**32, "uint64": 2**64}
+FUTURE_MS = 5 * MINUTE_MS
+"""A sample stamped further ahead of the box's clock than this is refused (`plausible`)."""
+PAST_MS = 24 * 60 * MINUTE_MS
+"""... and one older than this: OEE books the current shift and hour, never last week."""
+MAX_GAP_MS = 24 * 60 * MINUTE_MS
+"""Time between two samples of a device beyond this (a clock jump) is booked as nothing."""
+
+
+def plausible(ts: int, now: int) -> bool:
+    """Whether a sample's timestamp may be booked: near the box's clock. A hostile or broken
+    one (2^63 - 1 ms, 31 years ahead) would otherwise have the booking walk minute by minute
+    to it, and every later sample would be before it."""
+    return now - PAST_MS <= ts <= now + FUTURE_MS
 
 
 def hhmm(text: str) -> int:
@@ -158,6 +171,10 @@ class DeviceOee:
             return
         t = self.last_ts
         if ts <= t:
+            return
+        if ts - t > MAX_GAP_MS:  # a clock jump: nothing known of the time between
+            self.flags["clock_jump"] = ts // MINUTE_MS
+            self.last_ts = ts
             return
         while t < ts:
             minute = t // MINUTE_MS

@@ -19,7 +19,7 @@ from uns import DeviceBirth, DeviceData, DeviceDeath, Event, Inbound, Node, Serv
 from uns.payloads import Health, HealthLevel, Oee, OeeWindow
 from uns.topics import DevicePath, health_topic, oee_topic
 from uns_plant.health import RANK, DeviceState, group_health
-from uns_plant.oee import MINUTE_MS, DeviceOee, Totals, totals
+from uns_plant.oee import MINUTE_MS, DeviceOee, Totals, plausible, totals
 from uns_plant.settings import PlantSettings
 
 LEVEL_OF: dict[int, HealthLevel] = {2: "site", 3: "area", 4: "line", 5: "cell"}
@@ -71,6 +71,13 @@ class PlantService(Service[PlantSettings]):
             for n in (4, 5):
                 self.oee_groups.setdefault(levels[:n], []).append(tracker)
         self.shift: tuple[str, int, int] | None = None
+        self.refused = node.metrics.counter(
+            "uns_plant_oee_refused_total",
+            "Raw samples OEE did not book, by reason (timestamp: too far from the box's clock)",
+            ["reason"],
+            zeros=("timestamp",),
+        )
+        self._refused_logged = -MINUTE_MS
         self.m_oee = node.metrics.gauge(
             "uns_plant_oee",
             "OEE and its factors per line and cell (uns-schema/README.md, OEE)",
@@ -150,9 +157,26 @@ class PlantService(Service[PlantSettings]):
         if tracker is None:
             return
         data = msg.payload
+        now = now_ms()
         for m in data.metrics:
-            if m.quality != "bad":
+            if m.quality != "bad" and self._plausible(m.ts or data.ts, now, msg.topic):
                 tracker.sample(m.ts or data.ts, m.name, m.value)
+
+    def _plausible(self, ts: int, now: int, topic: str) -> bool:
+        """A timestamp OEE may book (`uns_plant.oee.plausible`); else counted, and logged
+        at most once a minute."""
+        if plausible(ts, now):
+            return True
+        self.refused.labels("timestamp").inc()
+        if now - self._refused_logged >= MINUTE_MS:
+            self._refused_logged = now
+            log.warning(
+                "%s: a sample stamped %s ms from this box's clock is not booked in OEE"
+                " (more are counted in uns_plant_oee_refused_total)",
+                topic,
+                f"{ts - now:+d}" if abs(ts - now) < 10**15 else "an absurd number of",
+            )
+        return False
 
     async def publish_oee(self, now: int) -> None:
         """The OEE of every line and cell over the current shift (and the final of the one
@@ -231,8 +255,8 @@ class PlantService(Service[PlantSettings]):
         msg.ack()
         if (tracker := self.oee.get("/".join(msg.topic.split("/")[:6]))) is not None:
             tracker.datatypes({m.name: m.datatype for m in msg.payload.metrics})
-            if not msg.retained:  # a retained one is old news: its ts is long past
-                tracker.birth(msg.payload.ts)
+            if not msg.retained and self._plausible(msg.payload.ts, now_ms(), msg.topic):
+                tracker.birth(msg.payload.ts)  # a retained one is old news: its ts is long past
             tracker.online = True
         if (d := self._device(msg.topic)) is not None:
             d.online = True
@@ -241,7 +265,7 @@ class PlantService(Service[PlantSettings]):
     async def on_death(self, msg: Inbound[DeviceDeath]) -> None:
         msg.ack()
         if (tracker := self.oee.get("/".join(msg.topic.split("/")[:6]))) is not None:
-            if not msg.retained:
+            if not msg.retained and self._plausible(msg.payload.ts, now_ms(), msg.topic):
                 tracker.death(msg.payload.ts)
             tracker.online = False
         if (d := self._device(msg.topic)) is not None:
