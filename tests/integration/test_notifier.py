@@ -44,8 +44,9 @@ TABLE = "/api/now/table/incident"
 class Receiver:
     """A webhook: the generic JSON receiver (records by ``key``) and a ServiceNow-like table
     API (records by ``sys_id``, looked up by ``correlation_id``). ``script`` is served
-    first, one answer per request (500, 429 = with ``Retry-After: 1``, ``slow``);
-    ``refuse`` holds keys answered 400; `stop` closes the port (connection refused)."""
+    first, one answer per request (500, 429 = with ``Retry-After: 1``, ``slow`` = past the
+    client's timeout, ``sluggish`` = answered after 0.5 s); ``refuse`` holds keys answered
+    400; `stop` closes the port (connection refused)."""
 
     def __init__(self) -> None:
         self.port = free_port()
@@ -108,7 +109,10 @@ class Receiver:
             cue = self.script.pop(0) if self.script else None
         if cue == "slow":
             time.sleep(1.5)  # past the notifier's timeout_s (1 s): a timeout, sent again
-        elif cue is not None:
+        elif cue == "sluggish":
+            time.sleep(0.5)  # slow, within the timeout: answered normally
+            cue = None
+        if cue is not None and cue != "slow":
             extra = {"Retry-After": "1"} if cue == 429 else {}
             return self.answer(h, int(cue), {"error": f"cue {cue}"}, extra)
         with self.changed:
@@ -413,7 +417,7 @@ async def test_an_outage_with_a_kill_9_in_the_middle_loses_and_duplicates_nothin
     await asyncio.to_thread(proc.wait_line, "webhook: ")  # it is backing off
     proc.stop(signal.SIGKILL)  # and the notifier dies in the middle of the outage
     await publish(broker.url, clears[2:] + later)  # queued by the broker for it
-    receiver.script = [500, 429, "slow", 500]  # the webhook comes back, badly
+    receiver.script = [500, 429, "slow", "sluggish", 500]  # the webhook comes back, badly
     receiver.start()
     again = await run_notifier(procs, config)
     by_key = lambda: {r["correlation_id"]: r for r in receiver.records.values()}  # noqa: E731
@@ -426,5 +430,5 @@ async def test_an_outage_with_a_kill_9_in_the_middle_loses_and_duplicates_nothin
     assert "Traceback" not in "".join(again.lines + proc.lines)
     assert all(n == 1 for n in receiver.creates.values()), receiver.creates
     assert {k for k, r in by_key().items() if r["state"] == "6"} == {e.id for e in clears}
-    assert receiver.script == []  # 500, 429, a timeout and 500 were served before the rest
+    assert receiver.script == []  # 500, 429, a timeout, a slow answer, 500 were served
     assert any("webhook: " in line and "HTTP 500" in line for line in again.lines)
