@@ -334,3 +334,36 @@ def test_a_slow_hop_below_a_millisecond_is_refused_naming_the_field(tmp_path):
     assert result.returncode == 2
     assert "services.featurizer.slow.hop_s" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_a_device_with_more_slow_tags_than_a_message_holds_gets_several_per_window(
+    memory_url, prefix, monkeypatch
+):
+    import uns_featurizer.service as featurizer_service
+
+    monkeypatch.setattr(featurizer_service, "TAGS_PER_MESSAGE", 2)  # 1,000 in service
+    device = f"{prefix}/pune/stamping/line-3/cell-a/press-01"
+    tags = ("a", "b", "c")
+    t0 = 1_700_000_000_000
+    async with (
+        running(
+            Featurizer,
+            memory_url,
+            prefix,
+            plant=[(device, "press")],
+            slow={"window_s": 1, "hop_s": 1, "stagger": False},
+        ),
+        watching(memory_url, f"{prefix}/+/+/+/+/+/features/data") as w,
+        connect(memory_url) as pub,
+    ):
+        for i in range(15):
+            metrics = [Metric(name=t, value=float(i + k)) for k, t in enumerate(tags)]
+            data = DeviceData(ts=t0 + i * 100, node="adapter", seq=i, metrics=metrics)
+            await pub.publish(f"{device}/raw/data", encode(data), qos=1)
+        await w.wait_for(lambda _: len(w.seen) >= 2)
+    from uns import decode
+
+    first = [decode(m.payload) for m in w.seen]
+    assert [m.window.end for m in first] == [t0 + 1000, t0 + 1000]
+    assert [len(m.signals) for m in first] == [2, 1]
+    assert set(first[0].signals) | set(first[1].signals) == set(tags)

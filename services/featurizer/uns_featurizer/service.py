@@ -55,6 +55,9 @@ MAX_NAME: Final = 256
 NUMERIC: Final = frozenset(
     {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float", "double"}
 )
+TAGS_PER_MESSAGE: Final = 1_000
+"""Slow tags in one features message at most (5,000 metrics, ~250 kB: within the contract's
+10,000 items and 1 MiB); a device with more gets several messages for the window end."""
 MAX_RPM: Final = 600_000.0
 """A shaft speed above this (10 kHz) is no speed: the bearing frequencies ignore it."""
 
@@ -354,7 +357,9 @@ class Featurizer(Service[FeaturizerSettings]):
             or all(e > end or e < end for e in ends)  # e == end: that tag may still close it
         ]
         for end in ready:
-            await self._publish_slow(device, device.pending.pop(end))
+            results = device.pending.pop(end)
+            for i in range(0, len(results), TAGS_PER_MESSAGE):
+                await self._publish_slow(device, results[i : i + TAGS_PER_MESSAGE])
 
     def _room(self, device: _Device, name: str) -> bool:
         """Whether the device may have one more signal windowed (excluded when not)."""
