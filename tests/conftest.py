@@ -23,6 +23,9 @@ from fixtures.ports import free_port
 from uns.membus import MemoryBroker
 from uns.testing import memory_url as new_memory_url
 
+# The clustered engines (issue 14), each in its own module: `rabbitmq_cluster`, `nats_mqtt`.
+pytest_plugins = ["fixtures.rabbitmq", "fixtures.nats"]
+
 
 @pytest.fixture
 def prefix() -> str:
@@ -64,10 +67,17 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
 # ---- the same tests on every broker -------------------------------------------------------
 
 
-@pytest.fixture(params=["memory", "amqtt", "mosquitto"])
+@pytest.fixture(params=["memory", "amqtt", "mosquitto", "rabbitmq", "nats"])
 async def any_broker(request: pytest.FixtureRequest, memory_url: str) -> AsyncIterator[str]:
-    """The URL of each kind of broker in turn: the contract must hold on all of them."""
-    if request.param == "memory":
+    """The URL of each kind of broker in turn: the contract must hold on all of them.
+
+    ``rabbitmq`` is a node of a three-node cluster, ``nats`` NATS's MQTT listener: both
+    are started once per session (tests/fixtures/rabbitmq.py, tests/fixtures/nats.py)."""
+    if request.param == "rabbitmq":
+        yield request.getfixturevalue("rabbitmq_cluster").url
+    elif request.param == "nats":
+        yield request.getfixturevalue("nats_mqtt").url
+    elif request.param == "memory":
         yield memory_url
     elif request.param == "amqtt":
         broker = AmqttBroker(free_port())
