@@ -25,7 +25,6 @@ from typing import Any, Final
 from uns import DevicePath, Inbound, Node, Service, Throttled, now_ms
 from uns import payloads as p
 from uns.bus import Bus, Will, connect
-from uns.config import BrokerSettings
 from uns.errors import BusError, ConfigError
 from uns.topics import DeviceTopic, parse
 from uns_sparkplug import codec
@@ -102,20 +101,9 @@ class SparkplugNode(Service[SparkplugSettings]):
         for topic_filter in s.filters(config):
             node.subscribe(topic_filter, p.Payload, self._on_namespace, qos=1)
         node.subscribe(s.node_deaths(config), p.NodeDeath, self._on_node_death)
-        b = s.broker
-        if b is None:
-            self.url = node.broker_url
-            self.broker_settings = node.broker
-        else:
-            self.url = b.url
-            self.broker_settings = BrokerSettings(
-                url=b.url,
-                username=b.username,
-                password=b.password,
-                password_file=b.password_file,
-                ca_file=b.ca_file,
-                keepalive_s=b.keepalive_s,
-            )
+        b = s.broker  # absent: the namespace's own broker
+        self.url = node.broker_url if b is None else b.url
+        self.broker_settings = node.broker if b is None else b.settings()
 
     # ---- the namespace side --------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from typing import Annotated, ClassVar, Final
 import msgspec
 
 from uns import ServiceSettings
-from uns.config import PositiveFloat, Slug, Strict, UnsConfig, parse_broker_url
+from uns.config import BrokerSettings, PositiveFloat, Slug, Strict, UnsConfig, parse_broker_url
 from uns.errors import ConfigError, TopicError
 from uns.scope import Scope
 from uns.topics import NODE_LEVEL, DevicePath
@@ -37,6 +37,17 @@ class SparkplugBroker(Strict, frozen=True):
             raise ValueError(str(exc)) from None
         if self.password is not None and self.password_file is not None:
             raise ValueError("password and password_file: give one")
+
+    def settings(self) -> BrokerSettings:
+        """The same broker as the runtime's settings, which `uns.bus.connect` takes."""
+        return BrokerSettings(
+            url=self.url,
+            username=self.username,
+            password=self.password,
+            password_file=self.password_file,
+            ca_file=self.ca_file,
+            keepalive_s=self.keepalive_s,
+        )
 
 
 def _check_ids(**ids: str | None) -> None:

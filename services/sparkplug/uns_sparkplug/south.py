@@ -22,7 +22,6 @@ from typing import Any, Final
 
 from uns import DevicePath, Metric, MetricDef, Node, Service, Throttled, now_ms
 from uns.bus import Bus, Will, connect
-from uns.config import BrokerSettings
 from uns.errors import BusError, ConfigError
 from uns_sparkplug import codec
 from uns_sparkplug.settings import SparkplugAdapterSettings
@@ -93,20 +92,9 @@ class SparkplugAdapter(Service[SparkplugAdapterSettings]):
         self.m_values = m.counter(
             "uns_sparkplug_adapter_values_total", "Values published into the namespace"
         ).labels()
-        b = s.broker
-        if b is None:
-            self.url = node.broker_url
-            self.broker_settings = node.broker
-        else:
-            self.url = b.url
-            self.broker_settings = BrokerSettings(
-                url=b.url,
-                username=b.username,
-                password=b.password,
-                password_file=b.password_file,
-                ca_file=b.ca_file,
-                keepalive_s=b.keepalive_s,
-            )
+        b = s.broker  # absent: the namespace's own broker
+        self.url = node.broker_url if b is None else b.url
+        self.broker_settings = node.broker if b is None else b.settings()
 
     def path_of(self, group: str, edge: str, device: str) -> DevicePath:
         """The namespace device of a Sparkplug device (README, "Sparkplug B")."""
