@@ -1,0 +1,127 @@
+"""The slow-tag buffers (12 bytes a held sample) against numpy on the raw samples: every
+window's values, timestamps, counts and source seqs, and the statistics made of them, on
+random streams with NaN, bad quality, duplicates, out-of-order samples, gaps and windows
+rolling over thousands of times."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+
+from uns_featurizer.features import slow_features
+from uns_featurizer.windows import SlowWindow
+
+T0 = 1_764_000_000_000
+
+
+def stream(r: random.Random, n: int) -> list[tuple[int, float, bool, int | None]]:
+    """(ts, value, good, seq): mostly 10 Hz, with repeats, steps back, gaps and bad values
+    around a large offset (where a sum of squares would lose the variance)."""
+    out = []
+    ts = T0 + r.randrange(100_000)
+    for i in range(n):
+        u = r.random()
+        if u < 0.03:
+            step = 0  # a duplicate
+        elif u < 0.06:
+            step = -r.randrange(1, 500)  # out of order
+        elif u < 0.07:
+            step = r.randrange(30_000, 400_000)  # a gap: windows with nothing in them
+        else:
+            step = r.randrange(1, 300)
+        ts += step
+        v = (
+            r.choice([float("nan"), float("inf"), -float("inf")])
+            if r.random() < 0.05
+            else (1e6 + r.gauss(0, 1))
+        )
+        seq = None if r.random() < 0.05 else i % 256
+        out.append((ts, v, r.random() > 0.08, seq))
+    return out
+
+
+def accepted(samples: list[tuple[int, float, bool, int | None]]) -> list[tuple[int, float, int]]:
+    """What a window may hold: good, finite, strictly later than the last one held."""
+    held: list[tuple[int, float, int]] = []
+    for ts, v, good, seq in samples:
+        if good and math.isfinite(v) and (not held or ts > held[-1][0]):
+            held.append((ts, v, -1 if seq is None else seq))
+    return held
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_every_window_holds_exactly_the_samples_numpy_would_and_their_statistics(seed):
+    r = random.Random(seed)
+    length, hop = r.choice([(60_000, 10_000), (20_000, 10_000), (5_000, 10_000), (7_000, 3_000)])
+    phase = r.randrange(hop)
+    samples = stream(r, 3_000)
+    w = SlowWindow(length_ms=length, hop_ms=hop, phase_ms=phase)
+    out, closed_by = [], []
+    for i, (ts, v, good, seq) in enumerate(samples):
+        windows = w.add(ts, v, good=good, seq=seq, node="a")
+        out += windows
+        closed_by += [i] * len(windows)
+    held = accepted(samples)
+    ts_all = np.array([h[0] for h in held])
+    last_seen = max(s[0] for s in samples)
+    first_end = ((samples[0][0] - phase) // hop + 1) * hop + phase
+    want_ends = [
+        e
+        for e in range(first_end, last_seen + 1, hop)
+        if ((ts_all >= e - length) & (ts_all < e)).any()
+    ]
+    assert [prov.end for _, _, prov in out] == want_ends
+    assert len(out) > 30  # the buffers rolled over many times
+    for (ts, values, prov), i in zip(out, closed_by, strict=True):
+        # a sample later than the one that closed the window is not in it, even when it
+        # is stamped within it (a step back after a bad sample ahead): the tag's next
+        # windows have it
+        inside = [h for h in accepted(samples[:i]) if prov.start <= h[0] < prov.end]
+        assert prov.start == prov.end - length
+        assert ts.tolist() == [h[0] for h in inside]
+        assert values.tolist() == [h[1] for h in inside]  # bit for bit
+        assert prov.good == len(inside) and prov.total >= prov.good
+        assert (prov.seq_first, prov.seq_last) == tuple(
+            None if s < 0 else s for s in (inside[0][2], inside[-1][2])
+        )
+        x, t = np.array([h[1] for h in inside]), np.array([h[0] for h in inside], dtype=float)
+        feats = slow_features(ts, values)
+        assert feats["mean"] == pytest.approx(np.mean(x), rel=1e-15)
+        assert feats["std"] == pytest.approx(np.std(x), rel=1e-9, abs=1e-12)
+        assert (feats["min"], feats["max"]) == (x.min(), x.max())
+        if len(x) >= 2:
+            slope = np.polyfit((t - t[0]) / 60_000, x, 1)[0]
+            assert feats["slope_per_min"] == pytest.approx(slope, rel=1e-6, abs=1e-9)
+
+
+def test_a_window_over_hours_keeps_its_times_and_seqs_in_the_wide_layout():
+    w = SlowWindow(length_ms=3 * 3_600_000, hop_ms=3_600_000)  # 4 h: past 2**23 ms
+    out = []
+    for i in range(0, 6 * 3_600, 7):  # one sample every 7 s for 6 hours
+        out += w.add(T0 + i * 1000, float(i), good=True, seq=i % 256, node="a")
+    assert len(out) == 5 and w.nbytes == 16 * w.held
+    ts, values, prov = out[-1]
+    want = [i for i in range(0, 6 * 3_600, 7) if prov.start <= T0 + i * 1000 < prov.end]
+    assert values.tolist() == [float(i) for i in want]
+    assert ts.tolist() == [T0 + i * 1000 for i in want]
+    assert (prov.seq_first, prov.seq_last) == (want[0] % 256, want[-1] % 256)
+
+
+def test_a_held_sample_costs_twelve_bytes():
+    w = SlowWindow(length_ms=60_000, hop_ms=10_000)
+    for i in range(1_000):
+        w.add(T0 + i * 100, 20.0 + i, good=True, seq=i % 256, node="a")
+    assert w.held == 700 and w.nbytes == 12 * 700  # 60 s + the hop being filled, at 10 Hz
+
+
+def test_a_tag_that_appears_mid_window_gets_the_samples_it_has():
+    w = SlowWindow(length_ms=60_000, hop_ms=10_000)
+    out = []
+    for i in range(250, 800):  # first sample 25 s into the window ending at 60 s
+        out += w.add(T0 - T0 % 10_000 + i * 100, float(i), good=True, seq=i % 256, node="a")
+    first = out[0][2]
+    assert first.good == len(out[0][1]) and out[0][1][0] == 250.0
+    assert first.seq_first == 250 % 256
