@@ -84,6 +84,10 @@ class _Device:
     """The birth/death sequence of that birth: an older session's death is stale."""
     dead: bool = False
     """Its announcing node said the device died: nothing is windowed until a new birth."""
+    slow_defs: dict[str, dict[str, tuple[str, str]]] = field(default_factory=dict)
+    """Each slow tag's feature definitions (unit, description), made once per birth."""
+    complete: set[str] = field(default_factory=set)
+    """Slow tags whose every feature has been announced: their windows need no lookup."""
     pending: dict[int, list[_Features]] = field(default_factory=dict)
     """Slow-tag windows closed but not yet published, by window end: they go out in one
     message per window end once every slow tag of the device has closed it."""
@@ -147,6 +151,8 @@ class Featurizer(Service[FeaturizerSettings]):
             resync_after=t.resync_after,
         )
         self._throttled = Throttled(logger=log)
+        self._ignore = frozenset(s.ignore)
+        self._speed_tags = frozenset(s.speed_tags)
 
     @staticmethod
     def _path(topic: str) -> DevicePath:
@@ -204,6 +210,7 @@ class Featurizer(Service[FeaturizerSettings]):
             )
         device.node, device.bdseq, device.dead = birth.node, birth.bdseq, False
         device.units = {m.name: m.unit for m in birth.metrics}
+        device.slow_defs.clear()
         device.datatypes = {m.name: m.datatype for m in birth.metrics}
         device.waveforms = {m.name for m in birth.metrics if m.datatype == "waveform"}
         w = self.settings.waveform
@@ -270,9 +277,33 @@ class Featurizer(Service[FeaturizerSettings]):
         now = now_ms()
         seq = data.seq if isinstance(data.seq, int) and 0 <= data.seq < SEQ_MODULUS else None
         slow: list[_Features] = []
+        node, windows, datatypes = data.node, device.slow, device.datatypes
         for m in data.metrics:
-            value, good, name = m.value, m.quality == "good", m.name
-            declared = device.datatypes.get(name)
+            value, name = m.value, m.name
+            kind = type(value)
+            if (kind is float or kind is int) and (window_s := windows.get(name)) is not None:
+                # The hot path: a number of a tag already windowed (its name was checked
+                # then; ignored names never get a window), unless a new birth made it a
+                # waveform.
+                good = m.quality == "good"
+                if datatypes.get(name) != "waveform":
+                    if good and name in self._speed_tags:
+                        self._speed(device, value)
+                    closed = window_s.add(
+                        data.ts if m.ts is None else m.ts,
+                        value,
+                        good=good,
+                        seq=seq,
+                        node=node,
+                        now_ms=now,
+                    )
+                    for ts_arr, values, prov in closed:
+                        slow.append(self._slow(device, name, ts_arr, values, prov))
+                    if window_s.has_excluded:
+                        self._count(device, name, window_s.excluded)
+                    continue
+            good = m.quality == "good"
+            declared = datatypes.get(name)
             if len(name) > MAX_NAME:
                 self._exclude("name", f"{device.path}: a metric name of {len(name)} characters")
                 continue
@@ -303,7 +334,7 @@ class Featurizer(Service[FeaturizerSettings]):
                     await self._waveform(device, name, samples, rate, prov)
                 self._count(device, name, window.excluded)
                 continue
-            if name in s.ignore:
+            if name in self._ignore:
                 continue
             if declared == "waveform":
                 self._exclude(
@@ -318,10 +349,8 @@ class Featurizer(Service[FeaturizerSettings]):
                 if declared not in NUMERIC:
                     continue  # strings and states: not trended
                 refuse = ("type", f"a {type(value).__name__} value, declared {declared}")
-            if name in s.speed_tags and good:
-                speed = as_number(raw)
-                if speed is not None and 0 < speed <= MAX_RPM:  # not NaN, inf or absurd
-                    device.speed_rpm = speed
+            if name in self._speed_tags and good:
+                self._speed(device, raw)
             window_s = device.slow.get(name)
             if window_s is None:
                 if not self._room(device, name):
@@ -334,11 +363,18 @@ class Featurizer(Service[FeaturizerSettings]):
                 ts, raw, good=good, seq=seq, node=data.node, now_ms=now, refuse=refuse
             ):
                 slow.append(self._slow(device, name, ts_arr, values, prov))
-            self._count(device, name, window_s.excluded)
+            if window_s.has_excluded:
+                self._count(device, name, window_s.excluded)
         for r in slow:
             device.pending.setdefault(r.window.end, []).append(r)
         if device.pending:
             await self._flush_slow(device)
+
+    @staticmethod
+    def _speed(device: _Device, raw: float | None) -> None:
+        speed = as_number(raw)
+        if speed is not None and 0 < speed <= MAX_RPM:  # not NaN, inf or absurd
+            device.speed_rpm = speed
 
     async def _flush_slow(self, device: _Device, *, force: bool = False) -> None:
         """Publish the pending slow-tag windows that are complete: one message per window
@@ -439,14 +475,18 @@ class Featurizer(Service[FeaturizerSettings]):
         self, device: _Device, tag: str, ts: np.ndarray, values: np.ndarray, window: Window
     ) -> _Features:
         feats = self._finite(device, tag, slow_features(ts, values))
-        unit = device.units.get(tag, "")
-        defs = {
-            f"{tag}.{k}": (
-                unit + SLOW_UNITS[k][0] if k == "slope_per_min" else unit,
-                f"{SLOW_UNITS[k][1]} of {tag}",
-            )
-            for k in feats
-        }
+        defs = device.slow_defs.get(tag)
+        if defs is None:
+            unit = device.units.get(tag, "")
+            defs = device.slow_defs[tag] = {
+                f"{tag}.{k}": (
+                    unit + SLOW_UNITS[k][0] if k == "slope_per_min" else unit,
+                    f"{SLOW_UNITS[k][1]} of {tag}",
+                )
+                for k in SLOW_UNITS
+            }
+        if len(feats) != len(SLOW_UNITS):  # some were not finite: announce only the others
+            defs = {f"{tag}.{k}": defs[f"{tag}.{k}"] for k in feats}
         return _Features(feats, tag, defs, window, int(ts[0]), int(ts[-1]))
 
     def _finite(self, device: _Device, signal: str, feats: dict[str, float]) -> dict[str, float]:
@@ -470,9 +510,13 @@ class Featurizer(Service[FeaturizerSettings]):
                 source=f"featurizer:{r.signal}",
             )
             for r in results
+            if r.signal not in device.complete or r.defs is not device.slow_defs.get(r.signal)
             for name, (unit, desc) in r.defs.items()
             if name not in device.announced
         }
+        for r in results:
+            if r.defs is device.slow_defs.get(r.signal):
+                device.complete.add(r.signal)
         if new:
             device.announced.update(new)
             await self.node.device_birth(device.path, "features", list(device.announced.values()))

@@ -22,7 +22,7 @@ import array
 import collections
 import math
 from dataclasses import dataclass, field
-from typing import Final, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 import numpy as np
 
@@ -610,28 +610,29 @@ class SlowWindow:
         dtype = np.uint32 if words.itemsize == 4 else np.uint64
         if start > self._base:  # drop what this window no longer holds; count from its start
             shift = start - self._base
+            view: np.ndarray[Any, np.dtype[np.unsignedinteger[Any]]]
             view = np.frombuffer(words, dtype=dtype)
             k = int(np.searchsorted(view, shift << _SEQ_BITS))
+            del view  # an array exporting its buffer cannot be resized
             if k:
-                view = None  # an exported buffer cannot be resized
                 del words[:k]
                 del values[:k]
             if not words:
                 return []
             view = np.frombuffer(words, dtype=dtype)
-            view -= dtype(shift << _SEQ_BITS)
-            view = None
+            np.subtract(view, shift << _SEQ_BITS, out=view, dtype=dtype, casting="unsafe")
+            del view
             self._base = start
-        w = np.frombuffer(words, dtype=dtype)
+        w: np.ndarray[Any, np.dtype[np.unsignedinteger[Any]]] = np.frombuffer(words, dtype=dtype)
         n = len(w)
         if int(w[-1] >> _SEQ_BITS) + self._base >= end:  # (never: a later sample closes it)
             n = int(np.searchsorted(w, (end - self._base) << _SEQ_BITS))
             if not n:
                 return []
-        ts = (w[:n] >> dtype(_SEQ_BITS)).astype(np.int64)
+        ts = np.right_shift(w[:n], _SEQ_BITS, dtype=dtype).astype(np.int64)
         ts += self._base
         first, last = int(w[0]) & 511, int(w[n - 1]) & 511
-        w = None
+        del w
         x = np.frombuffer(values, dtype=np.float64)[:n].copy()
         return [
             (
