@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from uns_featurizer.features import slow_features
-from uns_featurizer.windows import SlowWindow
+from uns_featurizer.windows import SlowWindow, TimeBounds
 
 T0 = 1_764_000_000_000
 
@@ -125,3 +125,25 @@ def test_a_tag_that_appears_mid_window_gets_the_samples_it_has():
     first = out[0][2]
     assert first.good == len(out[0][1]) and out[0][1][0] == 250.0
     assert first.seq_first == 250 % 256
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_one_call_path_takes_and_refuses_exactly_what_add_does(seed):
+    r = random.Random(seed)
+    samples = stream(r, 3_000)
+    for k in r.sample(range(len(samples)), 30):  # stamps far off: refused, or held to resync
+        ts, v, good, seq = samples[k]
+        samples[k] = (ts + r.choice([10**9, -(10**10), 10**13]), v, good, seq)
+    bounds = TimeBounds(max_jump_ms=600_000)
+    a = SlowWindow(length_ms=60_000, hop_ms=10_000, phase_ms=1234, bounds=bounds)
+    b = SlowWindow(length_ms=60_000, hop_ms=10_000, phase_ms=1234, bounds=bounds)
+    got_a, got_b = [], []
+    for i, (ts, v, good, seq) in enumerate(samples):
+        now = T0 + 400_000 + i * 150
+        got_a += a.add(ts, v, good=good, seq=seq, node="n", now_ms=now)
+        got_b += b.push(ts, v, good, seq, "n", now) or []
+    assert len(got_a) > 10
+    assert [(t.tolist(), x.tolist(), p) for t, x, p in got_a] == [
+        (t.tolist(), x.tolist(), p) for t, x, p in got_b
+    ]
+    assert a.excluded.counts == b.excluded.counts and a.excluded.counts["timestamp"] > 0

@@ -289,16 +289,14 @@ class Featurizer(Service[FeaturizerSettings]):
                 if datatypes.get(name) != "waveform":
                     if good and name in self._speed_tags:
                         self._speed(device, value)
-                    closed = window_s.add(
-                        data.ts if m.ts is None else m.ts,
-                        value,
-                        good=good,
-                        seq=seq,
-                        node=node,
-                        now_ms=now,
-                    )
-                    for ts_arr, values, prov in closed:
-                        slow.append(self._slow(device, name, ts_arr, values, prov))
+                    ts = data.ts if m.ts is None else m.ts
+                    if kind is float:
+                        closed = window_s.push(ts, value, good, seq, node, now)
+                    else:
+                        closed = window_s.add(ts, value, good=good, seq=seq, node=node, now_ms=now)
+                    if closed:
+                        for ts_arr, values, prov in closed:
+                            slow.append(self._slow(device, name, ts_arr, values, prov))
                     if window_s.has_excluded:
                         self._count(device, name, window_s.excluded)
                     continue

@@ -509,6 +509,41 @@ class SlowWindow:
             out += self._take(t, v, g, s, node, r)
         return out
 
+    def push(
+        self, ts: int, value: float, good: bool, seq: int | None, node: str, now_ms: int
+    ) -> list[tuple[np.ndarray, np.ndarray, Window]] | None:
+        """`add` of a float, in one call (None: no window closed). What nearly every sample
+        is (good, finite, later than the last, near the clock and the tag's time, inside
+        the open window) is held here; anything else goes through `add`, which judges it."""
+        c, b = self._clock, self.bounds
+        last_ms, last, next_end = c.last_ms, self._last_ts, self._next_end
+        if (
+            good
+            and type(ts) is int
+            and type(value) is float
+            and value - value == 0.0  # finite
+            and b is not None
+            and last_ms is not None
+            and last is not None
+            and next_end is not None
+            and last < ts < next_end
+            and not c.held
+            and EPOCH_FLOOR_MS <= ts <= now_ms + b.max_future_ms
+            and (b.max_past_ms is None or ts >= now_ms - b.max_past_ms)
+        ):
+            moved = ts - last_ms
+            if moved > 0 and moved - max(0, now_ms - c.last_wall_ms) <= b.max_jump_ms:
+                c.last_ms, c.last_wall_ms = ts, now_ms  # `_Clock.steady`, inline
+                self._total += 1
+                self._words.append(
+                    ((ts - self._base) << _SEQ_BITS)
+                    | (seq + 1 if type(seq) is int and 0 <= seq < 256 else 0)
+                )
+                self._values.append(value)
+                self._last_ts = ts
+                return None
+        return self.add(ts, value, good=good, seq=seq, node=node, now_ms=now_ms) or None
+
     def _take(
         self,
         ts: int,
