@@ -11,7 +11,7 @@ import random
 import numpy as np
 import pytest
 
-from uns_featurizer.features import slow_features
+from uns_featurizer.features import slow_features, waveform_features
 from uns_featurizer.windows import SlowWindow, TimeBounds
 
 T0 = 1_764_000_000_000
@@ -147,3 +147,20 @@ def test_the_one_call_path_takes_and_refuses_exactly_what_add_does(seed):
         (t.tolist(), x.tolist(), p) for t, x, p in got_b
     ]
     assert a.excluded.counts == b.excluded.counts and a.excluded.counts["timestamp"] > 0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_waveform_statistics_match_their_textbook_formulas(seed):
+    """The moments come from c*c products, not c**4 (100 times slower): the same values."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_t(4, 10_000) * 10.0 ** rng.integers(-3, 4) + rng.normal()).astype(np.float32)
+    feats = waveform_features(x, 10_000.0, bands=((10.0, 1000.0),), shaft_hz=25.0)
+    v = x.astype(np.float64)
+    c = v - v.mean()
+    var = np.mean(c**2)
+    assert feats["kurtosis"] == pytest.approx(np.mean(c**4) / var**2, rel=1e-12)
+    assert feats["skewness"] == pytest.approx(np.mean(c**3) / var**1.5, rel=1e-9, abs=1e-12)
+    assert feats["std"] == pytest.approx(np.std(v), rel=1e-12)
+    assert feats["rms"] == pytest.approx(np.sqrt(np.mean(v**2)), rel=1e-12)
+    spectrum = np.abs(np.fft.rfft(c))
+    assert feats["dominant_hz"] == np.fft.rfftfreq(10_000, 1e-4)[1 + np.argmax(spectrum[1:])]
