@@ -11,6 +11,9 @@ import random
 import numpy as np
 import pytest
 
+from uns import DeviceData, Metric, connect, decode, encode
+from uns.testing import running, watching
+from uns_featurizer import Featurizer
 from uns_featurizer.features import slow_features, waveform_features
 from uns_featurizer.windows import SlowWindow, TimeBounds
 
@@ -164,3 +167,56 @@ def test_waveform_statistics_match_their_textbook_formulas(seed):
     assert feats["rms"] == pytest.approx(np.sqrt(np.mean(v**2)), rel=1e-12)
     spectrum = np.abs(np.fft.rfft(c))
     assert feats["dominant_hz"] == np.fft.rfftfreq(10_000, 1e-4)[1 + np.argmax(spectrum[1:])]
+
+
+async def test_a_tag_appearing_mid_window_is_published_with_its_own_statistics_and_counts(
+    memory_url, prefix
+):
+    device = f"{prefix}/pune/stamping/line-3/cell-a/press-01"
+    t0 = 1_700_000_000_000
+    sent: dict[str, list[tuple[int, float, int]]] = {"early": [], "late": []}
+    async with (
+        running(
+            Featurizer,
+            memory_url,
+            prefix,
+            plant=[(device, "press")],
+            slow={"window_s": 2, "hop_s": 1, "stagger": False},
+        ) as node,
+        watching(memory_url, f"{prefix}/+/+/+/+/+/features/data") as w,
+        connect(memory_url) as pub,
+    ):
+        r = random.Random(7)
+        for i in range(45):  # 4.5 s at 10 Hz; "late" starts 1.5 s in, mid-window
+            metrics = [Metric(name="early", value=r.gauss(50, 3))]
+            if i >= 15:
+                metrics.append(Metric(name="late", value=r.gauss(-7, 1)))
+            for m in metrics:
+                sent[m.name].append((t0 + i * 100, m.value, i))
+            data = DeviceData(ts=t0 + i * 100, node="adapter", seq=i, metrics=metrics)
+            await pub.publish(f"{device}/raw/data", encode(data), qos=1)
+        await w.wait_for(lambda _: sum(1 for _ in w.seen) >= 4)  # ends at 1, 2, 3, 4 s
+        registry = node.metrics.registry
+        held = registry.get_sample_value(
+            "uns_featurizer_slow_samples_held", {"service": "featurizer"}
+        )
+        nbytes = registry.get_sample_value(
+            "uns_featurizer_slow_held_bytes", {"service": "featurizer"}
+        )
+    assert held and nbytes == 12 * held
+    messages: list[DeviceData] = [decode(m.payload, DeviceData) for m in w.seen]
+    assert [m.window.end for m in messages] == [t0 + 1000 * k for k in (1, 2, 3, 4)]
+    assert "late" not in messages[0].signals  # nothing of it in the first window
+    for m in messages[1:]:
+        values = {x.name: x.value for x in m.metrics}
+        for tag, samples in sent.items():
+            inside = [s for s in samples if m.window.start <= s[0] < m.window.end]
+            x = np.array([s[1] for s in inside])
+            p = m.signals[tag]
+            assert (p.good, p.seq_first, p.seq_last) == (len(x), inside[0][2], inside[-1][2])
+            assert values[f"{tag}.mean"] == pytest.approx(np.mean(x), abs=1e-8)
+            assert values[f"{tag}.std"] == pytest.approx(np.std(x), abs=1e-8)
+            assert (values[f"{tag}.min"], values[f"{tag}.max"]) == (
+                round(x.min(), 9),
+                round(x.max(), 9),
+            )

@@ -89,6 +89,9 @@ class _Device:
     """Each waveform's features' (name, unit, description), made once per birth."""
     complete: set[str] = field(default_factory=set)
     """Slow tags whose every feature has been announced: their windows need no lookup."""
+    held: int = 0
+    held_bytes: int = 0
+    """Samples its slow windows hold and their bytes, as of its last window published."""
     pending: dict[int, list[_Features]] = field(default_factory=dict)
     """Slow-tag windows closed but not yet published, by window end: they go out in one
     message per window end once every slow tag of the device has closed it."""
@@ -144,6 +147,16 @@ class Featurizer(Service[FeaturizerSettings]):
             ["kind"],
             buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1),
         )
+        # What the slow-tag windows hold, as of each device's last window closed (summed
+        # then, not per sample): bytes / samples is the cost of a held sample.
+        m.gauge(
+            "uns_featurizer_slow_samples_held",
+            "Slow-tag samples held for the windows to come (as of each device's last window)",
+        ).labels().set_function(lambda: sum(d.held for d in list(self.devices.values())))
+        m.gauge(
+            "uns_featurizer_slow_held_bytes",
+            "Bytes of the slow-tag samples held (as of each device's last window)",
+        ).labels().set_function(lambda: sum(d.held_bytes for d in list(self.devices.values())))
         self._wave_hop = s.waveform.hop or s.waveform.window
         self._slow_ms = int(s.slow.window_s * 1000), int(s.slow.hop_s * 1000)
         t = s.timestamps
@@ -401,6 +414,9 @@ class Featurizer(Service[FeaturizerSettings]):
             or ahead > end + hop
             or all(e > end or e < end for e in ends)  # e == end: that tag may still close it
         ]
+        if ready:
+            device.held = sum(w.held for w in device.slow.values())
+            device.held_bytes = sum(w.nbytes for w in device.slow.values())
         for end in ready:
             results = device.pending.pop(end)
             for i in range(0, len(results), TAGS_PER_MESSAGE):
