@@ -126,6 +126,10 @@ class BrokerSettings(Strict, frozen=True):
     """How every service and CLI command reaches the local broker."""
 
     url: str = DEFAULT_BROKER_URL
+    urls: list[str] = []
+    """More brokers, tried in turn after ``url`` (or ``--broker``) when the one in use is
+    unreachable or drops: the other nodes of a clustered broker. A node stays on the one
+    it reached; credentials and TLS settings are shared."""
     username: str | None = None
     password: str | None = None
     password_file: str | None = None
@@ -138,8 +142,16 @@ class BrokerSettings(Strict, frozen=True):
 
     def __post_init__(self) -> None:
         parse_broker_url(self.url)
+        for i, url in enumerate(self.urls):
+            parse_broker_url(url, f"broker.urls[{i}]")
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together")
+
+    def candidates(self, first: str | None = None) -> list[str]:
+        """The brokers to try, in turn: ``first`` (``--broker``; else ``url``), then
+        ``urls`` without it."""
+        first = first or self.url
+        return [first, *(u for u in dict.fromkeys(self.urls) if u != first)]
 
     def credentials(self) -> tuple[str | None, str | None]:
         """Username and password, from the URL, the fields or the password file."""

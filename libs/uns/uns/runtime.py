@@ -5,7 +5,8 @@ consumes with ``node.subscribe(filter, PayloadType, handler)`` and publishes wit
 ``node.device_birth`` / ``node.device_data`` / ``node.publish``. The `Node` does
 the rest:
 
-* one MQTT connection per process, reconnected with jittered backoff;
+* one MQTT connection per process, reconnected with jittered backoff (to the next of
+  ``broker.urls`` when there are several: the nodes of a clustered broker);
 * a retained node birth (and every device birth it knows) on each (re)connect,
   its Last Will a retained node death, an explicit death on a clean stop;
 * Sparkplug sequence numbers (0..255 per node) and a birth/death sequence;
@@ -376,6 +377,9 @@ class Node(Generic[S]):
         self.site = config.namespace.site
         self.broker: BrokerSettings = config.broker
         self.broker_url = broker_url or config.broker.url
+        self.broker_urls = config.broker.candidates(self.broker_url)
+        """Every broker this node may use, in the order tried (``broker.urls``)."""
+        self._broker_at = 0  # the one in use (or tried next) in broker_urls
         self.metrics = ServiceMetrics(service)
         self.metrics_url = ""
         self.connected = asyncio.Event()
@@ -612,7 +616,7 @@ class Node(Generic[S]):
                 # and giving up after 10 s tore down a working connection, losing what the
                 # sockets held (measured: 633 of 6,000 QoS 0 messages, none counted).
                 async with connect(
-                    self.broker_url,
+                    self.broker_urls[self._broker_at],
                     client_id=self.id,
                     will=will,
                     settings=self.broker,
@@ -627,15 +631,20 @@ class Node(Generic[S]):
                 if self.connected.is_set():
                     attempt = 0  # a session that worked: start the backoff again
                 # jittered, and never above reconnect_max_s: after a broker restart a node
-                # is back within reconnect_max_s plus the time to connect
+                # is back within reconnect_max_s plus the time to connect. With several
+                # brokers (broker.urls) the next one is tried, and the wait grows once all
+                # of them were: a dead node of a cluster costs one short wait.
+                n = len(self.broker_urls)
                 delay = min(
                     self.settings.reconnect_max_s,
                     self.settings.reconnect_min_s
-                    * 2 ** min(attempt, 16)
+                    * 2 ** min(attempt // n, 16)
                     * random.uniform(0.8, 1.2),
                 )
                 attempt += 1
-                log.warning("%s: %s; retrying in %.1f s", self.id, exc, delay)
+                self._broker_at = (self._broker_at + 1) % n
+                then = f" on {redact_url(self.broker_urls[self._broker_at])}" if n > 1 else ""
+                log.warning("%s: %s; retrying in %.1f s%s", self.id, exc, delay, then)
                 try:
                     await asyncio.wait_for(stop.wait(), delay)
                 except TimeoutError:
@@ -659,7 +668,11 @@ class Node(Generic[S]):
             await self._births(bus)
         self.connected.set()
         self.metrics.connected.labels(self.service).set(1)
-        log.info("%s: connected to %s, births published", self.id, redact_url(self.broker_url))
+        log.info(
+            "%s: connected to %s, births published",
+            self.id,
+            redact_url(self.broker_urls[self._broker_at]),
+        )
         self._closing = False
         receiver = asyncio.create_task(self._receive(bus), name=f"{self.id}-receive")
         sender = asyncio.create_task(self._send(bus), name=f"{self.id}-send")
