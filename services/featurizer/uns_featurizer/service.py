@@ -316,11 +316,12 @@ class Featurizer(Service[FeaturizerSettings]):
                     ts = data.ts if m.ts is None else m.ts
                     if kind is float:
                         closed = window_s.push(ts, value, good, seq, node, now)
+                        if closed is None:  # held: nothing closed, nothing excluded
+                            continue
                     else:
                         closed = window_s.add(ts, value, good=good, seq=seq, node=node, now_ms=now)
-                    if closed:
-                        for ts_arr, values, prov in closed:
-                            slow.append(self._slow(device, name, ts_arr, values, prov))
+                    for ts_arr, values, prov in closed:
+                        slow.append(self._slow(device, name, ts_arr, values, prov))
                     if window_s.has_excluded:
                         self._count(device, name, window_s.excluded)
                     continue

@@ -512,9 +512,10 @@ class SlowWindow:
     def push(
         self, ts: int, value: float, good: bool, seq: int | None, node: str, now_ms: int
     ) -> list[tuple[np.ndarray, np.ndarray, Window]] | None:
-        """`add` of a float, in one call (None: no window closed). What nearly every sample
-        is (good, finite, later than the last, near the clock and the tag's time, inside
-        the open window) is held here; anything else goes through `add`, which judges it."""
+        """`add` of a float, in one call. What nearly every sample is (good, finite, later
+        than the last, near the clock and the tag's time, inside the open window) is held
+        here, and None returned: nothing closed, nothing excluded; anything else goes
+        through `add`, which judges it (its windows returned, maybe none)."""
         c, b = self._clock, self.bounds
         last_ms, last, next_end = c.last_ms, self._last_ts, self._next_end
         if (
@@ -542,7 +543,7 @@ class SlowWindow:
                 self._values.append(value)
                 self._last_ts = ts
                 return None
-        return self.add(ts, value, good=good, seq=seq, node=node, now_ms=now_ms) or None
+        return self.add(ts, value, good=good, seq=seq, node=node, now_ms=now_ms)
 
     def _take(
         self,
