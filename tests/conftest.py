@@ -4,17 +4,13 @@ helpers behind them are in `fixtures` (tests/fixtures), what a service's test ne
 
 from __future__ import annotations
 
+import importlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-# Imported here, not lazily by the first `st.from_regex` inside a test: on Python 3.11.7,
-# pytest rewriting (parsing) this module while hypothesis runs a test deep in its own stack
-# can fail with "SystemError: AST constructor recursion depth mismatch" (seen in a whole-suite
-# run, never alone).
-import hypothesis.strategies._internal.regex  # noqa: F401
 import pytest
 
 from fixtures.brokers import AmqttBroker, Mosquitto, started_mosquitto
@@ -22,6 +18,26 @@ from fixtures.need import IN_CI
 from fixtures.ports import free_port
 from uns.membus import MemoryBroker
 from uns.testing import memory_url as new_memory_url
+
+# Imported here, not lazily inside a test: pytest rewrites hypothesis's modules (it is a
+# plugin), and on Python 3.11.7 rewriting (parsing) one while hypothesis runs a test deep in
+# its own stack can fail with "SystemError: AST constructor recursion depth mismatch" (seen
+# in whole-suite runs, never alone: `st.from_regex`'s module, then the optimiser's under
+# pytest-xdist). These are the modules hypothesis imports inside its functions.
+for _lazy in (
+    "hypothesis.strategies._internal.regex",
+    "hypothesis.internal.conjecture.optimiser",
+    "hypothesis.internal.conjecture.provider_conformance",
+    "hypothesis.internal.scrutineer",
+    "hypothesis.internal.observability",
+    "hypothesis.internal.constants_ast",
+    "hypothesis.stateful",
+    "hypothesis.vendor.pretty",
+    "hypothesis.extra.numpy",
+    "hypothesis.provisional",
+    "hypothesis.utils.terminal",
+):
+    importlib.import_module(_lazy)
 
 # The clustered engines (issue 14), each in its own module: `rabbitmq_cluster`, `nats_mqtt`.
 pytest_plugins = ["fixtures.rabbitmq", "fixtures.nats"]
@@ -67,7 +83,16 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
 # ---- the same tests on every broker -------------------------------------------------------
 
 
-@pytest.fixture(params=["memory", "amqtt", "mosquitto", "rabbitmq", "nats"])
+@pytest.fixture(
+    params=[
+        "memory",
+        "amqtt",
+        "mosquitto",
+        # one worker per engine under pytest-xdist (make test), so each starts once
+        pytest.param("rabbitmq", marks=pytest.mark.xdist_group("rabbitmq")),
+        pytest.param("nats", marks=pytest.mark.xdist_group("nats")),
+    ]
+)
 async def any_broker(request: pytest.FixtureRequest, memory_url: str) -> AsyncIterator[str]:
     """The URL of each kind of broker in turn: the contract must hold on all of them.
 
