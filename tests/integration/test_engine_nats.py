@@ -41,7 +41,8 @@ from uns_modbus_adapter import ModbusAdapter
 from uns_opcua_adapter import OpcUaAdapter
 from uns_simulator import Simulator, adapter_config
 
-pytestmark = pytest.mark.integration
+# on the worker of the session's NATS under pytest-xdist (conftest's any_broker "nats")
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("nats")]
 
 ROOT = Path(__file__).parents[2]
 
@@ -363,3 +364,22 @@ async def test_a_persistent_session_on_nats_keeps_messages_across_a_restart_and_
     assert (first.payload, second.payload, again.payload) == (b"while away", b"unacked", b"unacked")
     assert late_s >= 1.0, late_s  # after ack_wait, not at once when the session resumed
     assert again.dup
+
+
+async def test_a_client_leaving_a_qos_1_subscription_to_everything_stalls_nats_and_nodes_retry(
+    own_nats: NatsMqtt, prefix: str
+) -> None:
+    """NATS 2.9.10: when a client with a QoS 1 ``#`` (or ``+/#``: NATS's own ``$JS``
+    subjects match it) disconnects, the server's MQTT session handling waits out a 4 s
+    JetStream timeout, and a client connecting meanwhile waits for it, or is refused. The
+    services never subscribe at the top level (their filters start with the enterprise); a
+    node caught by it (here: connecting right after a viewer's ``uns sub '#'``) is born
+    late, after a retry if it was refused."""
+    url = own_nats.url
+    async with connect(url) as viewer:
+        await viewer.subscribe("#", qos=1)
+    left = time.monotonic()
+    async with running(Station, url, prefix, node_id="after-viewer"):
+        connected_s = time.monotonic() - left
+    assert 3.0 <= connected_s <= 10.0 + ServiceSettings().reconnect_max_s + 3.0, connected_s
+    assert "timeout for request type" in own_nats.logs()
