@@ -24,6 +24,7 @@ SCENARIOS = (
     "5 bridge",
     "6 example plant",
     "7 sparkplug",
+    "8 boxes",
 )
 
 
@@ -65,7 +66,12 @@ def test_a_quick_bench_reports_every_scenario_with_nothing_lost(tmp_path, loaded
     assert vibration["figures"]["scores"] == vibration["figures"]["windows expected"] > 0
     # every rate through a broker against both ceilings of this run's broker scenario
     rated = [row for row in results if row["rate"]]
-    assert {row["scenario"] for row in rated} == {"2 vibration", "3 slow tags", "5 bridge"}
+    assert {row["scenario"] for row in rated} == {
+        "2 vibration",
+        "3 slow tags",
+        "5 bridge",
+        "8 boxes",
+    }
     for row in rated:
         assert set(row["of_ceiling"]) == {"amqtt", "mosquitto"}, row
         assert all(v is not None and v > 0 for v in row["of_ceiling"].values()), row
@@ -118,6 +124,13 @@ def test_a_machine_level_that_is_not_a_count_exits_2_naming_the_option(levels):
     r = uns("bench", "vibration", "--machines", levels, timeout=60)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "--machines" in r.stderr
+
+
+@pytest.mark.parametrize("args", [["--boxes", "0"], ["--boxes", "ten"], ["--box-machines", "0"]])
+def test_a_box_count_that_is_not_a_count_exits_2_naming_the_option(args):
+    r = uns("bench", "boxes", *args, timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "--boxes" in r.stderr
 
 
 def test_a_broker_the_harness_cannot_start_exits_2_naming_the_option():

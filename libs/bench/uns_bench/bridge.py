@@ -47,25 +47,13 @@ def features_payload() -> bytes:
 
 def plant_messages_per_hour() -> int:
     """What the example plant sends to the cloud per hour with the default include filters:
-    features (vibration every 1 s window, 8 slow tags every 10 s hop) and scores of every
-    device with a model, for the devices of uns-schema/plant.yaml."""
-    from uns.config import load as load_config
-    from uns_featurizer import FeaturizerSettings
-    from uns_simulator import ASSETS
+    for the devices of uns-schema/plant.yaml, a features message per vibration window, one
+    slow features message per device per hop (every slow tag of the device in it, since
+    2026-12-02), and the scores of every window a model scores (`uns_bench.boxes.streams`:
+    the rates the boxes scenario sends); births and the rare events apart."""
+    from uns_bench.boxes import messages_per_s, plant_machines
 
-    loaded = load_config()
-    s = loaded.service("featurizer", FeaturizerSettings)
-    models = Path(loaded.path or ".").resolve().parent.parent / "models"
-    per_s = 0.0
-    for device in loaded.config.plant.devices:
-        tags = [t for t in ASSETS[device.asset] if t.name not in s.ignore]
-        vibration = device.asset != "robot"  # the robot is read over Modbus: slow tags only
-        per_s += len(tags) / s.slow.hop_s
-        if vibration:
-            per_s += 10_000 / s.waveform.window  # a features message per window
-            if (models / device.asset / "anomaly" / "current").exists():
-                per_s += 10_000 / s.waveform.window  # and its scores
-    return round(per_s * 3600)
+    return round(messages_per_s(plant_machines()) * 3600)
 
 
 # ---- the journal alone (in the load process) -------------------------------------------

@@ -28,7 +28,8 @@ def bench(
         list[str] | None,
         typer.Argument(
             metavar="SCENARIO",
-            help="broker, vibration, slowtags, alert, bridge, plant, sparkplug [default: all]",
+            help="broker, vibration, slowtags, alert, bridge, plant, sparkplug, boxes"
+            " [default: all]",
         ),
     ] = None,
     quick: Annotated[
@@ -48,8 +49,25 @@ def bench(
         typer.Option(
             "--brokers",
             metavar="amqtt,mosquitto",
-            help="What vibration runs on, each level on each"
+            help="What vibration (and boxes) runs on, each level on each"
             " [default: every level on amqtt, 160 and 320 on Mosquitto too; quick: amqtt]",
+        ),
+    ] = None,
+    boxes: Annotated[
+        str | None,
+        typer.Option(
+            "--boxes",
+            metavar="N,N,...",
+            help="Levels of the boxes scenario: synthetic edge boxes bridging into one"
+            " central broker, one row each [default: 10,40,100,200]",
+        ),
+    ] = None,
+    box_machines: Annotated[
+        int | None,
+        typer.Option(
+            "--box-machines",
+            metavar="N",
+            help="Machines per synthetic box [default: the example plant's six]",
         ),
     ] = None,
     json_out: Annotated[
@@ -59,7 +77,7 @@ def bench(
 ) -> None:
     """Measure the pipeline on this machine: services as processes, load from another one;
     loss first, then rates, latencies, CPU and peak RSS per service, as a Markdown table."""
-    from uns_bench.main import SCENARIOS, check_brokers, check_machines
+    from uns_bench.main import SCENARIOS, check_boxes, check_brokers, check_machines
     from uns_bench.main import run as run_bench
 
     setup_logging(log_level)
@@ -76,11 +94,18 @@ def bench(
         check_brokers(on, scenarios or [])
     except ValueError as exc:
         raise fail(f"--brokers: {exc}") from None
+    try:
+        counts = _levels(boxes)
+        check_boxes(counts, box_machines, scenarios or [])
+    except ValueError as exc:
+        raise fail(f"--boxes: {str(exc).replace('of machines', 'of boxes')}") from None
     run_bench(
         scenarios or [],
         quick=quick,
         machines=levels,
         brokers=on,
+        boxes=counts,
+        box_machines=box_machines,
         json_path=json_out,
         say=typer.echo,
     )

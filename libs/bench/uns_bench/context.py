@@ -23,6 +23,10 @@ class Context:
     scenario that has a level; empty: each scenario's own levels."""
     brokers: tuple[str, ...] = ()
     """The brokers to run the vibration levels on (``--brokers``); empty: its own plan."""
+    boxes: tuple[int, ...] = ()
+    """The numbers of edge boxes to run the boxes scenario at (``--boxes``); empty: its own."""
+    box_machines: int | None = None
+    """Machines per synthetic box (``--box-machines``); None: the example plant's."""
     ceiling: dict[str, float] = field(default_factory=dict)
     """``{broker}/{message kind}`` -> messages/s measured by the broker scenario of this run
     (or by a quick measurement when it did not run); every rated row is compared with it."""
