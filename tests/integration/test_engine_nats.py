@@ -211,8 +211,9 @@ async def test_a_late_consumer_on_nats_sees_births_retained_and_a_killed_node_di
 async def test_after_a_nats_restart_its_retained_births_are_there_and_the_nodes_are_back(
     own_nats: NatsMqtt, prefix: str
 ) -> None:
-    """``gone`` stops before the restart, so only the broker can give its births after it
-    (JetStream's store); ``live`` runs across it, reconnects and is born again."""
+    """``gone`` stops before the server is killed and started again, so only the broker can
+    give its births after it (JetStream's store); ``live`` runs across it, reconnects and
+    is born again."""
     url = own_nats.url
     async with running(Station, url, prefix, node_id="live") as live:
         async with watching(url, f"{prefix}/#") as w:
@@ -220,7 +221,7 @@ async def test_after_a_nats_restart_its_retained_births_are_there_and_the_nodes_
                 await w.wait(lambda: sum(m.topic.endswith("/raw/birth") for m in w.messages) == 4)
             await w.wait_for(lambda m: m.topic.endswith("/gone/death"))
         before = {m.topic: m.payload for m in w.messages if "/birth" in m.topic}
-        own_nats.stop()
+        own_nats.kill()  # a crash: no clean shutdown of JetStream either
         await asyncio.to_thread(own_nats.start)
         restarted = time.monotonic()
         async with watching(url, f"{prefix}/pune/_node/live/birth") as w:
