@@ -610,6 +610,15 @@ class Node(Generic[S]):
                 p.encode(p.NodeDeath(ts=p.now_ms(), node=self.id, bdseq=self._bdseq)),
             )
             persistent = self.running is not None and self.running.persistent_session
+            # The node id is the client id, on the first broker. On a fallback (another
+            # node of a cluster) a clean session is "{id}.{k}": RabbitMQ 3.10 names a
+            # subscription's queue after the client id and homes it on the node the
+            # client was on, so after that node died the same id could not subscribe
+            # anywhere else (404 "home node ... is down") until it came back. A
+            # persistent session keeps its id: the id is the session.
+            client_id = self.id
+            if self._broker_at and not persistent:
+                client_id = f"{self.id}.{self._broker_at}"
             try:
                 # A publish waits as long as the connection lives (keepalive bounds that):
                 # a broker that is slow to read (loaded, or a long GC) is not a dead one,
@@ -617,7 +626,7 @@ class Node(Generic[S]):
                 # sockets held (measured: 633 of 6,000 QoS 0 messages, none counted).
                 async with connect(
                     self.broker_urls[self._broker_at],
-                    client_id=self.id,
+                    client_id=client_id,
                     will=will,
                     settings=self.broker,
                     publish_timeout_s=math.inf,
