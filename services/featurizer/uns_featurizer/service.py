@@ -83,12 +83,11 @@ class _Device:
     """The birth/death sequence of that birth: an older session's death is stale."""
     dead: bool = False
     """Its announcing node said the device died: nothing is windowed until a new birth."""
-    slow_defs: dict[str, dict[str, tuple[str, str]]] = field(default_factory=dict)
-    """Each slow tag's feature definitions (unit, description), made once per birth."""
     wave_defs: dict[str, dict[str, tuple[str, str, str]]] = field(default_factory=dict)
     """Each waveform's features' (name, unit, description), made once per birth."""
     complete: set[str] = field(default_factory=set)
-    """Slow tags whose every feature has been announced: their windows need no lookup."""
+    """Slow tags whose every feature has been announced: their windows need no definitions
+    (made per window, not kept: 1.4 kB a tag, 2 bytes a held sample)."""
     held: int = 0
     held_bytes: int = 0
     """Samples its slow windows hold and their bytes, as of its last window published."""
@@ -233,7 +232,6 @@ class Featurizer(Service[FeaturizerSettings]):
             )
         device.node, device.bdseq, device.dead = birth.node, birth.bdseq, False
         device.units = {m.name: m.unit for m in birth.metrics}
-        device.slow_defs.clear()
         device.wave_defs.clear()
         device.datatypes = {m.name: m.datatype for m in birth.metrics}
         device.waveforms = {m.name for m in birth.metrics if m.datatype == "waveform"}
@@ -507,18 +505,17 @@ class Featurizer(Service[FeaturizerSettings]):
         self, device: _Device, tag: str, ts: np.ndarray, values: np.ndarray, window: Window
     ) -> _Features:
         feats = self._finite(device, tag, slow_features(ts, values))
-        defs = device.slow_defs.get(tag)
-        if defs is None:
+        if tag in device.complete:
+            defs = _ANNOUNCED
+        else:
             unit = device.units.get(tag, "")
-            defs = device.slow_defs[tag] = {
+            defs = {
                 f"{tag}.{k}": (
                     unit + SLOW_UNITS[k][0] if k == "slope_per_min" else unit,
                     f"{SLOW_UNITS[k][1]} of {tag}",
                 )
-                for k in SLOW_UNITS
+                for k in feats
             }
-        if len(feats) != len(SLOW_UNITS):  # some were not finite: announce only the others
-            defs = {f"{tag}.{k}": defs[f"{tag}.{k}"] for k in feats}
         return _Features(feats, tag, defs, window, int(ts[0]), int(ts[-1]))
 
     def _finite(self, device: _Device, signal: str, feats: dict[str, float]) -> dict[str, float]:
@@ -542,13 +539,10 @@ class Featurizer(Service[FeaturizerSettings]):
                 source=f"featurizer:{r.signal}",
             )
             for r in results
-            if r.signal not in device.complete or r.defs is not device.slow_defs.get(r.signal)
+            if r.defs is not _ANNOUNCED
             for name, (unit, desc) in r.defs.items()
             if name not in device.announced
         }
-        for r in results:
-            if r.defs is device.slow_defs.get(r.signal):
-                device.complete.add(r.signal)
         if new:
             device.announced.update(new)
             await self.node.device_birth(device.path, "features", list(device.announced.values()))
@@ -561,6 +555,11 @@ class Featurizer(Service[FeaturizerSettings]):
         if not results:
             return
         await self._announce(device, results)
+        for r in results:
+            if r.defs is not _ANNOUNCED and all(
+                f"{r.signal}.{k}" in device.announced for k in SLOW_UNITS
+            ):
+                device.complete.add(r.signal)
         first = min(results, key=lambda r: r.first_ts).window
         latest = max(r.last_ts for r in results)  # of tags sampled together: the last taken
         last = [r for r in results if r.last_ts == latest][-1].window
@@ -603,6 +602,10 @@ class Featurizer(Service[FeaturizerSettings]):
             ]
             await self.node.device_data(device.path, "features", metrics, window=r.window)
             self.windows.labels(kind).inc()
+
+
+_ANNOUNCED: Final[dict[str, tuple[str, str]]] = {}
+"""The definitions of a slow tag whose every feature is announced (never written to)."""
 
 
 @dataclass(frozen=True)
