@@ -5,7 +5,7 @@ import math
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 
@@ -301,7 +301,8 @@ class Featurizer(Service[FeaturizerSettings]):
         slow: list[_Features] = []
         node, windows, datatypes = data.node, device.slow, device.datatypes
         for m in data.metrics:
-            value, name = m.value, m.name
+            value: Any = m.value  # narrowed by type() below, which mypy does not follow
+            name = m.name
             kind = type(value)
             if (kind is float or kind is int) and (window_s := windows.get(name)) is not None:
                 # The hot path: a number of a tag already windowed (its name was checked
