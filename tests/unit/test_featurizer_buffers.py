@@ -207,12 +207,13 @@ async def test_a_tag_appearing_mid_window_is_published_with_its_own_statistics_a
     messages: list[DeviceData] = [decode(m.payload, DeviceData) for m in w.seen]
     assert [m.window.end for m in messages] == [t0 + 1000 * k for k in (1, 2, 3, 4)]
     assert "late" not in messages[0].signals  # nothing of it in the first window
-    for m in messages[1:]:
-        values = {x.name: x.value for x in m.metrics}
+    for msg in messages[1:]:
+        assert msg.window is not None and msg.signals is not None
+        values = {x.name: x.value for x in msg.metrics}
         for tag, samples in sent.items():
-            inside = [s for s in samples if m.window.start <= s[0] < m.window.end]
+            inside = [s for s in samples if msg.window.start <= s[0] < msg.window.end]
             x = np.array([s[1] for s in inside])
-            p = m.signals[tag]
+            p = msg.signals[tag]
             assert (p.good, p.seq_first, p.seq_last) == (len(x), inside[0][2], inside[-1][2])
             assert values[f"{tag}.mean"] == pytest.approx(np.mean(x), abs=1e-8)
             assert values[f"{tag}.std"] == pytest.approx(np.std(x), abs=1e-8)
