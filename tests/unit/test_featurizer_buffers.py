@@ -221,3 +221,23 @@ async def test_a_tag_appearing_mid_window_is_published_with_its_own_statistics_a
                 round(x.min(), 9),
                 round(x.max(), 9),
             )
+
+
+@pytest.mark.parametrize("first", ["bad", "nan", "good"])
+def test_a_tag_back_after_hours_of_silence_is_windowed_from_its_new_samples(first):
+    """The held times are counted from a base that must move with the buffer: after 3
+    hours (past the 2.3 h a 4-byte time holds) a tag comes back, first with ``first``."""
+    bounds = TimeBounds()
+    w = SlowWindow(length_ms=60_000, hop_ms=10_000, bounds=bounds)
+    out = []
+    for i in range(100):
+        out += w.push(T0 + i * 100, 1.0, True, i % 256, "n", T0 + i * 100) or []
+    back = T0 + 3 * 3_600_000
+    value = float("nan") if first == "nan" else 2.0
+    out += w.push(back, value, first == "good", 0, "n", back) or []
+    for i in range(1, 200):
+        out += w.push(back + i * 100, 3.0, True, i % 256, "n", back + i * 100) or []
+    assert [p.end for _, _, p in out] == [T0 + k * 10_000 for k in range(1, 7)] + [back + 10_000]
+    ts, values, prov = out[-1]
+    assert ts[0] == (back if first == "good" else back + 100) and ts[-1] == back + 9_900
+    assert set(values.tolist()) <= {2.0, 3.0} and prov.good == len(values)

@@ -536,7 +536,10 @@ class SlowWindow:
             if moved > 0 and moved - max(0, now_ms - c.last_wall_ms) <= b.max_jump_ms:
                 c.last_ms, c.last_wall_ms = ts, now_ms  # `_Clock.steady`, inline
                 self._total += 1
-                self._words.append(
+                words = self._words
+                if not words:  # (after a jump, or a window that took the last of them)
+                    self._base = ts
+                words.append(
                     ((ts - self._base) << _SEQ_BITS)
                     | (seq + 1 if type(seq) is int and 0 <= seq < 256 else 0)
                 )
