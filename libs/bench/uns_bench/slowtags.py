@@ -3,16 +3,23 @@
 * raw namespace path: the load process publishes each device's changed values batched in
   one message (what an adapter publishes), the featurizer windows every value;
 * through the adapters: the simulator's OPC UA and Modbus servers, read by the OPC UA
-  adapter (subscriptions) or the Modbus adapter (polling), into the featurizer.
+  adapter (subscriptions) or the Modbus adapter (polling), into the featurizer;
+* each adapter's own ceiling: a server that changes (Modbus: answers) faster than the
+  adapter can take, every value counted where it arrives on the broker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import json
+import os
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
-from uns import DeviceData, Message, Waveform, decode
+from uns import DeviceData, DevicePath, Message, Waveform, decode
 from uns.payloads import SEQ_MODULUS
 from uns_bench import config, load
 from uns_bench.context import Context, Receiver
@@ -35,6 +42,12 @@ CEILING_POLL_S = 0.001
 """The Modbus adapter's own ceiling: 50 units behind one endpoint polled as fast as it can,
 every value published on every poll (a heartbeat shorter than the poll), so what it
 publishes is what it read."""
+CEILING_DEVICES = 50
+CEILING_BLOCK = 1000
+"""The OPC UA adapter's own ceiling: 50 presses (11 slow tags and a 1,000-sample vibration
+array each) on an asyncua server in its own process that rewrites every variable as fast as
+it can; every tag sampled at 0 ms ("every change"), so the server's queue, not a sampling
+timer, decides what a publishing cycle carries."""
 
 
 async def run(ctx: Context) -> list[Row]:
@@ -46,6 +59,8 @@ async def run(ctx: Context) -> list[Row]:
     for adapter in ("opcua-adapter", "modbus-adapter"):
         rows.append(await _adapter(ctx, adapter))
     rows.append(await _modbus_ceiling(ctx))
+    for kind in ("values", "blocks"):
+        rows.append(await _opcua_ceiling(ctx, kind))
     return rows
 
 
@@ -138,27 +153,31 @@ async def _until(
 
 
 class _Values:
-    """Counts slow-tag values in raw data messages, and sequence gaps per node (loss).
+    """Counts slow-tag values and waveform blocks in raw data messages, and sequence gaps
+    per node (loss).
 
-    ``flowing`` is set once slow-tag values of ``devices`` distinct devices have arrived:
-    the adapter is reading every machine, so a measurement may start (a birth, a death or
-    an adapter still backing off after the simulator's server came up are not data).
+    ``flowing`` is set once data of ``devices`` distinct devices has arrived (slow-tag
+    values, or waveform blocks when ``blocks``): the adapter is reading every machine, so a
+    measurement may start (a birth, a death or an adapter still backing off after the
+    server came up are not data).
     """
 
-    def __init__(self, devices: int) -> None:
+    def __init__(self, devices: int, *, blocks: bool = False) -> None:
         self.values = 0
+        self.blocks = 0
         self.messages = 0
         self.gaps = 0
         self.seq: dict[str, int] = {}
         self.counting = False
         self.devices = devices
+        self.flow_on_blocks = blocks
         self.seen: set[str] = set()
         self.flowing = asyncio.Event()
 
     def __call__(self, message: Message, now: float) -> None:
         data: DeviceData = decode(message.payload, DeviceData)
         if not self.flowing.is_set() and any(
-            not isinstance(m.value, Waveform) for m in data.metrics
+            isinstance(m.value, Waveform) == self.flow_on_blocks for m in data.metrics
         ):
             self.seen.add(message.topic)
             if len(self.seen) >= self.devices:
@@ -169,15 +188,25 @@ class _Values:
         self.seq[data.node] = data.seq
         if self.counting:
             self.messages += 1
-            self.values += sum(1 for m in data.metrics if not isinstance(m.value, Waveform))
+            blocks = sum(1 for m in data.metrics if isinstance(m.value, Waveform))
+            self.blocks += blocks
+            self.values += len(data.metrics) - blocks
 
 
-async def _adapter(ctx: Context, adapter: str) -> Row:
-    from uns_simulator import adapter_config, scaled_plant
+def _plant(machines: int) -> list[tuple[DevicePath, str]]:
+    from uns_simulator import scaled_plant
 
-    seconds = 2.0 if ctx.quick else 10.0
-    machines = 4 if ctx.quick else ADAPTER_MACHINES
-    plant = [(p, "press") for p, _ in scaled_plant(machines, enterprise=ENTERPRISE)]
+    return [(p, "press") for p, _ in scaled_plant(machines, enterprise=ENTERPRISE)]
+
+
+def _services(
+    plant: list[tuple[DevicePath, str]], *, modbus: bool, simulator: dict[str, Any]
+) -> dict[str, Any]:
+    """The simulator's section (``simulator`` with its two servers on free ports) and both
+    adapters' sections reading it: every machine over Modbus when ``modbus``, else over
+    OPC UA (slow tags and vibration)."""
+    from uns_simulator import adapter_config
+
     opcua_port, modbus_port = _ports()
     sections = adapter_config(
         plant,
@@ -185,30 +214,71 @@ async def _adapter(ctx: Context, adapter: str) -> Row:
         modbus_host="127.0.0.1",
         modbus_port=modbus_port,
         rate_hz=10_000.0,
-        modbus_assets=("press",) if adapter == "modbus-adapter" else (),
+        modbus_assets=("press",) if modbus else (),
     )
-    services: dict[str, Any] = {
+    return {
         "simulator": {
-            "tick_s": ADAPTER_TICK_S,
-            "opcua": {"port": opcua_port},
+            **simulator,
+            "opcua": {**simulator.get("opcua", {}), "port": opcua_port},
             "modbus": {"port": modbus_port},
         },
         **sections,
     }
+
+
+async def _start(
+    ctx: Context,
+    procs: Procs,
+    name: str,
+    plant: list[tuple[DevicePath, str]],
+    services: dict[str, Any],
+    adapter: str,
+    counter: _Values,
+    before: tuple[str, ...] = ("simulator",),
+) -> tuple[dict[str, Proc], Receiver]:
+    """The broker, the config file ``name``, the services ``before`` the adapter, the
+    receiver counting raw data into ``counter``, then ``adapter`` (all in ``procs``)."""
+    broker, url = procs.broker()
+    await wait_broker(url)
+    cfg = str(config.write(ctx.workdir, name, [str(p) for p, _ in plant], services))
+    common = ("--config", cfg, "--broker", url, "--log-level", "WARNING")
+    running = {"broker": broker}
+    for service in before:
+        running[service] = procs.uns(service, "run", service, *common, metrics=True)
+    receiver = await Receiver(url, f"{ENTERPRISE}/+/+/+/+/+/raw/data", keep=counter).start()
+    running[adapter] = procs.uns(adapter, "run", adapter, *common, metrics=True)
+    return running, receiver
+
+
+async def _window(
+    counter: _Values, pids: dict[str, int], seconds: float
+) -> tuple[Sampler, float, float]:
+    """Count for ``seconds`` with the processes' CPU sampled: the sampler and the window."""
+    counter.counting = True
+    counter.values = counter.blocks = counter.messages = counter.gaps = 0
+    async with Sampler(pids) as sampler:
+        t0 = time.monotonic()
+        await asyncio.sleep(seconds)
+        counter.counting = False
+        t1 = time.monotonic()
+    return sampler, t0, t1
+
+
+async def _adapter(ctx: Context, adapter: str) -> Row:
+    seconds = 2.0 if ctx.quick else 10.0
+    machines = 4 if ctx.quick else ADAPTER_MACHINES
+    plant = _plant(machines)
+    services = _services(
+        plant, modbus=adapter == "modbus-adapter", simulator={"tick_s": ADAPTER_TICK_S}
+    )
     if adapter == "modbus-adapter":
         services["modbus-adapter"]["poll_groups"] = {"fast": ADAPTER_TICK_S, "slow": ADAPTER_TICK_S}
     procs = Procs(ctx.workdir)
     counter = _Values(machines)
     try:
-        broker, url = procs.broker()
-        await wait_broker(url)
-        cfg = str(config.write(ctx.workdir, adapter, [str(p) for p, _ in plant], services))
-        common = ("--config", cfg, "--broker", url, "--log-level", "WARNING")
-        running = {"broker": broker}
-        running["simulator"] = procs.uns("simulator", "run", "simulator", *common, metrics=True)
-        running["featurizer"] = procs.uns("featurizer", "run", "featurizer", *common, metrics=True)
-        receiver = await Receiver(url, f"{ENTERPRISE}/+/+/+/+/+/raw/data", keep=counter).start()
-        running[adapter] = procs.uns(adapter, "run", adapter, *common, metrics=True)
+        running, receiver = await _start(
+            ctx, procs, adapter, plant, services, adapter, counter, ("simulator", "featurizer")
+        )
         started = time.monotonic()
         await _flowing(counter, running[adapter], adapter)
         ctx.say(
@@ -217,13 +287,7 @@ async def _adapter(ctx: Context, adapter: str) -> Row:
         runs = []
         for _ in range(ctx.repeats):
             pids = {name: p.pid for name, p in running.items()}
-            counter.counting = True
-            counter.values = counter.messages = counter.gaps = 0
-            async with Sampler(pids) as sampler:
-                t0 = time.monotonic()
-                await asyncio.sleep(seconds)
-                counter.counting = False
-                t1 = time.monotonic()
+            sampler, t0, t1 = await _window(counter, pids, seconds)
             offered = machines * 10 / ADAPTER_TICK_S
             runs.append(
                 {
@@ -260,29 +324,10 @@ async def _modbus_ceiling(ctx: Context) -> Row:
     """The Modbus adapter against a server that answers faster than it polls: its reads/s,
     tag values/s and CPU per 1,000 values/s (the simulator's Modbus server, OPC UA off, its
     tags updated once a second: the adapter publishes every value it reads anyway)."""
-    from uns_simulator import adapter_config, scaled_plant
-
     seconds = 2.0 if ctx.quick else 10.0
     units = 5 if ctx.quick else CEILING_UNITS
-    plant = [(p, "press") for p, _ in scaled_plant(units, enterprise=ENTERPRISE)]
-    opcua_port, modbus_port = _ports()
-    sections = adapter_config(
-        plant,
-        opcua_url=f"opc.tcp://127.0.0.1:{opcua_port}",
-        modbus_host="127.0.0.1",
-        modbus_port=modbus_port,
-        rate_hz=10_000.0,
-        modbus_assets=("press",),
-    )
-    services: dict[str, Any] = {
-        "simulator": {
-            "tick_s": 1.0,
-            "opcua": {"enabled": False, "port": opcua_port},
-            "modbus": {"port": modbus_port},
-        },
-        "opcua-adapter": {"enabled": False},
-        **sections,
-    }
+    plant = _plant(units)
+    services = _services(plant, modbus=True, simulator={"tick_s": 1.0, "opcua": {"enabled": False}})
     services["modbus-adapter"] |= {
         "poll_groups": {"fast": CEILING_POLL_S, "slow": CEILING_POLL_S},
         "heartbeat_s": CEILING_POLL_S / 2,
@@ -291,26 +336,15 @@ async def _modbus_ceiling(ctx: Context) -> Row:
     counter = _Values(units)
     adapter = "modbus-adapter"
     try:
-        broker, url = procs.broker()
-        await wait_broker(url)
-        cfg = str(config.write(ctx.workdir, "modbus-ceiling", [str(p) for p, _ in plant], services))
-        common = ("--config", cfg, "--broker", url, "--log-level", "WARNING")
-        running = {"broker": broker}
-        running["simulator"] = procs.uns("simulator", "run", "simulator", *common, metrics=True)
-        receiver = await Receiver(url, f"{ENTERPRISE}/+/+/+/+/+/raw/data", keep=counter).start()
-        running[adapter] = procs.uns(adapter, "run", adapter, *common, metrics=True)
+        running, receiver = await _start(
+            ctx, procs, "modbus-ceiling", plant, services, adapter, counter
+        )
         await _flowing(counter, running[adapter], adapter)
         runs = []
         for _ in range(ctx.repeats):
             pids = {name: p.pid for name, p in running.items()}
             before = await asyncio.to_thread(running[adapter].metrics)
-            counter.counting = True
-            counter.values = counter.messages = counter.gaps = 0
-            async with Sampler(pids) as sampler:
-                t0 = time.monotonic()
-                await asyncio.sleep(seconds)
-                counter.counting = False
-                t1 = time.monotonic()
+            sampler, t0, t1 = await _window(counter, pids, seconds)
             after = await asyncio.to_thread(running[adapter].metrics)
             reads = metric_sum(after, "uns_modbus_reads_total", result="ok") - metric_sum(
                 before, "uns_modbus_reads_total", result="ok"
@@ -324,9 +358,7 @@ async def _modbus_ceiling(ctx: Context) -> Row:
                         "tag values/s": round(values_s),
                         "reads/s": round(reads / (t1 - t0)),
                         "messages/s": round(counter.messages / (t1 - t0)),
-                        "adapter cores per 1,000 values/s": round(
-                            cpu.get(adapter, 0.0) / max(values_s / 1000, 1e-9), 3
-                        ),
+                        "adapter cores per 1,000 values/s": _per_1000(cpu[adapter], values_s),
                     },
                     "cpu": cpu,
                     "rss": sampler.peak_rss(),
@@ -352,6 +384,181 @@ async def _modbus_ceiling(ctx: Context) -> Row:
         f" {row.figures['tag values/s']:,.0f} values/s, gaps {row.lost}"
     )
     return row
+
+
+def _per_1000(cores: float, per_s: float) -> float:
+    return round(cores / max(per_s / 1000, 1e-9), 3)
+
+
+async def _opcua_ceiling(ctx: Context, kind: str) -> Row:
+    """The OPC UA adapter against a server that changes faster than it can take: its slow-tag
+    values/s (``kind`` "values") or waveform blocks/s ("blocks") and its CPU per 1,000.
+
+    The server is the simulator's address space (asyncua) in its own process, without the
+    simulator's physics: a loop rewriting every slow tag (or every vibration array) of every
+    device with a new value, as fast as it can. The adapter samples every tag at 0 ms, so
+    each monitored item's queue holds two publishing cycles of changes; what the adapter
+    does not take in time the server's queue drops (oldest first, as a PLC's does): no gap
+    downstream, only fewer values than the server wrote (both are reported).
+    """
+    seconds = 1.0 if ctx.quick else 10.0
+    devices = 4 if ctx.quick else CEILING_DEVICES
+    blocks = kind == "blocks"
+    plant = _plant(devices)
+    services = _services(plant, modbus=False, simulator={"enabled": False})
+    port = services["simulator"]["opcua"]["port"]
+    for tags in services["opcua-adapter"]["templates"].values():
+        for tag in tags:
+            tag["sampling_ms"] = 0
+    procs = Procs(ctx.workdir)
+    counter = _Values(devices, blocks=blocks)
+    adapter = "opcua-adapter"
+    stats = ctx.workdir / f"opcua-ceiling-{kind}.json"
+    stats.unlink(missing_ok=True)
+    try:
+        server = Proc(
+            f"opcua-server-{kind}",
+            [
+                sys.executable,
+                "-c",
+                "import sys; from uns_bench.slowtags import serve_opcua; serve_opcua(sys.argv[1:])",
+                *(str(port), str(stats), kind, *(str(p) for p, _ in plant)),
+            ],
+            ctx.workdir / f"opcua-server-{kind}.log",
+        ).start()
+        procs.all.append(server)
+        await _served(server, port)
+        running, receiver = await _start(
+            ctx, procs, f"opcua-ceiling-{kind}", plant, services, adapter, counter, ()
+        )
+        running["server"] = server
+        await _flowing(counter, running[adapter], adapter)
+        runs = []
+        for _ in range(ctx.repeats):
+            pids = {name: p.pid for name, p in running.items()} | {"receiver": os.getpid()}
+            written = _written(stats)
+            before = await asyncio.to_thread(running[adapter].metrics)
+            sampler, t0, t1 = await _window(counter, pids, seconds)
+            after = await asyncio.to_thread(running[adapter].metrics)
+            wrote = _written(stats)
+            missing = metric_sum(after, "uns_opcua_blocks_missing_total") - metric_sum(
+                before, "uns_opcua_blocks_missing_total"
+            )
+            taken = (counter.blocks if blocks else counter.values) / (t1 - t0)
+            offered = (wrote[kind] - written[kind]) / max(wrote["t"] - written["t"], 1e-9)
+            cpu = sampler.cores(t0, t1)
+            unit = "blocks/s" if blocks else "tag values/s"
+            runs.append(
+                {
+                    "lost": counter.gaps,
+                    "figures": {
+                        unit: round(taken),
+                        f"{unit} written by the server": round(offered),
+                        "messages/s": round(counter.messages / (t1 - t0)),
+                        f"adapter cores per 1,000 {unit}": _per_1000(cpu[adapter], taken),
+                        **({"blocks missing (dropped by the server)": missing} if blocks else {}),
+                    },
+                    "cpu": cpu,
+                    "rss": sampler.peak_rss(),
+                }
+            )
+        await receiver.stop()
+    finally:
+        procs.stop()
+    what = f"1 vibration array of {CEILING_BLOCK:,} floats" if blocks else "11 slow tags"
+    row = summarise(
+        "3 slow tags",
+        f"OPC UA adapter ceiling, {'waveforms' if blocks else 'slow tags'}",
+        f"{devices} devices x {what} rewritten by an asyncua server as fast as it can,"
+        " sampled at 0 ms, published every 100 ms",
+        runs,
+    )
+    row.rate, row.kind = "messages/s", "slow"
+    row.notes.append(
+        "server and adapter share the machine: the one at a core is the limit (see CPU);"
+        " what the adapter did not take, the server's queues dropped (written - taken)"
+    )
+    unit = "blocks/s" if blocks else "tag values/s"
+    ctx.say(
+        f"  opcua ceiling, {kind}: {row.figures[unit]:,.0f} {unit} of"
+        f" {row.figures[f'{unit} written by the server']:,.0f} written, gaps {row.lost}"
+    )
+    return row
+
+
+def _written(stats: Path) -> dict[str, float]:
+    """The server's running totals: ``t`` (monotonic), ``values`` and ``blocks`` written."""
+    out: dict[str, float] = json.loads(stats.read_text())
+    return out
+
+
+async def _served(server: Proc, port: int, timeout_s: float = 60.0) -> None:
+    """Until the server accepts connections, so the adapter does not start by backing off."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            if not server.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the OPC UA server did not start; see {server.log}") from None
+            await asyncio.sleep(0.1)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return
+
+
+def serve_opcua(argv: list[str]) -> None:
+    """The OPC UA ceiling's server process: ``port stats kind device...`` (see `_opcua_ceiling`)."""
+    port, stats, kind, *devices = argv
+    asyncio.run(_serve_opcua(int(port), Path(stats), kind, [DevicePath.parse(d) for d in devices]))
+
+
+async def _serve_opcua(port: int, stats: Path, kind: str, paths: list[DevicePath]) -> None:
+    import numpy as np
+
+    from uns_simulator.catalog import ASSETS
+    from uns_simulator.opcua_server import OpcUaSim
+
+    sim = OpcUaSim("127.0.0.1", port)
+    tags = ASSETS["press"]
+    await sim.build([(p, tags, CEILING_BLOCK) for p in paths])
+    await sim.start()
+    samples = np.zeros(CEILING_BLOCK, dtype=np.float32)
+    length = dt.timedelta(seconds=CEILING_BLOCK / 10_000.0)
+    start = dt.datetime.now(dt.UTC)
+    written = {"values": 0, "blocks": 0}
+    rounds, reported = 0, 0.0
+    while True:
+        rounds += 1
+        if kind == "blocks":
+            samples[0] = rounds % 1000  # a new value: the server reports changes only
+            t0 = start + rounds * length  # back to back, as the contract has them
+            for path in paths:
+                await sim.write_block(path, samples, t0)
+            written["blocks"] += len(paths)
+        else:
+            ts = dt.datetime.now(dt.UTC)
+            for path in paths:
+                for tag in tags:
+                    await sim.write(path, tag.name, _changed(tag.datatype, rounds), None, ts)
+            written["values"] += len(paths) * len(tags)
+        await asyncio.sleep(0)  # the server's own tasks: Publish requests and responses
+        now = time.monotonic()
+        if now - reported >= 0.1:
+            reported = now
+            tmp = stats.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"t": now, **written}))
+            os.replace(tmp, stats)
+
+
+def _changed(datatype: str, n: int) -> float | int | bool:
+    """The ``n``-th value of a tag: different from the one before, inside every tag's range."""
+    if datatype == "bool":
+        return n % 2 == 1
+    if datatype == "uint32":
+        return n
+    return 1.0 + (n % 64) * 0.5
 
 
 async def _flowing(counter: _Values, proc: Proc, adapter: str, timeout_s: float = 90.0) -> None:
