@@ -241,3 +241,36 @@ def test_a_tag_back_after_hours_of_silence_is_windowed_from_its_new_samples(firs
     ts, values, prov = out[-1]
     assert ts[0] == (back if first == "good" else back + 100) and ts[-1] == back + 9_900
     assert set(values.tolist()) <= {2.0, 3.0} and prov.good == len(values)
+
+
+@pytest.mark.parametrize("via", ["add", "push"])
+def test_a_sample_stamped_hours_before_the_windows_moved_on_neither_overflows_nor_shows(via):
+    """A bad sample 3 hours on moves the windows on; a good one stamped just after the last
+    held is still held (as before), but in no window; the windows go on."""
+    w = SlowWindow(length_ms=60_000, hop_ms=10_000, bounds=TimeBounds())
+    a = SlowWindow(length_ms=60_000, hop_ms=10_000)  # the same samples, without the clock
+
+    plain: list = []
+
+    def feed(ts: int, v: float, good: bool = True) -> list:
+        plain.extend(a.add(ts, v, good=good, seq=1, node="n"))
+        if via == "push":
+            return w.push(ts, v, good, 1, "n", ts) or []
+        return w.add(ts, v, good=good, seq=1, node="n", now_ms=ts)
+
+    out = []
+    for i in range(100):
+        out += feed(T0 + i * 100, 1.0)
+    back = T0 + 3 * 3_600_000
+    out += feed(back, 2.0, good=False)
+    out += feed(T0 + 60_000, 5.0)  # after the last held one: held, though late
+    for i in range(1, 200):
+        out += feed(back + i * 100, 3.0)
+    ts, values, prov = out[-1]
+    assert prov.end == back + 10_000 and set(values.tolist()) == {3.0}
+    assert ts[0] == back + 100 and prov.good == 99
+    assert [(t.tolist(), x.tolist(), p) for t, x, p in out] == [
+        (t.tolist(), x.tolist(), p) for t, x, p in plain
+    ]
+    w.reset("device_death")
+    assert w.excluded.counts["device_death"] == 199  # held since that close

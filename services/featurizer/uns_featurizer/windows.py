@@ -393,7 +393,9 @@ class SlowWindow:
         "_clock",
         "_excluded",
         "_last_ts",
+        "_limit",
         "_next_end",
+        "_stale",
         "_total",
         "_values",
         "_words",
@@ -422,6 +424,11 @@ class SlowWindow:
         if span >= _WIDE_SPAN_MS:
             raise ValueError(f"a slow window and hop of {span} ms: at most {_WIDE_SPAN_MS - 1}")
         self._words = array.array("I" if span < _NARROW_SPAN_MS else "Q")
+        self._limit = _NARROW_SPAN_MS if span < _NARROW_SPAN_MS else _WIDE_SPAN_MS
+        """A held time is at most this far after ``_base``."""
+        self._stale = 0
+        """Samples dropped before their window's close would have dropped them (to make
+        room, `_make_room`): counted in a reset until then, as if still held."""
         self._values = array.array("d")
         self._base = 0
         self._last_ts: int | None = None
@@ -539,6 +546,8 @@ class SlowWindow:
                 words = self._words
                 if not words:  # (after a jump, or a window that took the last of them)
                     self._base = ts
+                elif ts - self._base >= self._limit:
+                    self._make_room()
                 words.append(
                     ((ts - self._base) << _SEQ_BITS)
                     | (seq + 1 if type(seq) is int and 0 <= seq < 256 else 0)
@@ -593,6 +602,8 @@ class SlowWindow:
         words = self._words
         if not words:
             self._base = ts
+        elif ts - self._base >= self._limit:
+            self._make_room()
         tag = seq + 1 if type(seq) is int and 0 <= seq < 256 else 0
         words.append(((ts - self._base) << _SEQ_BITS) | tag)
         self._values.append(value)
@@ -618,6 +629,31 @@ class SlowWindow:
     def _clear(self) -> None:
         del self._words[:]
         del self._values[:]
+        self._stale = 0
+
+    def _make_room(self) -> None:
+        """Drop the samples no window to come holds, and count the times from the start of
+        the next window: a sample stamped before a far-off one that moved the windows on
+        (bad, so never held) would otherwise be held hours before the next (never: a close
+        drops what the window no longer holds and moves ``_base`` up)."""
+        words, values = self._words, self._values
+        assert self._next_end is not None  # a sample was taken
+        start = self._next_end - self.length_ms
+        dtype = np.uint32 if words.itemsize == 4 else np.uint64
+        shift = start - self._base
+        view: np.ndarray[Any, np.dtype[np.unsignedinteger[Any]]]
+        view = np.frombuffer(words, dtype=dtype)
+        k = int(np.searchsorted(view, shift << _SEQ_BITS))
+        del view
+        if k:
+            del words[:k]
+            del values[:k]
+            self._stale += k
+        if words:
+            view = np.frombuffer(words, dtype=dtype)
+            np.subtract(view, shift << _SEQ_BITS, out=view, dtype=dtype, casting="unsafe")
+            del view
+        self._base = start
 
     @property
     def next_end(self) -> int | None:
@@ -633,7 +669,7 @@ class SlowWindow:
     def reset(self, reason: str) -> None:
         """Forget every buffered sample (counted under ``reason``) and the tag's time."""
         held = len(self._clock.held)
-        self.excluded.add(reason, len(self._values) + held)
+        self.excluded.add(reason, len(self._values) + held + self._stale)
         self._total += held
         self._clear()
         self._last_ts = None
@@ -643,6 +679,7 @@ class SlowWindow:
     def _close(self, end: int, node: str) -> list[tuple[np.ndarray, np.ndarray, Window]]:
         start = end - self.length_ms
         total, self._total = self._total, 0
+        self._stale = 0  # this close would have dropped them
         words, values = self._words, self._values
         if not words:
             return []
