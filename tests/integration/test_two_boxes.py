@@ -52,6 +52,7 @@ user reader
 topic read #
 user operator
 topic read #
+topic write acme/+/_node/+/cmd
 user box-pune
 topic readwrite acme/pune/#
 user box-chennai
@@ -214,7 +215,8 @@ async def test_two_boxes_in_one_tree_with_births_deaths_and_nothing_lost_across_
 
             # the enterprise's view, as an operator asks for it
             # (its own login: with use_username_as_clientid a second "reader" connection
-            # would take the application's session over)
+            # would take the application's session over; allowed its `sync` command, the
+            # end of the retained burst, which goes nowhere: the bridges only send)
             operator = central.url.replace("reader:reader-pw", "operator:operator-pw")
             t_tree = time.monotonic()
             tree = await asyncio.to_thread(uns, "tree", "--broker", operator, "--timeout", "10")
@@ -280,9 +282,52 @@ async def test_two_boxes_in_one_tree_with_births_deaths_and_nothing_lost_across_
         f"both boxes' 4 devices scored centrally {both_scored_s:.1f} s after the two `uns up`;"
         f" a featurizer's death seen centrally {death_s:.2f} s after its kill -9, its rebirth"
         f" {reborn_s:.1f} s; central down {down_s:.1f} s, {len(owed)} features/scores"
-        f" messages owed, all delivered {drained_s:.1f} s after it was back; uns tree {tree_s:.1f} s"
+        f" messages owed, all delivered {drained_s:.1f} s after it was back;"
+        f" uns tree {tree_s:.1f} s"
     )
 
 
 def mark_of(w: Any, local: dict[str, Any], mark: dict[str, int]) -> int:
     return next(mark[site] for site, x in local.items() if x is w)
+
+
+async def test_a_box_that_claims_another_boxs_site_is_refused_centrally_and_its_log_says_why(
+    tmp_path: Path, procs: list[Proc], central: Mosquitto, locals_: dict[str, Mosquitto]
+) -> None:
+    def bridge_only(box: str, local: Mosquitto, user: str) -> Path:
+        config = {
+            "namespace": {"enterprise": "acme", "site": "pune"},
+            "broker": {"url": local.url},
+            "services": {"bridge": bridge_section(tmp_path, central, user, box)},
+        }
+        path = tmp_path / f"{box}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    birth = "acme/pune/_node/bridge/birth"
+    async with watching(central.url, "acme/#") as centre:
+        centre.timeout = 60.0
+        start(
+            procs,
+            "run",
+            "bridge",
+            "--config",
+            str(bridge_only("pune", locals_["pune"], "box-pune")),
+        )
+        await centre.wait_for(lambda m: m.topic == birth and kind(m) == "nbirth")
+        # the Chennai box, its config copied from Pune's and the site left as it was: its
+        # bridge is node `bridge` of acme/pune too, logged in as box-chennai
+        wrong = bridge_only("chennai-as-pune", locals_["chennai"], "box-chennai")
+        clash = start(procs, "run", "bridge", "--metrics-port", "0", "--config", str(wrong))
+        line = await asyncio.to_thread(clash.wait_line, "refused a message", 60)
+        assert f"refused the message on {birth!r}: Not authorized" in line, line
+        assert "messages kept in the journal" in line and " ERROR " in line, line
+        assert "another box owns site 'pune' there, or namespace.site is wrong" in line, line
+    # the centre still holds Pune's birth, byte for byte as Pune's own broker has it
+    async with (
+        watching(locals_["pune"].url, birth) as at_pune,
+        watching(central.url, birth) as at_centre,
+    ):
+        ours = await at_pune.wait_for(lambda m: m.retain)
+        theirs = await at_centre.wait_for(lambda m: m.retain)
+    assert theirs.payload == ours.payload

@@ -469,6 +469,28 @@ def explain(error: str) -> str | None:
     return None
 
 
+_REFUSED_TOPIC: Final = re.compile(r"refused the message on '([^']*)'")
+
+
+def refused_own_namespace(error: str, enterprise: str, site: str) -> str | None:
+    """What to check when the remote refused a message under this box's own site.
+
+    Several boxes bridged into one central broker each own a site: the central ACL lets a
+    box's login write under ``{enterprise}/{site}/`` of its own site only, so two boxes
+    that claim one site (a config copied and the site left as it was) cannot overwrite
+    each other's node births. The refused box is told so in words, not only "Not
+    authorized"; None when the error is not such a refusal."""
+    found = _REFUSED_TOPIC.search(error)
+    if found is None or not found.group(1).startswith(f"{enterprise}/{site}/"):
+        return None
+    return (
+        f"the remote does not let this box write under {enterprise}/{site}/: if it bridges"
+        f" into a central broker shared by several boxes, another box owns site {site!r}"
+        " there, or namespace.site is wrong for this box, or the central ACL does not give"
+        " remote.username this site"
+    )
+
+
 def cert_days_left(pem: bytes, now: dt.datetime | None = None) -> float:
     """Days until the first certificate of ``pem`` expires (negative once it has)."""
     from cryptography import x509

@@ -337,14 +337,19 @@ class Bridge(Service[BridgeSettings]):
                 continue
             delay = logic.backoff(attempt, remote.reconnect_min_s, remote.reconnect_max_s)
             attempt += 1
-            log.warning(
-                "%s: remote %s: %s%s; %d messages kept in the journal; retrying in %.1f s",
+            # a refused message blocks everything behind it until the remote's policy
+            # changes: an error, with what to check when it is our own site that is refused
+            clash = logic.refused_own_namespace(error, self.node.enterprise, self.node.site)
+            log.log(
+                logging.ERROR if clash else logging.WARNING,
+                "%s: remote %s: %s%s; %d messages kept in the journal; retrying in %.1f s%s",
                 self.node.id,
                 remote.url,
                 f"{cause}: " if cause else "",
                 error,
                 self.journal.count if self.journal else 0,
                 delay,
+                f" ({clash})" if clash else "",
             )
             await asyncio.sleep(delay)
 
