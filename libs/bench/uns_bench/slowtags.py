@@ -46,7 +46,7 @@ publishes is what it read."""
 CEILING_DEVICES = 50
 CEILING_BLOCK = 1000
 """The OPC UA adapter's own ceiling: 50 presses (11 slow tags and a 1,000-sample vibration
-array each) on an asyncua server in its own process that rewrites every variable as fast as
+array each) on an OPC UA server in its own process that rewrites every variable as fast as
 it can; every tag sampled at 0 ms ("every change"), so the server's queue, not a sampling
 timer, decides what a publishing cycle carries."""
 CEILING_PUBLISH_MS = 100
