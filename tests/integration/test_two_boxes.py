@@ -46,31 +46,19 @@ PASSWORDS = {
     "reader": "reader-pw",
     "operator": "operator-pw",
 }
-ACL = """\
-# each box writes under its own site only; the enterprise's applications read everything
-user reader
-topic read #
-user operator
-topic read #
-topic write acme/+/_node/+/cmd
-user box-pune
-topic readwrite acme/pune/#
-user box-chennai
-topic readwrite acme/chennai/#
-"""
+ACL = ROOT / "deploy/central/acl"
+"""The central ACL the README gives: each box writes under its own site only."""
 STREAMS = re.compile(r"^acme/[^/]+/(?:[^/]+/){4}(?:features|scores)/data$")
 
 
 def start_central(tmp_path: Path) -> Mosquitto:
-    acl = tmp_path / "central.acl"
-    acl.write_text(ACL)
     return started_mosquitto(
         tmp_path,
         name="central",
         users=PASSWORDS,
         login="reader",
         persistent=True,  # an application's session survives the restart below
-        extra=f"acl_file {acl}\nuse_username_as_clientid true\nmax_queued_messages 100000\n",
+        extra=f"acl_file {ACL}\nuse_username_as_clientid true\nmax_queued_messages 100000\n",
     )
 
 
