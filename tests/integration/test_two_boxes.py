@@ -185,13 +185,14 @@ async def test_two_boxes_in_one_tree_with_births_deaths_and_nothing_lost_across_
                     if m.topic.endswith("/scores/data")
                 }
 
-            try:
-                await centre.wait(
-                    lambda: scored() >= devices, why=lambda: f"; scored: {sorted(scored())}"
-                )
-            except Exception:
-                print("\n".join(boxes["chennai"].lines[-80:]))
-                raise
+            def why() -> str:
+                ended = {
+                    site: b.p.returncode for site, b in boxes.items() if b.p.poll() is not None
+                }
+                tails = {site: b.lines[-5:] for site, b in boxes.items()} if ended else ""
+                return f"; scored: {sorted(scored())}; ended: {ended} {tails}"
+
+            await centre.wait(lambda: scored() >= devices, why=why)
             both_scored_s = time.monotonic() - t0
             nodes = {"opcua-adapter", "featurizer", "inference", "simulator", "bridge"}
             born = {
@@ -292,8 +293,7 @@ async def test_two_boxes_in_one_tree_with_births_deaths_and_nothing_lost_across_
     print(
         f"both boxes' 4 devices scored centrally {both_scored_s:.1f} s after the two `uns up`;"
         f" a node's death on each box seen centrally {death_s:.2f} s after a kill -9, both"
-        f" reborn"
-        f" {reborn_s:.1f} s; central down {down_s:.1f} s, {len(owed)} features/scores"
+        f" reborn {reborn_s:.1f} s; central down {down_s:.1f} s, {len(owed)} features/scores"
         f" messages owed, all delivered {drained_s:.1f} s after it was back;"
         f" uns tree {tree_s:.1f} s"
     )
