@@ -41,7 +41,7 @@ from uns_inference import Inference
 from uns_opcua_adapter import OpcUaAdapter
 from uns_simulator import Simulator, adapter_config
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("rabbitmq")]
 
 ROOT = Path(__file__).parents[2]
 
