@@ -59,7 +59,7 @@ def bench(
             "--boxes",
             metavar="N,N,...",
             help="Levels of the boxes scenario: synthetic edge boxes bridging into one"
-            " central broker, one row each [default: 10,40,100,200]",
+            " central broker, one row each [default: 10,40,100]",
         ),
     ] = None,
     box_machines: Annotated[
