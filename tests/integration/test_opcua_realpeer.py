@@ -47,6 +47,7 @@ from uns_opcua_adapter import (
     UaDevice,
     browse,
 )
+from uns_opcua_adapter.ua import Credentials, Monitor, UaSession
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -600,6 +601,37 @@ async def test_blocks_written_faster_than_the_publishing_interval_all_arrive_num
         assert [b.values()[0] / 1000 for b in blocks] == list(range(1, 41))
         assert [b.block - blocks[0].block for b in blocks] == list(range(40))
         assert counter(node, "uns_opcua_blocks_missing_total") == 0
+
+
+async def test_a_server_that_outruns_the_adapter_waits_on_the_server_not_in_its_memory(
+    plc: Plc,
+) -> None:
+    """Before: the adapter queued up to 64 publish responses whatever their size, so a
+    server writing waveforms faster than it could publish them grew it to 2.7 GB
+    (`uns bench slowtags`, the OPC UA ceiling). Now it holds at most `max_values` values
+    (or one response): the rest waits in the server's queue, and none is lost."""
+    session = UaSession(plc.url, Credentials(), max_values=4 * WAVE_LEN)
+    await session.connect()
+    try:
+        monitor = Monitor(1, f"ns={plc.ns};s=Press01.Vibration", 0, 1000, every_timestamp=True)
+        assert await session.subscribe(20, [monitor]) == [None]
+        t0 = dt.datetime.now(dt.UTC)
+        for k in range(1, 201, 10):  # 10 blocks every 30 ms, and nobody reads meanwhile
+            await write_blocks(plc, t0, range(k, k + 10))
+            await asyncio.sleep(0.03)  # the server's pace (not a wait for anything)
+        got: list[float] = []
+        held: list[tuple[int, int]] = []  # (values held as a batch was taken, its own values)
+        async for batch in session.batches():
+            weight = sum(len(c.value) for c in batch if isinstance(c.value, list))
+            held.append((session.held_values + weight, weight))
+            got += [c.value[0] / 1000 for c in batch if isinstance(c.value, list)]
+            if got and got[-1] == 200:
+                break
+    finally:
+        await session.close()
+    assert got[got.index(1) :] == list(range(1, 201))  # after the value it had: every block
+    assert len(held) > 2  # the writes spanned several publishing cycles
+    assert all(total <= max(4 * WAVE_LEN, own) for total, own in held)
 
 
 async def test_a_block_the_server_dropped_leaves_a_hole_in_the_block_counter(
