@@ -123,7 +123,7 @@ def _featurizer() -> Any:
 
 def has_vibration(asset: str) -> bool:
     """Whether the box reads this asset's waveform (a Modbus-read asset gives slow tags only)."""
-    from uns_simulator.catalog import MODBUS_ASSETS
+    from uns_simulator import MODBUS_ASSETS
 
     return asset not in MODBUS_ASSETS
 
@@ -140,7 +140,7 @@ def streams(
     machines: list[Machine], *, events_per_hour: float = EVENTS_PER_MACHINE_HOUR
 ) -> list[Stream]:
     """Every message stream the bridge forwards for ``machines`` (births apart)."""
-    from uns_featurizer.service import TAGS_PER_MESSAGE
+    from uns_featurizer import TAGS_PER_MESSAGE
 
     s = _featurizer()
     window_s = s.waveform.window / 10_000  # the simulator's and adapters' 10 kHz
@@ -178,7 +178,7 @@ class _Payloads:
     def __init__(self) -> None:
         import numpy as np
 
-        from uns_featurizer.features import SLOW_UNITS, slow_features, waveform_features
+        from uns_featurizer import SLOW_UNITS, slow_features, waveform_features
         from uns_simulator import Machine as Sim
 
         s = _featurizer()

@@ -592,7 +592,7 @@ def _opcua_server(
     workdir: Path, kind: str, port: int, plant: list[tuple[DevicePath, str]], stats: Path
 ) -> tuple[Proc, str]:
     """The ceiling's server process (started) and the name of its OPC UA stack."""
-    from uns_simulator.catalog import ASSETS, NAMESPACE_URI, opcua_object
+    from uns_simulator import ASSETS, NAMESPACE_URI, opcua_object
 
     log = workdir / f"opcua-server-{kind}.log"
     if (node := _node_opcua()) is not None:
@@ -650,8 +650,7 @@ def serve_opcua(argv: list[str]) -> None:
 async def _serve_opcua(port: int, stats: Path, kind: str, paths: list[DevicePath]) -> None:
     import numpy as np
 
-    from uns_simulator.catalog import ASSETS
-    from uns_simulator.opcua_server import OpcUaSim
+    from uns_simulator import ASSETS, OpcUaSim
 
     sim = OpcUaSim("127.0.0.1", port)
     tags = ASSETS["press"]

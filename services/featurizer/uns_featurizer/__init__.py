@@ -16,16 +16,19 @@ from uns.plugins import lazy_exports
 
 if TYPE_CHECKING:
     from uns_featurizer.features import (
+        SLOW_UNITS,
         WAVEFORM_UNITS,
         BearingGeometry,
         slow_features,
         waveform_features,
     )
-    from uns_featurizer.service import Featurizer
+    from uns_featurizer.service import TAGS_PER_MESSAGE, Featurizer
     from uns_featurizer.settings import FeaturizerSettings
     from uns_featurizer.windows import SlowWindow
 
 __all__ = [
+    "SLOW_UNITS",
+    "TAGS_PER_MESSAGE",
     "WAVEFORM_UNITS",
     "BearingGeometry",
     "Featurizer",
@@ -38,6 +41,8 @@ __all__ = [
 __getattr__ = lazy_exports(
     __name__,
     {
+        "SLOW_UNITS": "features",
+        "TAGS_PER_MESSAGE": "service",
         "WAVEFORM_UNITS": "features",
         "BearingGeometry": "features",
         "Featurizer": "service",

@@ -19,10 +19,14 @@ if TYPE_CHECKING:
         ASSETS,
         FAULT_EVENT,
         FAULT_KINDS,
+        MODBUS_ASSETS,
+        NAMESPACE_URI,
         adapter_config,
         opcua_node_id,
+        opcua_object,
         scaled_plant,
     )
+    from uns_simulator.opcua_server import OpcUaSim
     from uns_simulator.physics import Machine
     from uns_simulator.service import Simulator
     from uns_simulator.settings import SimulatorSettings
@@ -31,11 +35,15 @@ __all__ = [
     "ASSETS",
     "FAULT_EVENT",
     "FAULT_KINDS",
+    "MODBUS_ASSETS",
+    "NAMESPACE_URI",
     "Machine",
+    "OpcUaSim",
     "Simulator",
     "SimulatorSettings",
     "adapter_config",
     "opcua_node_id",
+    "opcua_object",
     "scaled_plant",
 ]
 
@@ -45,11 +53,15 @@ __getattr__ = lazy_exports(
         "ASSETS": "catalog",
         "FAULT_EVENT": "catalog",
         "FAULT_KINDS": "catalog",
+        "MODBUS_ASSETS": "catalog",
+        "NAMESPACE_URI": "catalog",
         "Machine": "physics",
+        "OpcUaSim": "opcua_server",
         "Simulator": "service",
         "SimulatorSettings": "settings",
         "adapter_config": "catalog",
         "opcua_node_id": "catalog",
+        "opcua_object": "catalog",
         "scaled_plant": "catalog",
     },
 )
