@@ -39,7 +39,7 @@ from uns import (
     now_ms,
 )
 from uns.payloads import next_seq
-from uns_bench.context import Context
+from uns_bench.context import Context, running_once
 from uns_bench.procs import Procs, in_process, load_pid, wait_broker
 from uns_bench.report import Row, percentile, summarise
 from uns_bench.sampler import Sampler
@@ -500,12 +500,7 @@ class Consumer:
         self.task: asyncio.Task[None] | None = None
 
     async def start(self) -> Consumer:
-        self.task = asyncio.create_task(self._run())
-        waiter = asyncio.create_task(self.subscribed.wait())
-        await asyncio.wait({self.task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        if self.task.done():
-            waiter.cancel()
-            self.task.result()
+        self.task = await running_once(self._run(), self.subscribed)
         return self
 
     async def _run(self) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from uns import Message, connect
 
@@ -36,6 +37,18 @@ class Context:
         return self.machines or (quick if self.quick else default)
 
 
+async def running_once(run: Coroutine[Any, Any, None], ready: asyncio.Event) -> asyncio.Task[None]:
+    """``run`` as a task, once it has set ``ready`` (its subscription is in place); what
+    it raised if it ended before that."""
+    task = asyncio.create_task(run)
+    waiter = asyncio.create_task(ready.wait())
+    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        waiter.cancel()
+        task.result()
+    return task
+
+
 class Receiver:
     """A subscriber in the orchestrator: counts (and optionally keeps) what arrives."""
 
@@ -59,12 +72,7 @@ class Receiver:
         self.task: asyncio.Task[None] | None = None
 
     async def start(self) -> Receiver:
-        self.task = asyncio.create_task(self._run())
-        waiter = asyncio.create_task(self.subscribed.wait())
-        await asyncio.wait({self.task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        if self.task.done():
-            waiter.cancel()
-            self.task.result()
+        self.task = await running_once(self._run(), self.subscribed)
         return self
 
     async def _run(self) -> None:
