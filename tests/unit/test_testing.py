@@ -102,3 +102,25 @@ def test_importing_it_loads_no_service_and_nothing_heavy() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_free_ports_of_two_processes_never_clash_nor_fall_in_the_ephemeral_range() -> None:
+    """Two pytest-xdist workers (or a test and the `uns bench` it runs) each ask for ports
+    at once: none is handed out twice, and none can be taken meanwhile by an outgoing
+    connection's local port (the kernel's ephemeral range): either once left a server of a
+    test unable to listen (the simulator's Modbus port in CI: 0 values in 90 s)."""
+    ask = "from uns.testing import free_port\nprint(*(free_port() for _ in range(400)))"
+    children = [
+        subprocess.Popen([sys.executable, "-c", ask], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    handed = [set(map(int, c.communicate(timeout=60)[0].split())) for c in children]
+    assert all(c.returncode == 0 for c in children)
+    assert [len(h) for h in handed] == [400, 400]
+    assert not handed[0] & handed[1], "one port handed to both processes"
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral = int(f.read().split()[0])
+    except OSError:
+        pytest.skip("no Linux ephemeral port range to compare with")
+    assert max(handed[0] | handed[1]) < ephemeral

@@ -278,12 +278,13 @@ async def _adapter(ctx: Context, adapter: str) -> Row:
         services["modbus-adapter"]["poll_groups"] = {"fast": ADAPTER_TICK_S, "slow": ADAPTER_TICK_S}
     procs = Procs(ctx.workdir)
     counter = _Values(machines)
+    receiver: Receiver | None = None
     try:
         running, receiver = await _start(
             ctx, procs, adapter, plant, services, adapter, counter, ("simulator", "featurizer")
         )
         started = time.monotonic()
-        await _flowing(counter, running[adapter], adapter)
+        await _flowing(counter, running, adapter)
         ctx.say(
             f"  {adapter}: every machine's values flowing after {time.monotonic() - started:.1f} s"
         )
@@ -304,8 +305,9 @@ async def _adapter(ctx: Context, adapter: str) -> Row:
                     "rss": sampler.peak_rss(),
                 }
             )
-        await receiver.stop()
     finally:
+        if receiver is not None:
+            await receiver.stop()  # before its broker goes
         procs.stop()
     row = summarise(
         "3 slow tags",
@@ -338,11 +340,12 @@ async def _modbus_ceiling(ctx: Context) -> Row:
     procs = Procs(ctx.workdir)
     counter = _Values(units)
     adapter = "modbus-adapter"
+    receiver: Receiver | None = None
     try:
         running, receiver = await _start(
             ctx, procs, "modbus-ceiling", plant, services, adapter, counter
         )
-        await _flowing(counter, running[adapter], adapter)
+        await _flowing(counter, running, adapter)
         runs = []
         for _ in range(ctx.repeats):
             pids = {name: p.pid for name, p in running.items()}
@@ -367,8 +370,9 @@ async def _modbus_ceiling(ctx: Context) -> Row:
                     "rss": sampler.peak_rss(),
                 }
             )
-        await receiver.stop()
     finally:
+        if receiver is not None:
+            await receiver.stop()  # before its broker goes
         procs.stop()
     row = summarise(
         "3 slow tags",
@@ -427,6 +431,7 @@ async def _opcua_ceiling(ctx: Context, kind: str) -> Row:
     adapter = "opcua-adapter"
     stats = ctx.workdir / f"opcua-ceiling-{kind}.json"
     stats.unlink(missing_ok=True)
+    receiver: Receiver | None = None
     try:
         server, stack = _opcua_server(ctx.workdir, kind, port, plant, stats)
         procs.all.append(server)
@@ -435,7 +440,7 @@ async def _opcua_ceiling(ctx: Context, kind: str) -> Row:
             ctx, procs, f"opcua-ceiling-{kind}", plant, services, adapter, counter, ()
         )
         running["server"] = server
-        await _flowing(counter, running[adapter], adapter)
+        await _flowing(counter, running, adapter)
         runs = []
         for _ in range(ctx.repeats):
             pids = {name: p.pid for name, p in running.items()} | {"receiver": os.getpid()}
@@ -455,8 +460,9 @@ async def _opcua_ceiling(ctx: Context, kind: str) -> Row:
             runs.append(
                 {"lost": counter.gaps, "figures": figures, "cpu": cpu, "rss": sampler.peak_rss()}
             )
-        await receiver.stop()
     finally:
+        if receiver is not None:
+            await receiver.stop()  # before its broker goes
         procs.stop()
     what = {
         "values": "11 slow tags",
@@ -693,21 +699,27 @@ def _changed(datatype: str, n: int) -> float | int | bool:
     return 1.0 + (n % 64) * 0.5
 
 
-async def _flowing(counter: _Values, proc: Proc, adapter: str, timeout_s: float = 90.0) -> None:
+async def _flowing(
+    counter: _Values, running: dict[str, Proc], adapter: str, timeout_s: float = 90.0
+) -> None:
     """Until every machine's slow-tag values arrive from ``adapter`` (it may be backing off
-    while the simulator's servers start); a clear error if they never do."""
+    while the simulator's servers start); a clear error, with the log of the process to
+    blame, if one of ``running`` exits (a server that could not listen) or they never do."""
     waiter = asyncio.create_task(counter.flowing.wait())
     deadline = time.monotonic() + timeout_s
     while not waiter.done():
-        if not proc.alive():
+        gone = [name for name, p in running.items() if not p.alive()]
+        late = time.monotonic() > deadline
+        if gone or late:
             waiter.cancel()
-            raise RuntimeError(f"{adapter} exited; see {proc.log}")
-        if time.monotonic() > deadline:
-            waiter.cancel()
-            raise RuntimeError(
-                f"{adapter} sent values of {len(counter.seen)} of {counter.devices} machines"
-                f" in {timeout_s:g} s; see {proc.log}"
+            blame = running[gone[0] if gone else adapter]
+            what = (
+                f"{gone[0]} exited"
+                if gone
+                else f"{adapter} sent values of {len(counter.seen)} of {counter.devices}"
+                f" machines in {timeout_s:g} s"
             )
+            raise RuntimeError(f"{what}; the end of {blame.log}:\n{blame.tail()}")
         await asyncio.wait({waiter}, timeout=0.2)
 
 

@@ -27,10 +27,16 @@ a test of a light service stays light.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import random
 import socket
+import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, TypeVar, overload
 
 import msgspec
@@ -49,20 +55,64 @@ W = TypeVar("W", bound="Watcher")
 
 
 _HANDED_OUT: set[int] = set()
+_CLAIMS = Path(tempfile.gettempdir()) / "uns-free-ports"
+_CLAIM_S = 900.0  # a claim older than this is stale: its test is long over
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel gives an outgoing connection (Linux: 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 49152  # IANA's dynamic range, as macOS and Windows use it
+
+
+def _claim(port: int) -> bool:
+    """Whether this process may hand out ``port``: no other process on the machine claimed
+    it in the last `_CLAIM_S` (a file per port, created exclusively)."""
+    path = _CLAIMS / str(port)
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        try:
+            if time.time() - path.stat().st_mtime < _CLAIM_S:
+                return False
+            os.utime(path)  # stale: take it over
+            return True
+        except OSError:
+            return False
+    except OSError:
+        return True  # no claims directory to write: the bind test below still holds
 
 
 def free_port() -> int:
-    """A loopback TCP port nothing listens on now (the OS picks it; free until someone
-    binds it), never one this process handed out before: the kernel may give one free port
-    to two binds in a row, and two servers of one test (the simulator's OPC UA and Modbus)
-    were once given the same port, so one of them could not listen."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
+    """A loopback TCP port nothing listens on now, free until someone binds it.
+
+    Taken below the kernel's ephemeral range, so an outgoing connection (which gets its
+    local port from that range) cannot take it between now and the server's bind, and
+    claimed machine-wide, so two processes (two pytest-xdist workers, a test and the
+    ``uns bench`` it runs) never hand out the same one: both once made a server of one
+    test unable to listen (the simulator's Modbus port; a RabbitMQ node's distribution
+    port). Never one this process handed out before."""
+    low = max(10_000, _ephemeral_low() - 12_000)
+    high = _ephemeral_low() - 1
+    with contextlib.suppress(OSError):
+        _CLAIMS.mkdir(exist_ok=True)
+    for _ in range(500):
+        port = random.randint(low, high) if high > low else 0
+        if port in _HANDED_OUT or (port and not _claim(port)):
+            continue
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port))
+                port = int(s.getsockname()[1])
+        except OSError:
+            continue  # a server listens there (not one of ours)
         if port not in _HANDED_OUT:
             _HANDED_OUT.add(port)
             return port
+    raise RuntimeError(f"no free port in {low}-{high} (claims in {_CLAIMS})")
 
 
 def memory_url() -> str:
