@@ -32,7 +32,8 @@ from clitools import Proc, start, uns
 from fixtures.brokers import Mosquitto, started_mosquitto
 from fixtures.ports import free_port
 from uns.bus import Message
-from uns.testing import watching
+from uns.testing import running, watching
+from uns_demo import DemoService
 
 pytestmark = pytest.mark.integration
 
@@ -312,7 +313,7 @@ async def test_a_box_that_claims_another_boxs_site_is_refused_centrally_and_its_
         path.write_text(yaml.safe_dump(config))
         return path
 
-    birth = "acme/pune/_node/bridge/birth"
+    birth, death = "acme/pune/_node/bridge/birth", "acme/pune/_node/bridge/death"
     async with watching(central.url, "acme/#") as centre:
         centre.timeout = 60.0
         start(
@@ -322,20 +323,104 @@ async def test_a_box_that_claims_another_boxs_site_is_refused_centrally_and_its_
             "--config",
             str(bridge_only("pune", locals_["pune"], "box-pune")),
         )
-        await centre.wait_for(lambda m: m.topic == birth and kind(m) == "nbirth")
+        ours = await centre.wait_for(lambda m: m.topic == birth and kind(m) == "nbirth")
         # the Chennai box, its config copied from Pune's and the site left as it was: its
         # bridge is node `bridge` of acme/pune too, logged in as box-chennai
         wrong = bridge_only("chennai-as-pune", locals_["chennai"], "box-chennai")
         clash = start(procs, "run", "bridge", "--metrics-port", "0", "--config", str(wrong))
         line = await asyncio.to_thread(clash.wait_line, "refused a message", 60)
-        assert f"refused the message on {birth!r}: Not authorized" in line, line
+        # its first message there is its link's (clearing Pune's bridge's death)
+        assert f"refused the message on {death!r}: Not authorized" in line, line
         assert "messages kept in the journal" in line and " ERROR " in line, line
         assert "another box owns site 'pune' there, or namespace.site is wrong" in line, line
-    # the centre still holds Pune's birth, byte for byte as Pune's own broker has it
-    async with (
-        watching(locals_["pune"].url, birth) as at_pune,
-        watching(central.url, birth) as at_centre,
-    ):
-        ours = await at_pune.wait_for(lambda m: m.retain)
-        theirs = await at_centre.wait_for(lambda m: m.retain)
+    # the centre still holds Pune's bridge's birth and no death: the impostor's will is
+    # dropped by the ACL when its connection goes
+    clash.p.kill()
+    clash.p.wait()
+    async with watching(central.url, death) as at_centre:
+        # the broker answers subscriptions in order: a retained death would come first
+        await at_centre.bus.subscribe(birth)
+        theirs = await at_centre.wait_for(lambda m: m.retain and m.topic == birth)
     assert theirs.payload == ours.payload
+    assert not [m for m in at_centre.messages if m.topic == death and m.payload]
+
+
+async def test_a_box_cut_off_from_the_centre_turns_its_site_stale_there_and_back(
+    tmp_path: Path, procs: list[Proc], central: Mosquitto, locals_: dict[str, Mosquitto]
+) -> None:
+    """A box that goes away whole (power, WAN) can publish no death of its nodes: their
+    births stay retained at the centre. Its bridge's Last Will there says so: the site's
+    nodes turn offline in the enterprise's tree within about 2 x the keepalive, and online
+    again once the box is back. A frozen process (SIGSTOP) stands for the cut: no FIN, no
+    DISCONNECT, only silence, as when the WAN goes."""
+    local = locals_["pune"]
+    section = bridge_section(tmp_path, central, "box-pune", "pune")
+    section["remote"]["keepalive_s"] = 5
+    config = tmp_path / "pune-bridge.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "namespace": {"enterprise": "acme", "site": "pune"},
+                "broker": {"url": local.url},
+                "services": {"bridge": section},
+            }
+        )
+    )
+    link = "acme/pune/_node/bridge"
+    operator = central.url.replace("reader:reader-pw", "operator:operator-pw")
+
+    async def tree() -> str:
+        r = await asyncio.to_thread(uns, "tree", "--broker", operator, "--timeout", "10")
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    def link_message(message: str, type_: str, after: int = 0) -> Any:
+        def found(m: Message) -> bool:
+            return m.topic == f"{link}/{message}" and kind(m) == type_
+
+        return lambda: next((m for m in centre.messages[after:] if found(m)), None)
+
+    async with (
+        watching(central.url, "acme/#") as centre,
+        running(DemoService, local.url, "acme", site="pune", interval_s=0.5),
+    ):
+        centre.timeout = 60.0
+        bridge = start(procs, "run", "bridge", "--config", str(config))
+        await centre.wait(link_message("birth", "nbirth"))
+        await centre.wait_for(lambda m: m.topic == "acme/pune/_node/demo/birth" and m.payload)
+        birth = msgspec.json.decode(link_message("birth", "nbirth")().payload)
+        assert birth["relays"] == ["acme/pune"], birth
+        assert re.search(r"── demo  demo test  online\n", await tree())
+
+        os.kill(bridge.p.pid, signal.SIGSTOP)
+        t_cut = time.monotonic()
+        mark = len(centre.messages)
+        try:
+            await centre.wait(link_message("death", "ndeath", mark), 30)
+            cut_s = time.monotonic() - t_cut
+            death = msgspec.json.decode(link_message("death", "ndeath", mark)().payload)
+            assert death["reason"] == "lost" and death["bdseq"] == birth["bdseq"], death
+            out = await tree()
+            # the demo's birth still stands there, and its node is shown stale, saying why
+            assert re.search(
+                r"── demo  demo test  offline \(site cut off: relay bridge lost\)\n", out
+            ), out
+            assert re.search(r"── bridge  bridge \S+  offline\n", out), out
+        finally:
+            os.kill(bridge.p.pid, signal.SIGCONT)
+        t_back = time.monotonic()
+        mark = len(centre.messages)
+        await centre.wait(link_message("birth", "nbirth", mark), 60)
+        back_s = time.monotonic() - t_back
+        assert re.search(r"── demo  demo test  online\n", await tree())
+
+        bridge.p.send_signal(signal.SIGTERM)  # a clean stop says so at once
+        mark = len(centre.messages)
+        await centre.wait(link_message("death", "ndeath", mark), 30)
+        stopped = msgspec.json.decode(link_message("death", "ndeath", mark)().payload)
+        assert stopped["reason"] == "shutdown", stopped
+        assert bridge.p.wait(30) == 0
+    print(
+        f"cut off seen centrally {cut_s:.1f} s after the bridge froze (keepalive 5 s);"
+        f" back {back_s:.1f} s after it thawed"
+    )

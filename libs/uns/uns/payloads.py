@@ -229,6 +229,11 @@ class NodeBirth(_Envelope, tag="nbirth", kw_only=True, frozen=True):
     metrics_url: str = ""
     """Where its Prometheus metrics are served, if anywhere."""
     metrics: Annotated[list[MetricDef], msgspec.Meta(max_length=MAX_ITEMS)] = []
+    relays: Annotated[list[str], msgspec.Meta(max_length=MAX_ITEMS)] = []
+    """Namespace prefixes (``{ent}/{site}``) this node relays to the broker its birth is on:
+    a bridge's birth at the central broker. While such a node is offline there, every
+    other node of those prefixes is too (its box is cut off: power, WAN), retained births
+    notwithstanding."""
 
 
 class NodeDeath(_Envelope, tag="ndeath", kw_only=True, frozen=True):

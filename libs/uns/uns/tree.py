@@ -3,7 +3,10 @@
 Online rules, the same any app can apply: a node is online while its retained
 birth stands and no retained death does (a node clears its death when it is
 born); a device stream is online while its birth stands, it has no death, and
-the node that published it is online.
+the node that published it is online. At a central broker, where boxes' bridges
+relay their sites (a birth with ``relays``), a node of a relayed site is online
+only while one of its relays is too: a box cut off (power, WAN) leaves its nodes'
+births retained there, and its bridge's Last Will says they are stale.
 """
 
 from __future__ import annotations
@@ -78,7 +81,20 @@ class NamespaceView:
 
     def node_online(self, enterprise: str, site: str, node_id: str) -> bool:
         info = self.nodes.get((enterprise, site, node_id))
-        return info is not None and info.online
+        return info is not None and info.online and not self.cut_off(enterprise, site, node_id)
+
+    def relays(self, enterprise: str, site: str) -> list[NodeInfo]:
+        """The nodes that relay ``enterprise/site`` to this broker (births with ``relays``)."""
+        prefix = f"{enterprise}/{site}"
+        return [n for n in self.nodes.values() if n.birth and prefix in n.birth.relays]
+
+    def cut_off(self, enterprise: str, site: str, node_id: str) -> list[NodeInfo]:
+        """The relays of the node's site when none of them is online (the box is cut off
+        from this broker), else nothing. A relay is not cut off by itself."""
+        relays = self.relays(enterprise, site)
+        if any(r.online for r in relays) or any(r.node_id == node_id for r in relays):
+            return []
+        return relays
 
     def stream_online(self, path: DevicePath, stream: StreamInfo) -> bool:
         return (
@@ -103,9 +119,9 @@ class NamespaceView:
             label = Text(info.node_id)
             if info.birth:
                 label.append(f"  {info.birth.service} {info.birth.version}".rstrip(), style="dim")
-            label.append(
-                "  online" if info.online else "  offline", style="green" if info.online else "red"
-            )
+            online = self.node_online(*key)
+            label.append("  online" if online else "  offline", style="green" if online else "red")
+            label.append(self._cut_off_note(*key), style="red")
             branch((key[0], key[1], "_node")).add(label)
         for path in sorted(self.devices):
             streams = self.devices[path]
@@ -121,10 +137,21 @@ class NamespaceView:
                 )
                 if sinfo.death and sinfo.death.reason:
                     label.append(f" ({sinfo.death.reason})", style="red")
+                elif sinfo.birth:
+                    note = self._cut_off_note(path.enterprise, path.site, sinfo.birth.node)
+                    label.append(note, style="red")
                 stream_branch = device.add(label)
                 for metric in sinfo.birth.metrics if sinfo.birth else []:
                     stream_branch.add(_metric_label(metric))
         return root
+
+    def _cut_off_note(self, enterprise: str, site: str, node_id: str) -> str:
+        relays = self.cut_off(enterprise, site, node_id)
+        if not relays:
+            return ""
+        names = ", ".join(sorted(r.node_id for r in relays))
+        reasons = {r.death.reason for r in relays if r.death} or {"no birth"}
+        return f" (site cut off: relay {names} {', '.join(sorted(reasons))})"
 
 
 def _metric_label(metric: p.MetricDef) -> Text:

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
+import socket
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -34,11 +36,12 @@ from typing import Any, Final, TypeVar
 
 import msgspec
 
-from uns import Inbound, Node, Reject, Service
-from uns.bus import Bus, connect
+from uns import Inbound, Node, NodeBirth, NodeDeath, Reject, Service, encode, now_ms
+from uns.bus import Bus, Will, connect
 from uns.config import BrokerSettings, parse_broker_url
 from uns.errors import BusError, ConfigError
 from uns.metrics import ServiceMetrics
+from uns.payloads import next_seq
 from uns_bridge import logic
 from uns_bridge.journal import Item, Journal, JournalFull, Row
 from uns_bridge.settings import BridgeSettings
@@ -184,7 +187,15 @@ class Bridge(Service[BridgeSettings]):
             enterprise=node.enterprise,
             site=node.site,
         )
-        self.selector = logic.Selector(s.include, s.exclude)
+        self.link = remote.link if remote.link is not None else self.router.retain
+        """The bridge's own birth and Last Will on the remote (`Remote.link`)."""
+        self._link_bdseq = 0
+        own = f"{node.enterprise}/{node.site}/_node/{node.id}"
+        self._link_topics = (self.router.render(f"{own}/birth"), self.router.render(f"{own}/death"))
+        # with the link, the remote hears of this node from it alone: the local birth and
+        # death, replayed from the journal behind the link's, would contradict it
+        exclude = [*s.exclude, f"{own}/#"] if self.link else s.exclude
+        self.selector = logic.Selector(s.include, exclude)
         for i, topic_filter in enumerate(s.include):
             node.subscribe(topic_filter, msgspec.Raw, self._taker(i), qos=1)
         m = self.metrics
@@ -292,6 +303,7 @@ class Bridge(Service[BridgeSettings]):
                     timeout_s=remote.timeout_s,
                     protocol=5 if self.protocol == 5 else 4,
                     max_inflight=remote.inflight,
+                    will=self._link_death("lost") if self.link else None,
                 ) as bus:
                     self.sessions += 1
                     self.metrics.connected.set(1)
@@ -303,7 +315,14 @@ class Bridge(Service[BridgeSettings]):
                         self.client_id,
                         self.journal.count if self.journal else 0,
                     )
-                    await self._forward(bus)
+                    try:
+                        if self.link:
+                            await self._link_birth(bus)
+                        await self._forward(bus)
+                    except asyncio.CancelledError:
+                        if self.link:  # stopped: say so, rather than leave it to the will
+                            await self._link_stopped(bus)
+                        raise
                 error = f"{remote.url} closed the connection"
             except BusError as exc:
                 error = str(exc)
@@ -312,6 +331,7 @@ class Bridge(Service[BridgeSettings]):
             finally:
                 self.metrics.connected.set(0)
                 self.changed.set()
+                self._link_bdseq = next_seq(self._link_bdseq)
             # a session that did something resets the backoff, one refused at once does not
             if self.forwarded > forwarded or (time.monotonic() - started > 30):
                 attempt = 0
@@ -352,6 +372,32 @@ class Bridge(Service[BridgeSettings]):
                 f" ({clash})" if clash else "",
             )
             await asyncio.sleep(delay)
+
+    def _link_death(self, reason: str) -> Will:
+        death = NodeDeath(ts=now_ms(), node=self.node.id, bdseq=self._link_bdseq, reason=reason)
+        return Will(self._link_topics[1], encode(death), qos=1, retain=True)
+
+    async def _link_birth(self, bus: Bus) -> None:
+        """This session's birth on the remote, before anything from the journal: the last
+        session's death cleared (zero bytes retained), then the birth naming the site it
+        relays, with the bdseq of this connection's will."""
+        birth = NodeBirth(
+            ts=now_ms(),
+            node=self.node.id,
+            service=self.name,
+            version=self.node.version,
+            bdseq=self._link_bdseq,
+            host=socket.gethostname(),
+            relays=[f"{self.node.enterprise}/{self.node.site}"],
+        )
+        await bus.publish(self._link_topics[1], b"", qos=1, retain=True)
+        await bus.publish(self._link_topics[0], encode(birth), qos=1, retain=True)
+
+    async def _link_stopped(self, bus: Bus) -> None:
+        will = self._link_death("shutdown")
+        with contextlib.suppress(BusError, TimeoutError):
+            async with asyncio.timeout(2.0):
+                await bus.publish(will.topic, will.payload, qos=1, retain=True)
 
     async def _forward(self, bus: Bus) -> None:
         """One session: send from the oldest row on, until the connection fails."""

@@ -54,6 +54,11 @@ class Remote(Strict, frozen=True):
     """4 = MQTT 3.1.1, 5 = MQTT 5 (ids as user properties); default from the preset."""
     retain: bool | None = None
     """Publish births and deaths retained on the remote; default from the preset."""
+    link: bool | None = None
+    """Publish the bridge's own birth on the remote at every connect, with ``relays``
+    naming this box's site, and its death as the connection's Last Will: the centre sees
+    a box that went away (power, WAN) within about 2 x ``keepalive_s`` (uns tree marks the
+    site's nodes stale). Default: on where births are retained (``retain``)."""
     inflight: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
     """Publishes awaiting their PUBACK at once (AWS IoT Core allows 100)."""
     timeout_s: PositiveFloat = 10.0
