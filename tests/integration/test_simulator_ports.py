@@ -1,5 +1,6 @@
-"""The simulator on a port another program holds: one line naming the setting, exit code 2,
-no traceback (it once crashed with an exception group while its adapter retried forever)."""
+"""A server port another program holds (the simulator's, a service's metrics): one line
+naming the setting, exit code 2, no traceback (the simulator once crashed with an exception
+group while its adapter retried forever)."""
 
 from __future__ import annotations
 
@@ -41,3 +42,21 @@ def test_a_taken_server_port_exits_2_naming_the_setting(server: str, taken: int)
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: config: simulator.{server}.port: cannot listen on")
     assert str(taken) in last
+
+
+def test_a_taken_metrics_port_exits_2_naming_the_setting(taken: int) -> None:
+    """Two instances of a service on one box with the same metrics port (or another
+    program on it): the second says which setting, rather than a traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UNS_")}
+    done = subprocess.run(
+        [*UNS, "run", "demo", "--broker", "memory://ports", "--metrics-port", str(taken)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: config: services.demo.metrics_port: cannot serve /metrics on")
+    assert f"127.0.0.1:{taken}: Address already in use" in last

@@ -430,7 +430,10 @@ class System:
     # ---- the bridge's ledger ------------------------------------------------------------
 
     def forwarded(self, topic: str) -> bool:
-        return any(matches(f, topic) for f in FORWARDED)
+        """Whether the bridge forwards ``topic``: its own birth and death are not (the
+        cloud hears of it from its link: a birth per connection, its death the will)."""
+        own = self.node_topic("bridge", "")
+        return any(matches(f, topic) for f in FORWARDED) and not topic.startswith(own)
 
     def bridge_down_intervals(self, margin: float) -> list[tuple[float, float]]:
         """Intervals in which messages seen locally cannot be held against the bridge:

@@ -39,7 +39,7 @@ import msgspec
 from uns import payloads as p
 from uns.bus import Bus, Message, Will, connect
 from uns.config import BrokerSettings, Port, PositiveFloat, Slug, Strict, UnsConfig, redact_url
-from uns.errors import BusError, PayloadError, Reject, TopicError
+from uns.errors import BusError, ConfigError, PayloadError, Reject, TopicError
 from uns.metrics import ServiceMetrics, stream_label
 from uns.scope import Scope, node_scope
 from uns.shard import Shard
@@ -567,7 +567,15 @@ class Node(Generic[S]):
         port = self.settings.metrics_port
         if port is None:
             port = self.settings.default_metrics_port
-        bound = self.metrics.serve(self.settings.metrics_host, port)
+        try:
+            bound = self.metrics.serve(self.settings.metrics_host, port)
+        except OSError as exc:  # taken (another program, another instance), or no such host
+            raise ConfigError(
+                f"services.{self.service}.metrics_port: cannot serve /metrics on"
+                f" {self.settings.metrics_host}:{port}: {exc.strerror or exc} (another"
+                " program or another instance of this service uses it? --metrics-port 0"
+                " takes any free port)"
+            ) from None
         self.metrics_url = f"http://{self.settings.metrics_host}:{bound}/metrics"
         watchdog = LoopWatchdog(
             self.id,
