@@ -569,6 +569,16 @@ async def write_blocks(plc: Plc, t0: dt.datetime, ks: range) -> None:
         )
 
 
+async def stream_start(w: Watcher, prefix: str) -> dt.datetime:
+    """The start of the value the vibration tag had (published first): blocks written at
+    ``stream_start + k`` block lengths follow it back to back, as a PLC's stream does. A
+    stream restarted at "now" would leave a hole after it, which the adapter rightly counts
+    as missing blocks: under load the hole grew past 1.5 blocks, and a test failed."""
+    had = await next_data(w, prefix, has("vibration"))
+    t0_us = next(m.value.t0_us for m in had.metrics if isinstance(m.value, Waveform))
+    return dt.datetime.fromtimestamp(t0_us / 1e6, dt.UTC)
+
+
 async def blocks_until(w: Watcher, prefix: str, last: int, timeout: float = 15.0) -> list[Waveform]:
     """The waveform blocks published until the one of stream position ``last``."""
     got: list[Waveform] = []
@@ -594,8 +604,7 @@ async def test_blocks_written_faster_than_the_publishing_interval_all_arrive_num
             **FAST,
         ) as node,
     ):
-        await next_data(w, prefix, has("vibration"))  # the value it had
-        t0 = dt.datetime.now(dt.UTC)
+        t0 = await stream_start(w, prefix)
         await write_blocks(plc, t0, range(1, 41))  # 1 s of signal in a few ms
         blocks = await blocks_until(w, prefix, 40)
         assert [b.values()[0] / 1000 for b in blocks] == list(range(1, 41))
@@ -650,8 +659,7 @@ async def test_a_block_the_server_dropped_leaves_a_hole_in_the_block_counter(
             **FAST,
         ) as node,
     ):
-        await next_data(w, prefix, has("vibration"))
-        t0 = dt.datetime.now(dt.UTC)
+        t0 = await stream_start(w, prefix)
         blocks: list[Waveform] = []
         for k in range(1, 6):  # a few at the pace of the stream
             await write_blocks(plc, t0, range(k, k + 1))
