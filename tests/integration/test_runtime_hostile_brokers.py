@@ -84,10 +84,10 @@ async def test_hostile_node_commands_leave_the_service_running_on_a_real_broker(
         b'{"type":"cmd","ts":1,"name":"status","args":{"a":' + b"[" * 1000 + b"]" * 1000 + b"}}",
         b'{"type":"cmd","ts":1,"name":"\xff"}',
     ]
-    reply_to = f"uns-cli/{prefix}/reply"
+    reply_to = f"uns-cli/target/{prefix}/reply"
     async with (
         running(Target, broker_url, prefix) as node,
-        watching(broker_url, f"uns-cli/{prefix}/#") as w,
+        watching(broker_url, f"uns-cli/target/{prefix}/#") as w,
         connect(broker_url) as pub,
     ):
         for payload in hostile:
@@ -199,7 +199,7 @@ async def test_every_message_a_subscriber_to_everything_sees_is_in_the_contract(
             await node.device_death(service.path, "raw", "gone")
             await node.drained()  # sent: a birth discards a death still queued
             await node.device_birth(service.path, "raw", [MetricDef(name="n", datatype="int32")])
-            await pub.publish(node.cmd_topic, status(f"uns-cli/{prefix}/reply"), qos=1)
+            await pub.publish(node.cmd_topic, status(f"uns-cli/target/{prefix}/reply"), qos=1)
             await pub.publish(node.cmd_topic, status(f"{prefix}/pune/replies/1"), qos=1)
             await seen.wait(lambda s: payloads_with(s, b'"reply"') == 2)
         await seen.wait(lambda s: payloads_with(s, b'"shutdown"') == 1)  # the clean stop
@@ -208,7 +208,7 @@ async def test_every_message_a_subscriber_to_everything_sees_is_in_the_contract(
         json.loads((SCHEMA_DIR / "payload.schema.json").read_text())
     )
     allowed_empty = documented_exceptions()
-    ours = [m for m in seen if m.topic.value.startswith((prefix, f"uns-cli/{prefix}"))]
+    ours = [m for m in seen if m.topic.value.startswith((prefix, f"uns-cli/target/{prefix}"))]
     empty, payloads = [], []
     for m in ours:
         topic, raw = m.topic.value, bytes(m.payload)  # type: ignore[arg-type]

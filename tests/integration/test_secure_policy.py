@@ -49,6 +49,10 @@ MUST_NOT_PUBLISH = [
     "acme/pune/_node/simulator/cmd",
     "other/site/stamping/line-3/cell-a/press-01/raw/data",
     "acme/pune/app/anything",
+    # a node answers commands under its own id only: no service forges another's reply
+    "uns-cli/featurizer/reply",
+    "uns-cli/simulator/1234/reply",
+    "uns-cli/reply",
 ]
 MUST_NOT_SUBSCRIBE = ["#", "acme/#", "acme/pune/#", "+/+/_node/+/cmd", "$SYS/#", "uns-cli/#"]
 

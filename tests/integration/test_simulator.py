@@ -160,14 +160,16 @@ async def test_status_lists_machines_and_active_faults(plant, memory_url):
         Command(ts=1, name="fault", args={"kind": "bearing_wear", "severity": 0.5, "ramp_s": 3600}),
     )
     topic = node_topic(plant.prefix, "pune", "simulator", "cmd")
-    async with watching(memory_url, "uns-cli/test/reply") as w:
+    async with watching(memory_url, "uns-cli/simulator/test/reply") as w:
         for _ in range(50):  # until the fault command has been handled
             await send(
                 memory_url,
                 topic,
-                Command(ts=1, name="status", id="s1", args={"reply_to": "uns-cli/test/reply"}),
+                Command(
+                    ts=1, name="status", id="s1", args={"reply_to": "uns-cli/simulator/test/reply"}
+                ),
             )
-            reply = await w.wait_topic("uns-cli/test/reply")
+            reply = await w.wait_topic("uns-cli/simulator/test/reply")
             if reply.result["devices"][plant.press]["faults"]:
                 break
     assert isinstance(reply, Reply) and reply.ok and reply.id == "s1"

@@ -297,10 +297,16 @@ async def test_a_reply_to_with_a_wildcard_or_outside_the_namespace_is_refused_an
         f"{prefix}/pune/area/line/cell/target-01/raw/data",  # into the contract
         f"{prefix}/pune/_node/target/birth",
         f"{prefix}/pune//replies",
-        "uns-cli/" + "x" * 2000,
-        "uns-cli/a\x00b",
+        "uns-cli/target/" + "x" * 2000,
+        "uns-cli/target/a\x00b",
         42,
-        ["uns-cli/x"],
+        ["uns-cli/target/x"],
+        # under another node's replies (the broker lets only that node write there): a reply
+        # there would be a forged answer in its name; and the old shared form
+        "uns-cli/featurizer/reply",
+        "uns-cli/targets/reply",
+        f"uns-cli/{prefix}/reply",
+        "uns-cli/target",
     ]
     async with (
         running(Target, memory_url, prefix) as node,
@@ -311,7 +317,7 @@ async def test_a_reply_to_with_a_wildcard_or_outside_the_namespace_is_refused_an
         for reply_to in refused:
             await pub.publish(node.cmd_topic, command("status", reply_to=reply_to))
             await pub.publish(node.cmd_topic, command("rebirth", reply_to=reply_to))
-        for ok in (f"uns-cli/{prefix}/reply", f"{prefix}/pune/replies/r1"):
+        for ok in (f"uns-cli/target/{prefix}/reply", f"{prefix}/pune/replies/r1"):
             await pub.publish(node.cmd_topic, command("status", reply_to=ok))
             reply = await w.wait_topic(ok)
             assert isinstance(reply, Reply) and reply.ok and reply.result == {"handled": 0}
@@ -353,11 +359,11 @@ async def test_a_bug_in_a_node_command_is_an_error_reply_not_a_crash(memory_url,
         watching(memory_url, "uns-cli/#") as w,
         connect(memory_url) as pub,
     ):
-        await pub.publish(node.cmd_topic, command("bug", reply_to="uns-cli/t/1"))
-        reply = await w.wait_topic("uns-cli/t/1")
+        await pub.publish(node.cmd_topic, command("bug", reply_to="uns-cli/target/t/1"))
+        reply = await w.wait_topic("uns-cli/target/t/1")
         assert isinstance(reply, Reply) and not reply.ok and "internal error" in reply.error
-        await pub.publish(node.cmd_topic, command("status", reply_to="uns-cli/t/2"))
-        assert (await w.wait_topic("uns-cli/t/2")).ok
+        await pub.publish(node.cmd_topic, command("status", reply_to="uns-cli/target/t/2"))
+        assert (await w.wait_topic("uns-cli/target/t/2")).ok
         assert metric(node, "uns_handler_errors_total") == 1
 
 
@@ -631,6 +637,7 @@ HOSTILE_VALUES: list[Any] = [
 ]
 HOSTILE_TOPICS: list[Any] = [
     *("#", "+", "fz/#", "", "$SYS/x", "uns-cli/", "uns-cli/ok", "fz/pune/r/1", "other/x"),
+    "uns-cli/fuzz/reply",
     *("fz/pune//x", "fz/pune/area/line/cell/dev-01/raw/data", "uns-cli/\x00", 5, None, ["a"]),
 ]
 FIELDS = [

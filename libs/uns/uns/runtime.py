@@ -41,7 +41,7 @@ from uns.bus import Bus, Message, Will, connect
 from uns.config import BrokerSettings, Port, PositiveFloat, Slug, Strict, UnsConfig, redact_url
 from uns.errors import BusError, ConfigError, PayloadError, Reject, TopicError
 from uns.metrics import ServiceMetrics, stream_label
-from uns.scope import Scope, node_scope
+from uns.scope import Scope, node_scope, reply_prefix
 from uns.shard import Shard
 from uns.topics import (
     NODE_LEVEL,
@@ -56,8 +56,6 @@ from uns.watchdog import HEARTBEAT_ENV, LoopWatchdog
 
 log = logging.getLogger(__name__)
 
-REPLY_PREFIXES: Final = ("uns-cli/",)
-"""Where a node command may ask for its reply besides the node's own ``{enterprise}/{site}/``."""
 MAX_REPLY_TOPIC_BYTES: Final = 1024
 
 P = TypeVar("P")
@@ -1004,7 +1002,8 @@ class Node(Generic[S]):
     def _reply_problem(self, reply_to: object) -> str:
         """Why ``args.reply_to`` is not a topic this node answers on ('' when it is).
 
-        A reply goes under ``uns-cli/`` or the node's own ``{enterprise}/{site}/``, but never
+        A reply goes under ``uns-cli/{node_id}/`` (`reply_prefix`: the broker's ACL lets
+        only this node publish there) or the node's own ``{enterprise}/{site}/``, but never
         on a device or node topic: a command must not make a node publish into the contract.
         """
         if not isinstance(reply_to, str):
@@ -1023,8 +1022,9 @@ class Node(Generic[S]):
         if "" in levels:
             return "has an empty level"
         own = f"{self.enterprise}/{self.site}/"
-        if not reply_to.startswith((own, *REPLY_PREFIXES)):
-            return f"is outside {own} and {', '.join(REPLY_PREFIXES)}"
+        replies = reply_prefix(self.id)
+        if not reply_to.startswith((own, replies)):
+            return f"is outside {own} and {replies}"
         if reply_to.startswith(own):
             try:
                 parse(reply_to)

@@ -18,9 +18,15 @@ import msgspec
 from uns.topics import NODE_LEVEL, matches, validate_filter
 
 REPLY_FILTER: Final = "uns-cli/#"
-"""Where a node answers a command's ``args.reply_to`` in a secure deployment; the runtime
-also answers under its own ``{enterprise}/{site}/`` outside the contract, which the
-generated broker ACLs do not grant."""
+"""Where the replies to node commands are read (an operator, the ``uns`` command line)."""
+
+
+def reply_prefix(node_id: str) -> str:
+    """Where node ``node_id`` answers a command's ``args.reply_to`` in a secure deployment:
+    under its own id, so that the broker's ACL lets no other node answer in its name (a
+    compromised service cannot forge another's reply). The runtime also answers under its
+    own ``{enterprise}/{site}/`` outside the contract, which the generated ACLs do not grant."""
+    return f"uns-cli/{node_id}/"
 
 
 class Scope(msgspec.Struct, frozen=True):
@@ -76,7 +82,7 @@ def node_scope(enterprise: str, site: str, node_id: str) -> Scope:
     replies to commands."""
     base = f"{enterprise}/{site}/{NODE_LEVEL}/{node_id}"
     return Scope(
-        publish=(f"{base}/birth", f"{base}/death", REPLY_FILTER),
+        publish=(f"{base}/birth", f"{base}/death", f"{reply_prefix(node_id)}#"),
         subscribe=(f"{base}/cmd",),
     )
 

@@ -31,6 +31,7 @@ from uns.commands import (
 )
 from uns.config import BrokerSettings
 from uns.errors import PayloadError
+from uns.scope import reply_prefix
 from uns.topics import DevicePath, node_topic
 from uns_simulator.catalog import FAULT_EVENT, FAULT_KINDS, adapter_config, scaled_plant
 from uns_simulator.settings import SimulatorSettings
@@ -170,7 +171,7 @@ def sim_status(
     loaded = load_config(config)
     url, settings = broker_target(loaded, broker)
     ns = loaded.config.namespace
-    reply_to = f"uns-cli/{uuid.uuid4().hex}/reply"
+    reply_to = f"{reply_prefix(node)}{uuid.uuid4().hex}/reply"  # only that node may answer
     command = p.Command(
         ts=p.now_ms(),
         name="status",
