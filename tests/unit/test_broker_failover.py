@@ -102,3 +102,34 @@ async def test_a_node_whose_broker_dies_goes_on_on_the_next_one_and_stays_there(
         await task
         for url in (first, second):
             MemoryBroker._registry.pop(url.removeprefix("memory://"), None)
+
+
+async def test_the_sparkplug_edge_node_goes_on_on_the_next_broker_too():
+    """Its own connection (its Last Will is the NDEATH): it fails over as the runtime does,
+    rather than redialling a dead node of the cluster forever (issue 14's leftover)."""
+    from uns_sparkplug.north import SparkplugNode
+    from uns_sparkplug.settings import SparkplugSettings
+
+    first, second = memory_url(), memory_url()
+    config = UnsConfig(
+        namespace=Namespace(enterprise="acme", site="pune"),
+        broker=BrokerSettings(url=first, urls=[second]),
+    )
+    settings = SparkplugSettings(
+        enabled=True, metrics_port=0, reconnect_min_s=0.05, reconnect_max_s=0.2
+    )
+    node = Node("sparkplug", settings, config, version="test")
+    stop = asyncio.Event()
+    task = asyncio.create_task(node.serve(SparkplugNode(node), stop))
+    nbirth = "spBv1.0/acme/NBIRTH/pune"
+    try:
+        async with watching(first, "spBv1.0/#") as on_first:
+            await on_first.wait_for(lambda m: m.topic == nbirth)  # protobuf, not JSON
+        async with watching(second, "spBv1.0/#") as on_second:
+            MemoryBroker.named(first.removeprefix("memory://")).stop()
+            await on_second.wait_for(lambda m: m.topic == nbirth)
+    finally:
+        stop.set()
+        await task
+        for url in (first, second):
+            MemoryBroker._registry.pop(url.removeprefix("memory://"), None)

@@ -25,6 +25,7 @@ from typing import Any, Final
 from uns import DevicePath, Inbound, Node, Service, Throttled, now_ms
 from uns import payloads as p
 from uns.bus import Bus, Will, connect
+from uns.config import redact_url
 from uns.errors import BusError, ConfigError
 from uns.topics import DeviceTopic, parse
 from uns_sparkplug import codec
@@ -101,9 +102,15 @@ class SparkplugNode(Service[SparkplugSettings]):
         for topic_filter in s.filters(config):
             node.subscribe(topic_filter, p.Payload, self._on_namespace, qos=1)
         node.subscribe(s.node_deaths(config), p.NodeDeath, self._on_node_death)
-        b = s.broker  # absent: the namespace's own broker
-        self.url = node.broker_url if b is None else b.url
+        b = s.broker  # absent: the namespace's own broker, and its fallbacks (broker.urls)
+        self.urls = node.broker_urls if b is None else [b.url]
+        self._at = 0
+        """The broker in use (or tried next) in ``urls``: a failed session tries the next."""
         self.broker_settings = node.broker if b is None else b.settings()
+
+    @property
+    def url(self) -> str:
+        return self.urls[self._at]
 
     # ---- the namespace side --------------------------------------------------------------
 
@@ -180,7 +187,9 @@ class SparkplugNode(Service[SparkplugSettings]):
             s = self.settings
             delay = min(s.reconnect_max_s, s.reconnect_min_s * 2**attempt)
             attempt += 1
-            log.warning("%s: Sparkplug: %s; retrying in %.1f s", self.node.id, error, delay)
+            self._at = (self._at + 1) % len(self.urls)
+            then = f" on {redact_url(self.url)}" if len(self.urls) > 1 else ""
+            log.warning("%s: Sparkplug: %s; retrying in %.1f s%s", self.node.id, error, delay, then)
             await asyncio.sleep(delay)
 
     def _end_session(self) -> None:

@@ -22,6 +22,7 @@ from typing import Any, Final
 
 from uns import DevicePath, Metric, MetricDef, Node, Service, Throttled, now_ms
 from uns.bus import Bus, Will, connect
+from uns.config import redact_url
 from uns.errors import BusError, ConfigError
 from uns_sparkplug import codec
 from uns_sparkplug.settings import SparkplugAdapterSettings
@@ -92,8 +93,10 @@ class SparkplugAdapter(Service[SparkplugAdapterSettings]):
         self.m_values = m.counter(
             "uns_sparkplug_adapter_values_total", "Values published into the namespace"
         ).labels()
-        b = s.broker  # absent: the namespace's own broker
-        self.url = node.broker_url if b is None else b.url
+        b = s.broker  # absent: the namespace's own broker, and its fallbacks (broker.urls)
+        self.urls = node.broker_urls if b is None else [b.url]
+        self._at = 0
+        """The broker in use (or tried next) in ``urls``: a failed session tries the next."""
         self.broker_settings = node.broker if b is None else b.settings()
 
     def path_of(self, group: str, edge: str, device: str) -> DevicePath:
@@ -110,6 +113,10 @@ class SparkplugAdapter(Service[SparkplugAdapterSettings]):
             codec.slug(edge),
             codec.slug(device),
         )
+
+    @property
+    def url(self) -> str:
+        return self.urls[self._at]
 
     # ---- the session -----------------------------------------------------------------
 
@@ -130,7 +137,9 @@ class SparkplugAdapter(Service[SparkplugAdapterSettings]):
                 attempt = 0
             delay = min(s.reconnect_max_s, s.reconnect_min_s * 2**attempt)
             attempt += 1
-            log.warning("%s: Sparkplug: %s; retrying in %.1f s", self.node.id, error, delay)
+            self._at = (self._at + 1) % len(self.urls)
+            then = f" on {redact_url(self.url)}" if len(self.urls) > 1 else ""
+            log.warning("%s: Sparkplug: %s; retrying in %.1f s%s", self.node.id, error, delay, then)
             await asyncio.sleep(delay)
 
     async def _session(self) -> None:
