@@ -24,22 +24,30 @@ def taken() -> Iterator[int]:
         yield s.getsockname()[1]
 
 
-@pytest.mark.parametrize("server", ["opcua", "modbus"])
-def test_a_taken_server_port_exits_2_naming_the_setting(server: str, taken: int) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("UNS_")}
-    env[f"UNS_SERVICES__SIMULATOR__{server.upper()}__PORT"] = str(taken)
-    other = "MODBUS" if server == "opcua" else "OPCUA"
-    env[f"UNS_SERVICES__SIMULATOR__{other}__ENABLED"] = "false"
+def refused_line(*args: str, env: dict[str, str] | None = None) -> str:
+    """``uns run ...`` with none of this machine's UNS_ variables: it exits 2 without a
+    traceback; its last line."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("UNS_")}
     done = subprocess.run(
-        [*UNS, "run", "simulator", "--broker", "memory://ports", "--metrics-port", "0"],
-        env=env,
+        [*UNS, "run", *args, "--broker", "memory://ports"],
+        env={**clean, **(env or {})},
         capture_output=True,
         text=True,
         timeout=90,
     )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
-    last = done.stderr.strip().splitlines()[-1]
+    return done.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("server", ["opcua", "modbus"])
+def test_a_taken_server_port_exits_2_naming_the_setting(server: str, taken: int) -> None:
+    other = "MODBUS" if server == "opcua" else "OPCUA"
+    env = {
+        f"UNS_SERVICES__SIMULATOR__{server.upper()}__PORT": str(taken),
+        f"UNS_SERVICES__SIMULATOR__{other}__ENABLED": "false",
+    }
+    last = refused_line("simulator", "--metrics-port", "0", env=env)
     assert last.startswith(f"error: config: simulator.{server}.port: cannot listen on")
     assert str(taken) in last
 
@@ -47,16 +55,6 @@ def test_a_taken_server_port_exits_2_naming_the_setting(server: str, taken: int)
 def test_a_taken_metrics_port_exits_2_naming_the_setting(taken: int) -> None:
     """Two instances of a service on one box with the same metrics port (or another
     program on it): the second says which setting, rather than a traceback."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("UNS_")}
-    done = subprocess.run(
-        [*UNS, "run", "demo", "--broker", "memory://ports", "--metrics-port", str(taken)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert "Traceback" not in done.stderr
-    last = done.stderr.strip().splitlines()[-1]
+    last = refused_line("demo", "--metrics-port", str(taken))
     assert last.startswith("error: config: services.demo.metrics_port: cannot serve /metrics on")
     assert f"127.0.0.1:{taken}: Address already in use" in last
