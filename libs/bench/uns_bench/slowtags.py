@@ -284,7 +284,7 @@ async def _adapter(ctx: Context, adapter: str) -> Row:
             ctx, procs, adapter, plant, services, adapter, counter, ("simulator", "featurizer")
         )
         started = time.monotonic()
-        await _flowing(counter, running, adapter)
+        await _flowing(counter, running, adapter, receiver)
         ctx.say(
             f"  {adapter}: every machine's values flowing after {time.monotonic() - started:.1f} s"
         )
@@ -345,7 +345,7 @@ async def _modbus_ceiling(ctx: Context) -> Row:
         running, receiver = await _start(
             ctx, procs, "modbus-ceiling", plant, services, adapter, counter
         )
-        await _flowing(counter, running, adapter)
+        await _flowing(counter, running, adapter, receiver)
         runs = []
         for _ in range(ctx.repeats):
             pids = {name: p.pid for name, p in running.items()}
@@ -440,7 +440,7 @@ async def _opcua_ceiling(ctx: Context, kind: str) -> Row:
             ctx, procs, f"opcua-ceiling-{kind}", plant, services, adapter, counter, ()
         )
         running["server"] = server
-        await _flowing(counter, running, adapter)
+        await _flowing(counter, running, adapter, receiver)
         runs = []
         for _ in range(ctx.repeats):
             pids = {name: p.pid for name, p in running.items()} | {"receiver": os.getpid()}
@@ -700,14 +700,23 @@ def _changed(datatype: str, n: int) -> float | int | bool:
 
 
 async def _flowing(
-    counter: _Values, running: dict[str, Proc], adapter: str, timeout_s: float = 90.0
+    counter: _Values,
+    running: dict[str, Proc],
+    adapter: str,
+    receiver: Receiver,
+    timeout_s: float = 90.0,
 ) -> None:
     """Until every machine's slow-tag values arrive from ``adapter`` (it may be backing off
     while the simulator's servers start); a clear error, with the log of the process to
-    blame, if one of ``running`` exits (a server that could not listen) or they never do."""
+    blame, if one of ``running`` exits (a server that could not listen), if the receiver
+    lost its broker, or if they never arrive."""
     waiter = asyncio.create_task(counter.flowing.wait())
     deadline = time.monotonic() + timeout_s
     while not waiter.done():
+        if receiver.task is not None and receiver.task.done():
+            waiter.cancel()
+            why = receiver.task.exception() if not receiver.task.cancelled() else "cancelled"
+            raise RuntimeError(f"the receiver of {adapter}'s data ended: {why}")
         gone = [name for name, p in running.items() if not p.alive()]
         late = time.monotonic() > deadline
         if gone or late:
