@@ -56,7 +56,7 @@ W = TypeVar("W", bound="Watcher")
 
 _HANDED_OUT: set[int] = set()
 _CLAIMS = Path(tempfile.gettempdir()) / "uns-free-ports"
-_CLAIM_S = 900.0  # a claim older than this is stale: its test is long over
+_CLAIM_S = 300.0  # a claim older than this is stale: its server has long bound it (or never will)
 
 
 def _ephemeral_low() -> int:
