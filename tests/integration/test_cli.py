@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import urllib.request
 from pathlib import Path
@@ -396,3 +397,14 @@ def test_uns_up_runs_the_bridge_towards_a_second_local_broker_as_the_cloud(procs
     lines = sub_json(f"mqtt://127.0.0.1:{cloud}", "acme/pune/_node/demo/birth", count=1, timeout=20)
     assert lines[0]["payload"]["type"] == "nbirth"  # relayed by the bridge
     assert up.stop() == 0
+
+
+def test_uns_up_starts_no_process_that_would_only_idle_and_says_why():
+    """The example plant has no cloud: its bridge would idle (40-45 MB of a box for
+    nothing), so `uns up` does not start it and its plan says why; given a cloud, it does."""
+    plan = uns("up", "--plan")
+    assert plan.returncode == 0, plan.stderr
+    assert re.search(r"^bridge +not started: no remote configured", plan.stdout, re.M)
+    assert re.search(r"^featurizer +metrics port", plan.stdout, re.M)
+    cloud = uns("up", "--plan", "--cloud-port", str(free_port()))
+    assert re.search(r"^bridge +metrics port", cloud.stdout, re.M), cloud.stdout

@@ -126,6 +126,8 @@ class _Planned(NamedTuple):
     default_port: int
     node_ids: tuple[str, ...]
     """One node id, or each replica's (``replicas: N``, `uns.shard`)."""
+    idle: str | None = None
+    """Why the service would have nothing to do (`ServiceSettings.idle_reason`)."""
 
 
 REPLICA_PORT_STEP = 100
@@ -150,7 +152,15 @@ def _plan(loaded: LoadedConfig) -> list[_Planned]:
         base = settings.node_id or name
         n = settings.replicas
         ids = replica_ids(base, n) if n > 1 else (base,)
-        plan.append(_Planned(name, settings.enabled, settings_cls.default_metrics_port, ids))
+        plan.append(
+            _Planned(
+                name,
+                settings.enabled,
+                settings_cls.default_metrics_port,
+                ids,
+                settings.idle_reason(),
+            )
+        )
     return plan
 
 
@@ -309,6 +319,12 @@ def up(
             planned.append(f"{name:<16} disabled in the config")
             if not plan:
                 log.info("%s is disabled in the config; not starting it", name)
+            continue
+        idle = None if name == "bridge" and cloud_port is not None else service.idle
+        if idle:  # a process with nothing to do costs a box 40-45 MB
+            planned.append(f"{name:<16} not started: {idle}")
+            if not plan:
+                log.info("%s: %s; not starting it", name, idle)
             continue
         # a service keeps its own port's offset (demo 9400, opcua-adapter 9401, ...)
         offset = service.default_port - 9400 if service.default_port >= 9400 else 50 + i

@@ -97,6 +97,11 @@ class ServiceSettings(Strict, frozen=True):
     the node id is ``{name}-{index}`` (index 0..N-1) and this replica handles only the
     devices `uns.shard` gives it among the replicas alive; 1: every device."""
 
+    def idle_reason(self) -> str | None:
+        """Why, with these settings, the service would have nothing to do (``uns up`` then
+        does not start it, and says so), or None. A bridge without a remote only idles."""
+        return None
+
     def scope(self, config: UnsConfig) -> Scope | None:
         """The topics this service publishes and subscribes to, besides its node's own
         (birth, death, command, replies: `uns.scope.node_scope`), for ``config``.

@@ -164,6 +164,9 @@ class BridgeSettings(ServiceSettings, frozen=True):
             except logic.Unsendable as exc:
                 raise ValueError(f"topic: {exc}") from None
 
+    def idle_reason(self) -> str | None:
+        return None if self.remote is not None else "no remote configured (services.bridge.remote)"
+
     def scope(self, config: UnsConfig) -> Scope:
         """Reads what it forwards (``include``); publishes nothing locally (the cloud is
         another broker)."""

@@ -97,6 +97,11 @@ class NotifierSettings(ServiceSettings, frozen=True):
     """A resolved work order is remembered this long (a late re-delivery opens nothing)."""
     journal: JournalSettings = JournalSettings()
 
+    def idle_reason(self) -> str | None:
+        if self.webhook is None:
+            return "no webhook configured (services.notifier.webhook)"
+        return None
+
     def filters(self, config: UnsConfig) -> list[str]:
         ns = config.namespace
         return [f"{ns.enterprise}/{ns.site}/+/+/+/+/events/{kind}" for kind in self.kinds]
