@@ -187,11 +187,12 @@ def plant(tmux: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plan
             d.path.split("/", 2)[2]: any((ROOT / "models" / d.asset).glob("*/current"))
             for d in loaded.config.plant.devices
         }
-        services = [
-            name
+        settings = {
+            name: loaded.service(name, found.load_settings())
             for name, found in plugins.services().items()
-            if loaded.service(name, found.load_settings()).enabled
-        ]
+        }
+        # what `uns up` starts: enabled, and with something to do (no bridge without a cloud)
+        services = [n for n, s in settings.items() if s.enabled and s.idle_reason() is None]
         yield Plant(up, f"mqtt://127.0.0.1:{port}", devices, services)
     finally:
         try:

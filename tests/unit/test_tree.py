@@ -37,7 +37,7 @@ def test_a_site_whose_relay_died_is_stale_the_other_site_and_the_relay_as_they_a
     assert not v.node_online("acme", "pune", "bridge")  # dead itself, not cut off
     assert v.cut_off("acme", "pune", "bridge") == []
     assert v.node_online("acme", "chennai", "featurizer")
-    rendered = v._cut_off_note("acme", "pune", "featurizer")
+    rendered = v.cut_off_note("acme", "pune", "featurizer")
     assert rendered == " (site cut off: relay bridge lost)"
     v.add("acme/pune/_node/bridge/death", b"")  # born again: the death cleared
     assert v.node_online("acme", "pune", "featurizer")
@@ -55,3 +55,25 @@ def test_a_devices_stream_follows_its_node_and_without_relays_nothing_changes() 
     v.add("acme/pune/_node/bridge/birth", birth("bridge", ["acme/pune"]))
     v.add("acme/pune/_node/bridge/death", death("bridge", "shutdown"))
     assert not v.stream_online(path, info)
+
+
+def test_uns_top_at_the_centre_shows_a_cut_off_sites_services_and_devices_stale() -> None:
+    from rich.console import Console
+
+    from uns.top import PlantView
+
+    path = DevicePath.parse("acme/pune/stamping/line-3/cell-a/press-01")
+    stream = DeviceBirth(ts=1, node="featurizer", device=str(path), bdseq=0, seq=1, metrics=[])
+    view = PlantView()
+    for topic, payload in (
+        ("acme/pune/_node/featurizer/birth", birth("featurizer")),
+        (f"{path}/features/birth", encode(stream)),
+        ("acme/pune/_node/bridge/birth", birth("bridge", ["acme/pune"])),
+        ("acme/pune/_node/bridge/death", death("bridge")),
+    ):
+        view.add(topic, payload, retained=True)
+    console = Console(width=200, record=True)
+    console.print(view.render("centre"))
+    out = console.export_text()
+    assert "offline (site cut off: relay bridge lost)" in out, out
+    assert view.online_devices() == 0

@@ -256,8 +256,7 @@ class PlantView:
     def _stale(self, node: str, path: str) -> bool:
         """Whether the plant node that published a group's message is offline now."""
         enterprise, site = path.split("/")[:2]
-        info = self.namespace.nodes.get((enterprise, site, node))
-        return bool(node) and (info is None or not info.online)
+        return bool(node) and not self.namespace.node_online(enterprise, site, node)
 
     def _group_table(self) -> Table:
         table = _table(
@@ -387,9 +386,12 @@ class PlantView:
             state = self.nodes.get(key, NodeState())
             m = state.metrics or {}
             birth = info.birth
-            up = (p.now_ms() - birth.ts) / 1000 if birth and info.online else None
-            if info.online:
+            alive = self.namespace.node_online(*key)  # at a central broker: its site's relay too
+            up = (p.now_ms() - birth.ts) / 1000 if birth and alive else None
+            if alive:
                 online = Text("online", style="green")
+            elif info.online:  # its birth stands, but its box is cut off from this broker
+                online = Text(f"offline{self.namespace.cut_off_note(*key)}", style="red")
             else:
                 reason = f" ({info.death.reason})" if info.death and info.death.reason else ""
                 online = Text(f"offline{reason}", style="red")

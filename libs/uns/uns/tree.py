@@ -121,7 +121,7 @@ class NamespaceView:
                 label.append(f"  {info.birth.service} {info.birth.version}".rstrip(), style="dim")
             online = self.node_online(*key)
             label.append("  online" if online else "  offline", style="green" if online else "red")
-            label.append(self._cut_off_note(*key), style="red")
+            label.append(self.cut_off_note(*key), style="red")
             branch((key[0], key[1], "_node")).add(label)
         for path in sorted(self.devices):
             streams = self.devices[path]
@@ -138,14 +138,15 @@ class NamespaceView:
                 if sinfo.death and sinfo.death.reason:
                     label.append(f" ({sinfo.death.reason})", style="red")
                 elif sinfo.birth:
-                    note = self._cut_off_note(path.enterprise, path.site, sinfo.birth.node)
+                    note = self.cut_off_note(path.enterprise, path.site, sinfo.birth.node)
                     label.append(note, style="red")
                 stream_branch = device.add(label)
                 for metric in sinfo.birth.metrics if sinfo.birth else []:
                     stream_branch.add(_metric_label(metric))
         return root
 
-    def _cut_off_note(self, enterprise: str, site: str, node_id: str) -> str:
+    def cut_off_note(self, enterprise: str, site: str, node_id: str) -> str:
+        """' (site cut off: relay bridge lost)' for a node cut off from this broker, else ''."""
         relays = self.cut_off(enterprise, site, node_id)
         if not relays:
             return ""
