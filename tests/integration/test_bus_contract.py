@@ -10,6 +10,7 @@ from contextlib import AsyncExitStack
 
 import pytest
 
+from fixtures.collect import collect_until
 from topic_cases import FILTERS, TOPICS
 from uns import BusError, Will, connect, matches
 from uns.bus import Bus, Message
@@ -28,17 +29,6 @@ async def next_message(bus: Bus, timeout: float = 5.0) -> Message:
         async for message in bus.messages():
             return message
     raise AssertionError("unreachable")
-
-
-async def collect_until(bus: Bus, sentinel: str, timeout: float = 5.0) -> list[Message]:
-    """Messages up to the sentinel topic (published after the subscription, so it comes last)."""
-    out = []
-    async with asyncio.timeout(timeout):
-        async for message in bus.messages():
-            if message.topic == sentinel:
-                return out
-            out.append(message)
-    return out
 
 
 async def test_a_wildcard_subscriber_gets_matching_messages_in_order(any_broker, prefix):

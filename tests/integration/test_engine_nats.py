@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from fixtures.collect import collect_until
 from fixtures.nats import NatsMqtt, started_nats
 from fixtures.ports import free_port
 from uns import (
@@ -31,7 +32,6 @@ from uns import (
     connect,
     decode,
 )
-from uns.bus import Bus, Message
 from uns.errors import TopicError
 from uns.testing import running, watching
 from uns.topics import check_slug
@@ -53,17 +53,6 @@ def own_nats(tmp_path: Path) -> Iterator[NatsMqtt]:
     server = started_nats(tmp_path)
     yield server
     server.stop()
-
-
-async def collect_until(bus: Bus, sentinel: str, timeout: float = 10.0) -> list[Message]:
-    """Messages up to the sentinel topic (published after the subscription: it comes last)."""
-    out = []
-    async with asyncio.timeout(timeout):
-        async for message in bus.messages():
-            if message.topic == sentinel:
-                return out
-            out.append(message)
-    return out
 
 
 # ---- the pipeline -----------------------------------------------------------------------
