@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 import uuid
 from pathlib import Path
@@ -39,7 +38,7 @@ from uns.commands import (
     watch_target,
 )
 from uns.commands import run as run_main
-from uns.config import LoadedConfig, load, parse_broker_url, redact_url
+from uns.config import LoadedConfig, parse_broker_url, redact_url
 from uns.errors import ConfigError, PayloadError, TopicError, UnsError
 from uns.topics import DevicePath, matches, node_topic, validate_filter
 
@@ -314,18 +313,14 @@ def up(
         env["UNS_SERVICES__BRIDGE__REMOTE__ALLOW_PLAINTEXT"] = "true"
         env["UNS_SERVICES__BRIDGE__REMOTE__PROTOCOL"] = "4"
     planned = []
-    try:  # the children's view: their settings with what the supervisor sets in their env
-        seen_by_children = load(config, environ={**os.environ, **env}) if env else loaded
-    except ConfigError as exc:
-        raise fail(f"config: {exc}") from None
-    for i, service in enumerate(_plan(seen_by_children)):
+    for i, service in enumerate(_plan(loaded)):
         name = service.name
         if not service.enabled:
             planned.append(f"{name:<16} disabled in the config")
             if not plan:
                 log.info("%s is disabled in the config; not starting it", name)
             continue
-        idle = service.idle  # (a bridge given --cloud-port has a remote: not idle)
+        idle = None if name == "bridge" and cloud_port is not None else service.idle
         if idle:  # a process with nothing to do costs a box 40-45 MB
             planned.append(f"{name:<16} not started: {idle}")
             if not plan:

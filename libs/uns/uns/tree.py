@@ -45,8 +45,6 @@ class NamespaceView:
     nodes: dict[tuple[str, str, str], NodeInfo] = field(default_factory=dict)
     devices: dict[DevicePath, dict[str, StreamInfo]] = field(default_factory=dict)
     ignored: int = 0
-    _relays: dict[str, list[NodeInfo]] | None = field(default=None, repr=False)
-    """Prefix -> the nodes relaying it (`relays`), rebuilt after a node's birth changed."""
 
     def add(self, topic: str, payload: bytes) -> None:
         """Take one retained message; anything that is not a birth or death is ignored."""
@@ -66,7 +64,6 @@ class NamespaceView:
         try:
             if message == "birth":
                 info.birth = p.decode(payload, p.NodeBirth) if payload else None
-                self._relays = None
             elif message == "death":
                 info.death = p.decode(payload, p.NodeDeath) if payload else None
         except PayloadError:
@@ -88,12 +85,8 @@ class NamespaceView:
 
     def relays(self, enterprise: str, site: str) -> list[NodeInfo]:
         """The nodes that relay ``enterprise/site`` to this broker (births with ``relays``)."""
-        if self._relays is None:  # built once per change: a render asks for every stream
-            self._relays = {}
-            for n in self.nodes.values():
-                for prefix in n.birth.relays if n.birth else ():
-                    self._relays.setdefault(prefix, []).append(n)
-        return self._relays.get(f"{enterprise}/{site}", [])
+        prefix = f"{enterprise}/{site}"
+        return [n for n in self.nodes.values() if n.birth and prefix in n.birth.relays]
 
     def cut_off(self, enterprise: str, site: str, node_id: str) -> list[NodeInfo]:
         """The relays of the node's site when none of them is online (the box is cut off
